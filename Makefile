@@ -1,0 +1,98 @@
+# mosquitto-akenza: build, test, run.
+#   make            build/mosquitto_akenza.so and build/akenzactl
+#   make test       install what is missing, build, unit tests (plain and ASan+UBSan), integration tests
+#   make run        the demo round trip on localhost
+#   make bench      benchmarks (not part of the tests)
+# BUILD=dir puts the output elsewhere (the sanitizer build uses build/san).
+
+BUILD    ?= build
+CC       ?= cc
+PYTHON   ?= /usr/bin/python3
+PKGS     := libmosquitto libcjson openssl
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+
+WARN     := -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wstrict-prototypes -Wmissing-prototypes -Wvla
+CFLAGS   ?= -O2 -g
+SAN      ?=
+ifeq ($(SAN),1)
+SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+endif
+ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) $(CFLAGS) $(SANFLAGS) -Iinclude $(PKG_CFLAGS)
+LDLIBS   := $(PKG_LIBS) -lpthread
+
+# Modules shared by the plugin, akenzactl and the unit tests: no broker calls in them.
+SHARED   := keystore jwt passwd registry topic config
+SHARED_OBJ := $(SHARED:%=$(BUILD)/obj/plugin/%.o)
+PLUGIN_SRC := $(wildcard plugin/*.c)
+PLUGIN_OBJ := $(PLUGIN_SRC:%.c=$(BUILD)/obj/%.o)
+TOOL_SRC := $(wildcard tools/*.c)
+TOOL_OBJ := $(TOOL_SRC:%.c=$(BUILD)/obj/%.o)
+UNIT_SRC := $(wildcard tests/unit/test_*.c)
+UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+STANDIN_SRC := $(wildcard tests/standin/*.c)
+BENCH_SRC := $(wildcard bench/*.c)
+BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+
+.PHONY: all deps test unit san-unit integration run bench clean lint install
+
+all: $(BUILD)/mosquitto_akenza.so $(BUILD)/akenzactl
+
+$(BUILD)/obj/%.o: %.c $(wildcard include/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(BUILD)/mosquitto_akenza.so: $(PLUGIN_OBJ)
+	$(CC) $(SANFLAGS) -shared -o $@ $^ $(LDLIBS)
+
+$(BUILD)/akenzactl: $(TOOL_OBJ) $(SHARED_OBJ)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/tests/%: tests/unit/%.c $(SHARED_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
+
+$(BUILD)/standin_auth.so: $(STANDIN_SRC) $(BUILD)/obj/plugin/topic.o
+	$(CC) $(ALL_CFLAGS) -shared -o $@ $^ $(LDLIBS)
+
+$(BUILD)/bench/%: bench/%.c $(SHARED_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS) -ljwt
+
+deps:
+	@tools/install-deps.sh
+
+unit: $(UNIT_BIN)
+	@set -e; for t in $(UNIT_BIN); do echo "== $$t"; $$t; done
+
+san-unit:
+	$(MAKE) BUILD=build/san SAN=1 unit
+
+integration: all $(BUILD)/standin_auth.so
+	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -ra tests/
+
+test: deps
+	$(MAKE) all
+	$(MAKE) unit
+	$(MAKE) san-unit
+	$(MAKE) integration
+
+run: deps all $(BUILD)/standin_auth.so
+	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) tools/demo.py
+
+bench: deps all $(BENCH_BIN)
+	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) bench/run.py
+
+lint:
+	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
+	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability --inline-suppr \
+		--suppress=missingIncludeSystem -Iinclude plugin tools tests/standin
+
+PREFIX ?= /usr/local
+install: all
+	install -d $(DESTDIR)$(PREFIX)/lib/mosquitto $(DESTDIR)$(PREFIX)/bin
+	install -m 0644 $(BUILD)/mosquitto_akenza.so $(DESTDIR)$(PREFIX)/lib/mosquitto/
+	install -m 0755 $(BUILD)/akenzactl $(DESTDIR)$(PREFIX)/bin/
+
+clean:
+	rm -rf $(BUILD) build

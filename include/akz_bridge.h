@@ -1,0 +1,41 @@
+/* akz_bridge.h - the upstream side: one akenza connection per device, driven by one thread. */
+#ifndef AKZ_BRIDGE_H
+#define AKZ_BRIDGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct akz_config;
+struct akz_registry;
+struct akz_bridge;
+
+/* Result of handing an uplink to the bridge. */
+enum akz_uplink_result {
+	AKZ_UPLINK_QUEUED = 0,   /* accepted: it will reach akenza */
+	AKZ_UPLINK_FULL = 1,     /* the device's queue is full: the publisher must keep the message */
+	AKZ_UPLINK_UNKNOWN = 2,  /* no enabled device with that id: not relayed */
+	AKZ_UPLINK_NOMEM = 3,
+};
+
+/* Creates the bridge and starts its thread. The bridge copies what it needs from cfg.
+ * Returns 0, or -1 with a reason in err. Broker thread. */
+int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char *err, size_t errlen);
+
+/* Stops the thread, closes every upstream connection and frees the bridge. NULL is ignored. */
+void akz_bridge_stop(struct akz_bridge *bridge);
+
+/* Makes the set of upstream devices match the registry's enabled devices: adds new ones,
+ * removes deleted or disabled ones, reconnects those whose key changed, and leaves the others
+ * untouched. Broker thread. Returns 0, or -1 when out of memory (nothing changed then). */
+int akz_bridge_sync(struct akz_bridge *bridge, const struct akz_registry *reg);
+
+/* Hands one uplink (topic /up/device/id/<device_id>[/...]) to the bridge. Copies what it keeps.
+ * Broker thread. */
+enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *bridge, const char *device_id,
+		size_t idlen, const char *topic, const void *payload, uint32_t payloadlen, int qos);
+
+/* Broker thread, from the TICK callback: publishes received downlinks locally and the status
+ * topics that changed. */
+void akz_bridge_tick(struct akz_bridge *bridge);
+
+#endif

@@ -1,0 +1,41 @@
+/* akz_config.h - the plugin's options (plugin_opt_* in mosquitto.conf), parsed and checked. */
+#ifndef AKZ_CONFIG_H
+#define AKZ_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+struct akz_config {
+	/* edge side */
+	char *devices_path;          /* plugin_opt_devices (required) */
+	char *keystore_dir;          /* plugin_opt_keystore (default: keys/ beside the registry) */
+	char *key_passphrase_file;   /* plugin_opt_key_passphrase_file */
+	bool allow_readable_keys;    /* plugin_opt_allow_readable_keys */
+	int auth_cache_seconds;      /* plugin_opt_auth_cache_seconds (default 300, 0 = off) */
+	/* upstream */
+	bool bridge_enabled;         /* plugin_opt_bridge (default true) */
+	char *upstream_host;         /* plugin_opt_upstream_host (default mqtt.akenza.io) */
+	int upstream_port;           /* plugin_opt_upstream_port (default 8883) */
+	char *upstream_cafile;       /* plugin_opt_upstream_cafile (default: system CA bundle) */
+	char *upstream_capath;       /* plugin_opt_upstream_capath */
+	char *upstream_username;     /* plugin_opt_upstream_username (default "unused") */
+	char *upstream_tls_version;  /* plugin_opt_upstream_tls_version: tlsv1.2 (default) or tlsv1.3 */
+	int upstream_keepalive;      /* plugin_opt_upstream_keepalive (default 60 s) */
+	long token_lifetime;         /* plugin_opt_token_lifetime (default 1200 s) */
+	int connect_rate;            /* plugin_opt_connect_rate: connection attempts per second (default 200) */
+	int queue_max;               /* plugin_opt_queue_max: queued uplinks per device (default 1000) */
+	int status_interval_ms;      /* plugin_opt_status_interval: min ms between status publishes (default 1000) */
+};
+
+struct mosquitto_opt;
+
+/* Fills cfg from the broker's option list, applying defaults. Unknown options and malformed
+ * values are errors. Returns 0, or -1 after calling report(ctx, msg) once for every problem
+ * (msg names the option and the reason). cfg is freed on failure. */
+int akz_config_parse(struct akz_config *cfg, const struct mosquitto_opt *opts, int count,
+		void (*report)(void *ctx, const char *msg), void *ctx);
+
+/* Frees what cfg owns and zeroes it. */
+void akz_config_free(struct akz_config *cfg);
+
+#endif

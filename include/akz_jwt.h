@@ -1,0 +1,22 @@
+/* akz_jwt.h - minting akenza device JWTs (RS256 / ES256). */
+#ifndef AKZ_JWT_H
+#define AKZ_JWT_H
+
+#include <stddef.h>
+#include <time.h>
+#include "akz_keystore.h"
+
+#define AKZ_JWT_LIFETIME_DEFAULT 1200   /* seconds, as akenza's reference client */
+#define AKZ_JWT_LIFETIME_MIN 60
+#define AKZ_JWT_LIFETIME_MAX 86400
+
+/* Mints the JWT for `device_id` signed with `key`:
+ *   header {"alg":"RS256|ES256","typ":"JWT","kid":"<kid>"}
+ *   claims {"iat":iat,"exp":iat+lifetime,"aud":"https://akenza.io/devices/<device_id>"}
+ * Never touches the disk. Safe to call from several threads, also with the same key.
+ * Returns a NUL-terminated token that the caller frees with free(), or NULL with a reason in
+ * err (lifetime out of range, device id empty or not valid UTF-8, out of memory, signing failed). */
+char *akz_jwt_mint(const struct akz_key *key, const char *device_id, time_t iat, long lifetime,
+		char *err, size_t errlen);
+
+#endif

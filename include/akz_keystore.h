@@ -1,0 +1,81 @@
+/* akz_keystore.h - device private keys: loading, checking, fingerprints (kid), generation. */
+#ifndef AKZ_KEYSTORE_H
+#define AKZ_KEYSTORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <openssl/evp.h>
+
+/* JWT signing algorithms akenza accepts. */
+enum akz_alg {
+	AKZ_ALG_NONE = 0,
+	AKZ_ALG_RS256 = 1, /* RSA >= 2048 bits, RSASSA-PKCS1-v1_5 + SHA-256 */
+	AKZ_ALG_ES256 = 2, /* EC P-256, ECDSA + SHA-256, raw r||s */
+};
+
+/* Length of a kid: lowercase hex SHA-256, plus the terminating NUL. */
+#define AKZ_KID_LEN 65
+
+/* Options that change how a key is loaded. Zero-initialised means: no passphrase,
+ * refuse key files that group or others can read. */
+struct akz_key_opts {
+	const char *passphrase_file; /* file whose first line is the passphrase of encrypted keys, or NULL */
+	bool allow_group_readable;   /* accept key files with group/other permission bits set */
+};
+
+/* A loaded, checked private key. Immutable after loading and reference counted, so the
+ * broker thread may drop its reference (on reload) while the bridge thread still signs. */
+struct akz_key;
+
+/* Loads the private key at `uri`: a plain path, a `file:` URI or any OSSL_STORE URI
+ * (pkcs11:, tpm2:, ... where such a provider is configured).
+ * Returns 0 and sets *out (one reference, release with akz_key_unref) on success.
+ * Returns -1 on failure with a one-line reason in err that names the file; *out is NULL. */
+int akz_key_load(const char *uri, const struct akz_key_opts *opts, struct akz_key **out,
+		char *err, size_t errlen);
+
+/* Takes one more reference. Never fails. Thread-safe. */
+struct akz_key *akz_key_ref(struct akz_key *key);
+
+/* Drops one reference and frees the key with the last one. NULL is ignored. Thread-safe. */
+void akz_key_unref(struct akz_key *key);
+
+/* The key's algorithm; never AKZ_ALG_NONE for a loaded key. */
+enum akz_alg akz_key_alg(const struct akz_key *key);
+
+/* The key's kid (lowercase hex SHA-256 of the uncompressed SubjectPublicKeyInfo DER). */
+const char *akz_key_kid(const struct akz_key *key);
+
+/* Where the key was loaded from (as given to akz_key_load). */
+const char *akz_key_uri(const struct akz_key *key);
+
+/* The underlying key; owned by `key`. */
+EVP_PKEY *akz_key_pkey(const struct akz_key *key);
+
+/* "RS256", "ES256" or "none". */
+const char *akz_alg_name(enum akz_alg alg);
+
+/* Computes the kid of any EVP_PKEY (public or private part used) into kid[AKZ_KID_LEN].
+ * Returns 0, or -1 with a reason in err. */
+int akz_pkey_kid(EVP_PKEY *pkey, char kid[AKZ_KID_LEN], char *err, size_t errlen);
+
+/* Computes the kid of a private or public key file (PEM or DER).
+ * Returns 0, or -1 with a reason naming the file in err. */
+int akz_file_kid(const char *path, const struct akz_key_opts *opts, char kid[AKZ_KID_LEN],
+		char *err, size_t errlen);
+
+/* Returns the public key as a PEM SubjectPublicKeyInfo ("BEGIN PUBLIC KEY") string, the form
+ * to upload to akenza. Caller frees with free(). NULL on allocation failure. */
+char *akz_key_public_pem(const struct akz_key *key);
+
+/* Generates a new key: alg ES256 (P-256) or RS256 with `bits` (2048, 3072 or 4096).
+ * Returns 0 and *out (one reference), or -1 with a reason in err. */
+int akz_key_generate(enum akz_alg alg, int bits, struct akz_key **out, char *err, size_t errlen);
+
+/* Writes the private key (PKCS#8 PEM, mode 0600, written to a temporary file, fsynced and
+ * renamed) to priv_path and, if pub_path is not NULL, the public PEM (mode 0644) to pub_path.
+ * Refuses to overwrite existing files. Returns 0, or -1 with a reason naming the file. */
+int akz_key_write(const struct akz_key *key, const char *priv_path, const char *pub_path,
+		char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,25 @@
+/* akz_plugin.h - the plugin instance: what the broker callbacks share. */
+#ifndef AKZ_PLUGIN_H
+#define AKZ_PLUGIN_H
+
+#include "akz_config.h"
+
+struct akz_registry;
+struct akz_auth;
+struct akz_bridge;
+typedef struct mosquitto_plugin_id_t mosquitto_plugin_id_t;
+
+/* One instance per `plugin` line (per listener with per_listener_settings); no globals, so
+ * several instances in one broker do not share state. Everything here belongs to the broker
+ * thread, except what akz_bridge guards itself. */
+struct akz_plugin {
+	mosquitto_plugin_id_t *id;
+	struct akz_config cfg;
+	struct akz_registry *reg;   /* the registry in force */
+	struct akz_auth *auth;
+	struct akz_bridge *bridge;  /* NULL when plugin_opt_bridge is false */
+};
+
+#define AKZ_VERSION "0.1.0"
+
+#endif

@@ -1,0 +1,59 @@
+/* akz_registry.h - the device registry (devices.json): devices, gateways, their keys. */
+#ifndef AKZ_REGISTRY_H
+#define AKZ_REGISTRY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include "akz_keystore.h"
+
+/* One akenza device as the registry describes it. Owned by its registry. */
+struct akz_device {
+	char *id;            /* akenza deviceId: the upstream client id */
+	char *username;      /* local username (defaults to id) */
+	char *password;      /* password hash ($6$ or $7$), never plain text */
+	char *key_uri;       /* path or OSSL_STORE URI of the private key */
+	bool enabled;
+	struct akz_key *key; /* loaded key (one reference held by the registry) */
+};
+
+/* A local program that publishes for several devices. Owned by its registry. */
+struct akz_gateway {
+	char *username;
+	char *password;      /* password hash */
+	char **devices;      /* device ids it may speak for */
+	size_t ndevices;
+	bool all_devices;    /* "devices": ["*"] */
+};
+
+struct akz_registry;
+
+/* Receives one problem found while loading, already formatted with the file and the field,
+ * e.g. "devices.json: devices[3].id: duplicate id 'abc' (first at devices[0])". */
+typedef void (*akz_report_fn)(void *ctx, const char *problem);
+
+/* Reads and checks the registry at `path` and loads every key it names (keys default to
+ * <keystore_dir>/<id>.pem; keystore_dir NULL means "keys/" beside the registry).
+ * Every problem is passed to report (which may be NULL), not only the first.
+ * Returns 0 and *out on success; -1 if there was any problem, with *out NULL. */
+int akz_registry_load(const char *path, const char *keystore_dir, const struct akz_key_opts *kopts,
+		akz_report_fn report, void *report_ctx, struct akz_registry **out);
+
+/* Frees the registry and drops its key references. NULL is ignored. */
+void akz_registry_free(struct akz_registry *reg);
+
+size_t akz_registry_device_count(const struct akz_registry *reg);
+const struct akz_device *akz_registry_device_at(const struct akz_registry *reg, size_t i);
+size_t akz_registry_gateway_count(const struct akz_registry *reg);
+const struct akz_gateway *akz_registry_gateway_at(const struct akz_registry *reg, size_t i);
+
+/* Lookups in O(1) average. NULL when absent. */
+const struct akz_device *akz_registry_find_device(const struct akz_registry *reg, const char *id);
+const struct akz_device *akz_registry_find_device_by_username(const struct akz_registry *reg,
+		const char *username);
+const struct akz_gateway *akz_registry_find_gateway(const struct akz_registry *reg,
+		const char *username);
+
+/* True if the gateway may speak for device `id`. */
+bool akz_gateway_serves(const struct akz_gateway *gw, const char *id);
+
+#endif

@@ -1,0 +1,169 @@
+/* config.c - parsing and checking plugin_opt_* options. */
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <mosquitto_broker.h>
+#include "akz_config.h"
+#include "akz_jwt.h"
+
+typedef void (*report_fn)(void *ctx, const char *msg);
+
+enum opt_kind { OPT_STRING, OPT_INT, OPT_LONG, OPT_BOOL };
+
+/* One table row per option, so that parsing, defaults and checks cannot drift apart. */
+struct opt_spec {
+	const char *name;
+	enum opt_kind kind;
+	size_t offset;
+	const char *def;    /* default as text, NULL for none */
+	long min, max;      /* range for numbers */
+};
+
+#define OFF(f) offsetof(struct akz_config, f)
+static const struct opt_spec specs[] = {
+	{"devices", OPT_STRING, OFF(devices_path), NULL, 0, 0},
+	{"keystore", OPT_STRING, OFF(keystore_dir), NULL, 0, 0},
+	{"key_passphrase_file", OPT_STRING, OFF(key_passphrase_file), NULL, 0, 0},
+	{"allow_readable_keys", OPT_BOOL, OFF(allow_readable_keys), "false", 0, 0},
+	{"auth_cache_seconds", OPT_INT, OFF(auth_cache_seconds), "300", 0, 86400},
+	{"bridge", OPT_BOOL, OFF(bridge_enabled), "true", 0, 0},
+	{"upstream_host", OPT_STRING, OFF(upstream_host), "mqtt.akenza.io", 0, 0},
+	{"upstream_port", OPT_INT, OFF(upstream_port), "8883", 1, 65535},
+	{"upstream_cafile", OPT_STRING, OFF(upstream_cafile), NULL, 0, 0},
+	{"upstream_capath", OPT_STRING, OFF(upstream_capath), NULL, 0, 0},
+	{"upstream_username", OPT_STRING, OFF(upstream_username), "unused", 0, 0},
+	{"upstream_tls_version", OPT_STRING, OFF(upstream_tls_version), "tlsv1.2", 0, 0},
+	{"upstream_keepalive", OPT_INT, OFF(upstream_keepalive), "60", 5, 65535},
+	{"token_lifetime", OPT_LONG, OFF(token_lifetime), "1200", AKZ_JWT_LIFETIME_MIN, AKZ_JWT_LIFETIME_MAX},
+	{"connect_rate", OPT_INT, OFF(connect_rate), "200", 1, 100000},
+	{"queue_max", OPT_INT, OFF(queue_max), "1000", 1, 10000000},
+	{"status_interval", OPT_INT, OFF(status_interval_ms), "1000", 0, 3600000},
+};
+#undef OFF
+
+static void reportf(report_fn report, void *ctx, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static void reportf(report_fn report, void *ctx, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if(report) report(ctx, msg);
+}
+
+static const struct opt_spec *find_spec(const char *name)
+{
+	for(size_t i = 0; i < sizeof(specs)/sizeof(specs[0]); i++){
+		if(strcmp(specs[i].name, name) == 0) return &specs[i];
+	}
+	return NULL;
+}
+
+/* Stores `value` into the field spec names. Returns 0, or -1 after reporting why. */
+static int set_option(struct akz_config *cfg, const struct opt_spec *spec, const char *value,
+		report_fn report, void *ctx)
+{
+	char *field = (char *)cfg + spec->offset;
+
+	switch(spec->kind){
+	case OPT_STRING: {
+		if(value[0] == '\0'){
+			reportf(report, ctx, "plugin_opt_%s: empty value", spec->name);
+			return -1;
+		}
+		char *copy = strdup(value);
+		if(copy == NULL){
+			reportf(report, ctx, "plugin_opt_%s: out of memory", spec->name);
+			return -1;
+		}
+		free(*(char **)field);
+		*(char **)field = copy;
+		return 0;
+	}
+	case OPT_BOOL:
+		if(!strcmp(value, "true") || !strcmp(value, "yes") || !strcmp(value, "1")){
+			*(bool *)field = true;
+		}else if(!strcmp(value, "false") || !strcmp(value, "no") || !strcmp(value, "0")){
+			*(bool *)field = false;
+		}else{
+			reportf(report, ctx, "plugin_opt_%s: '%s' is not true or false", spec->name, value);
+			return -1;
+		}
+		return 0;
+	case OPT_INT:
+	case OPT_LONG: {
+		char *end;
+		errno = 0;
+		long v = strtol(value, &end, 10);
+		if(errno || end == value || *end != '\0'){
+			reportf(report, ctx, "plugin_opt_%s: '%s' is not a whole number", spec->name, value);
+			return -1;
+		}
+		if(v < spec->min || v > spec->max){
+			reportf(report, ctx, "plugin_opt_%s: %ld is outside %ld..%ld", spec->name, v,
+					spec->min, spec->max);
+			return -1;
+		}
+		if(spec->kind == OPT_INT) *(int *)field = (int)v;
+		else *(long *)field = v;
+		return 0;
+	}
+	}
+	return -1;
+}
+
+void akz_config_free(struct akz_config *cfg)
+{
+	for(size_t i = 0; i < sizeof(specs)/sizeof(specs[0]); i++){
+		if(specs[i].kind == OPT_STRING){
+			char **p = (char **)((char *)cfg + specs[i].offset);
+			free(*p);
+		}
+	}
+	memset(cfg, 0, sizeof(*cfg));
+}
+
+int akz_config_parse(struct akz_config *cfg, const struct mosquitto_opt *opts, int count,
+		report_fn report, void *ctx)
+{
+	int bad = 0;
+
+	memset(cfg, 0, sizeof(*cfg));
+	for(size_t i = 0; i < sizeof(specs)/sizeof(specs[0]); i++){
+		if(specs[i].def && set_option(cfg, &specs[i], specs[i].def, report, ctx)) bad++;
+	}
+	for(int i = 0; i < count; i++){
+		const struct opt_spec *spec = find_spec(opts[i].key);
+		if(spec == NULL){
+			reportf(report, ctx, "plugin_opt_%s: unknown option", opts[i].key);
+			bad++;
+			continue;
+		}
+		if(opts[i].value == NULL || set_option(cfg, spec, opts[i].value, report, ctx)){
+			if(opts[i].value == NULL) reportf(report, ctx, "plugin_opt_%s: no value", opts[i].key);
+			bad++;
+		}
+	}
+	if(cfg->devices_path == NULL){
+		reportf(report, ctx, "plugin_opt_devices: required (path of the device registry, devices.json)");
+		bad++;
+	}
+	if(cfg->upstream_tls_version && strcmp(cfg->upstream_tls_version, "tlsv1.2")
+			&& strcmp(cfg->upstream_tls_version, "tlsv1.3")){
+		reportf(report, ctx, "plugin_opt_upstream_tls_version: '%s' is not tlsv1.2 or tlsv1.3",
+				cfg->upstream_tls_version);
+		bad++;
+	}
+	if(bad){
+		akz_config_free(cfg);
+		return -1;
+	}
+	return 0;
+}

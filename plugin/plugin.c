@@ -1,0 +1,256 @@
+/* plugin.c - mosquitto_akenza entry points: options, callback wiring, reload. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <openssl/crypto.h>
+#include <mosquitto.h>
+#include <mosquitto_broker.h>
+#include <mosquitto_plugin.h>
+#include "akz_auth.h"
+#include "akz_bridge.h"
+#include "akz_plugin.h"
+#include "akz_registry.h"
+#include "akz_topic.h"
+
+#define AKZ_EXPORT __attribute__((visibility("default")))
+
+static void log_problem(void *ctx, const char *msg)
+{
+	(void)ctx;
+	mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: %s", msg);
+}
+
+static struct akz_key_opts key_opts(const struct akz_config *cfg)
+{
+	struct akz_key_opts o = {
+		.passphrase_file = cfg->key_passphrase_file,
+		.allow_group_readable = cfg->allow_readable_keys,
+	};
+	return o;
+}
+
+/* Loads the registry named in cfg. Returns it, or NULL after logging every problem. */
+static struct akz_registry *load_registry(const struct akz_config *cfg)
+{
+	struct akz_key_opts ko = key_opts(cfg);
+	struct akz_registry *reg = NULL;
+
+	if(akz_registry_load(cfg->devices_path, cfg->keystore_dir, &ko, log_problem, NULL, &reg)){
+		return NULL;
+	}
+	return reg;
+}
+
+static int on_basic_auth(int event, void *event_data, void *userdata)
+{
+	struct akz_plugin *p = userdata;
+	(void)event;
+	return akz_auth_basic(p->auth, p->reg, &p->cfg, event_data);
+}
+
+static int on_acl_check(int event, void *event_data, void *userdata)
+{
+	struct akz_plugin *p = userdata;
+	(void)event;
+	return akz_acl_check(p->reg, event_data);
+}
+
+/* Uplinks: runs before the broker stores the message and acknowledges it, so a refusal here
+ * keeps a QoS 1 publisher's message on the publisher's side. */
+static int on_message(int event, void *event_data, void *userdata)
+{
+	struct akz_plugin *p = userdata;
+	struct mosquitto_evt_message *ev = event_data;
+	size_t idlen;
+	(void)event;
+
+	if(p->bridge == NULL) return MOSQ_ERR_SUCCESS;
+	const char *id = akz_topic_device(ev->topic, AKZ_TOPIC_UP, &idlen);
+	if(id == NULL) return MOSQ_ERR_SUCCESS;
+
+	switch(akz_bridge_uplink(p->bridge, id, idlen, ev->topic, ev->payload, ev->payloadlen, ev->qos)){
+	case AKZ_UPLINK_QUEUED:
+	case AKZ_UPLINK_UNKNOWN:
+		return MOSQ_ERR_SUCCESS;
+	case AKZ_UPLINK_FULL:
+	case AKZ_UPLINK_NOMEM:
+		break;
+	}
+	/* Full: an MQTT v5 client gets "quota exceeded" and keeps the message. A 3.1.1 client
+	 * would take ACL_DENIED as delivered, so it is disconnected without a PUBACK instead and
+	 * sends the message again when it reconnects (see DESIGN.md). */
+	const char *cid = mosquitto_client_id(ev->client);
+	mosquitto_log_printf(MOSQ_LOG_WARNING,
+			"akenza: uplink queue of device '%.*s' is full: refusing message from client '%s'",
+			(int)idlen, id, cid ? cid : "?");
+	if(mosquitto_client_protocol_version(ev->client) == 5){
+		ev->reason_code = 0x97; /* quota exceeded */
+		return MOSQ_ERR_ACL_DENIED;
+	}
+	return MOSQ_ERR_QUOTA_EXCEEDED;
+}
+
+static int on_tick(int event, void *event_data, void *userdata)
+{
+	struct akz_plugin *p = userdata;
+	(void)event;
+	(void)event_data;
+	if(p->bridge) akz_bridge_tick(p->bridge);
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* Kicks local clients of devices that the new registry removed or disabled. */
+static void kick_removed(const struct akz_registry *old, const struct akz_registry *new)
+{
+	size_t n = akz_registry_device_count(old);
+	for(size_t i = 0; i < n; i++){
+		const struct akz_device *d = akz_registry_device_at(old, i);
+		const struct akz_device *nd = akz_registry_find_device_by_username(new, d->username);
+		if(nd == NULL || !nd->enabled || strcmp(nd->password, d->password) != 0){
+			mosquitto_log_printf(MOSQ_LOG_NOTICE,
+					"akenza: device '%s' removed, disabled or its password changed: disconnecting user '%s'",
+					d->id, d->username);
+			mosquitto_kick_client_by_username(d->username, false);
+		}
+	}
+	n = akz_registry_gateway_count(old);
+	for(size_t i = 0; i < n; i++){
+		const struct akz_gateway *g = akz_registry_gateway_at(old, i);
+		const struct akz_gateway *ng = akz_registry_find_gateway(new, g->username);
+		if(ng == NULL || strcmp(ng->password, g->password) != 0){
+			mosquitto_log_printf(MOSQ_LOG_NOTICE,
+					"akenza: gateway '%s' removed or its password changed: disconnecting it",
+					g->username);
+			mosquitto_kick_client_by_username(g->username, false);
+		}
+	}
+}
+
+/* SIGHUP: a registry that fails to load leaves the one in force untouched. */
+static int on_reload(int event, void *event_data, void *userdata)
+{
+	struct akz_plugin *p = userdata;
+	(void)event;
+	(void)event_data;
+
+	struct akz_registry *reg = load_registry(&p->cfg);
+	if(reg == NULL){
+		mosquitto_log_printf(MOSQ_LOG_ERR,
+				"akenza: reload of %s failed: keeping the previous registry (%zu devices) in force",
+				p->cfg.devices_path, akz_registry_device_count(p->reg));
+		return MOSQ_ERR_SUCCESS;
+	}
+	if(p->bridge && akz_bridge_sync(p->bridge, reg)){
+		mosquitto_log_printf(MOSQ_LOG_ERR,
+				"akenza: reload of %s: out of memory updating the bridge: keeping the previous registry",
+				p->cfg.devices_path);
+		akz_registry_free(reg);
+		return MOSQ_ERR_SUCCESS;
+	}
+	struct akz_registry *old = p->reg;
+	p->reg = reg;
+	akz_auth_invalidate(p->auth);
+	kick_removed(old, reg);
+	akz_registry_free(old);
+	mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: reloaded %s: %zu devices, %zu gateways",
+			p->cfg.devices_path, akz_registry_device_count(reg), akz_registry_gateway_count(reg));
+	return MOSQ_ERR_SUCCESS;
+}
+
+static const struct {
+	int event;
+	MOSQ_FUNC_generic_callback cb;
+	bool needs_bridge;
+} callbacks[] = {
+	{MOSQ_EVT_BASIC_AUTH, on_basic_auth, false},
+	{MOSQ_EVT_ACL_CHECK, on_acl_check, false},
+	{MOSQ_EVT_RELOAD, on_reload, false},
+	{MOSQ_EVT_MESSAGE, on_message, true},
+	{MOSQ_EVT_TICK, on_tick, true},
+};
+#define NCALLBACKS (sizeof(callbacks)/sizeof(callbacks[0]))
+
+static void destroy(struct akz_plugin *p)
+{
+	if(p == NULL) return;
+	for(size_t i = 0; i < NCALLBACKS; i++){
+		if(p->bridge || !callbacks[i].needs_bridge){
+			mosquitto_callback_unregister(p->id, callbacks[i].event, callbacks[i].cb, NULL);
+		}
+	}
+	akz_bridge_stop(p->bridge);
+	akz_registry_free(p->reg);
+	akz_auth_free(p->auth);
+	akz_config_free(&p->cfg);
+	free(p);
+}
+
+AKZ_EXPORT int mosquitto_plugin_version(int supported_version_count, const int *supported_versions)
+{
+	for(int i = 0; i < supported_version_count; i++){
+		if(supported_versions[i] == 5) return 5;
+	}
+	return -1;
+}
+
+AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
+		struct mosquitto_opt *options, int option_count)
+{
+	struct akz_plugin *p = calloc(1, sizeof(*p));
+	if(p == NULL) return MOSQ_ERR_NOMEM;
+	p->id = identifier;
+
+	mosquitto_log_printf(MOSQ_LOG_INFO, "akenza: mosquitto_akenza %s (libmosquitto %d, %s)",
+			AKZ_VERSION, mosquitto_lib_version(NULL, NULL, NULL), OpenSSL_version(OPENSSL_VERSION));
+	if(akz_config_parse(&p->cfg, options, option_count, log_problem, NULL)){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: refusing to start: fix the plugin_opt_ lines above");
+		free(p);
+		return MOSQ_ERR_INVAL;
+	}
+	p->auth = akz_auth_new();
+	if(p->auth == NULL) goto nomem;
+	p->reg = load_registry(&p->cfg);
+	if(p->reg == NULL){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: refusing to start: registry %s has the problems above",
+				p->cfg.devices_path);
+		destroy(p);
+		return MOSQ_ERR_INVAL;
+	}
+	if(p->cfg.bridge_enabled){
+		char err[256];
+		if(akz_bridge_start(&p->cfg, &p->bridge, err, sizeof(err))){
+			mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: refusing to start: bridge: %s", err);
+			destroy(p);
+			return MOSQ_ERR_INVAL;
+		}
+		if(akz_bridge_sync(p->bridge, p->reg)) goto nomem;
+	}
+	for(size_t i = 0; i < NCALLBACKS; i++){
+		if(callbacks[i].needs_bridge && p->bridge == NULL) continue;
+		int rc = mosquitto_callback_register(identifier, callbacks[i].event, callbacks[i].cb, NULL, p);
+		if(rc){
+			mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: cannot register callback %d: %s",
+					callbacks[i].event, mosquitto_strerror(rc));
+			destroy(p);
+			return rc;
+		}
+	}
+	mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: %zu devices, %zu gateways from %s; bridge %s",
+			akz_registry_device_count(p->reg), akz_registry_gateway_count(p->reg),
+			p->cfg.devices_path, p->bridge ? "on" : "off");
+	*userdata = p;
+	return MOSQ_ERR_SUCCESS;
+
+nomem:
+	mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: out of memory at start");
+	destroy(p);
+	return MOSQ_ERR_NOMEM;
+}
+
+AKZ_EXPORT int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int option_count)
+{
+	(void)options;
+	(void)option_count;
+	destroy(userdata);
+	return MOSQ_ERR_SUCCESS;
+}

@@ -1,0 +1,160 @@
+"""Shared fixtures: free ports, a test PKI made with openssl, real Mosquitto brokers."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = Path(os.environ.get("AKZ_BUILD", ROOT / "build"))
+PLUGIN = BUILD / "mosquitto_akenza.so"
+STANDIN = BUILD / "standin_auth.so"
+AKENZACTL = BUILD / "akenzactl"
+SHARED = ROOT.parent / "shared"
+MOSQUITTO = "/usr/sbin/mosquitto"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
+    """Polls pred() until it returns a true value (returned) or the timeout passes (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def run(cmd, check=True, **kw):
+    """Runs a command, returns CompletedProcess with text output."""
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=kw.pop("timeout", 120), **kw)
+
+
+class PKI:
+    """A throwaway CA and certificates, made with the openssl command line."""
+
+    def __init__(self, d: Path):
+        self.dir = d
+        d.mkdir(parents=True, exist_ok=True)
+        self.ca_key, self.ca_cert = self._ca("ca", "akenza-test CA")
+        self.server_key, self.server_cert = self.server("server", "localhost", ["DNS:localhost", "IP:127.0.0.1"])
+
+    def _ca(self, name, cn):
+        key, cert = self.dir / f"{name}.key", self.dir / f"{name}.crt"
+        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", key, "-out", cert, "-days", "30", "-subj", f"/CN={cn}",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        return key, cert
+
+    def server(self, name, cn, sans, ca=None):
+        """A server certificate for cn/sans, signed by ca (a (key, cert) pair; default: this CA)."""
+        ca_key, ca_cert = ca or (self.ca_key, self.ca_cert)
+        key, csr, cert = self.dir / f"{name}.key", self.dir / f"{name}.csr", self.dir / f"{name}.crt"
+        ext = self.dir / f"{name}.ext"
+        ext.write_text(f"subjectAltName={','.join(sans)}\nextendedKeyUsage=serverAuth\n")
+        run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", key, "-out", csr, "-subj", f"/CN={cn}"])
+        run(["openssl", "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", cert, "-days", "30", "-extfile", ext])
+        return key, cert
+
+    def other_ca(self, name="rogue"):
+        return self._ca(name, f"{name} CA")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    return PKI(tmp_path_factory.mktemp("pki"))
+
+
+class Broker:
+    """A real mosquitto process started from a config text; stopped by PID at teardown."""
+
+    def __init__(self, d: Path, conf: str, port: int, name="broker", expect_start=True, timeout=15):
+        self.dir, self.port, self.name = d, port, name
+        d.mkdir(parents=True, exist_ok=True)
+        self.logfile = d / f"{name}.log"
+        self.conffile = d / f"{name}.conf"
+        self.conffile.write_text(conf + f"\nlog_dest file {self.logfile}\nlog_type all\nuser root\n")
+        self.proc = None
+        self.start(expect_start, timeout)
+
+    def start(self, expect_start=True, timeout=15):
+        self.logfile.touch()
+        self.stdout = open(self.dir / f"{self.name}.stdout", "ab")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conffile)], stdout=self.stdout,
+                                     stderr=subprocess.STDOUT)
+        if not expect_start:
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise AssertionError(f"{self.name} started although it should not have:\n{self.log()}")
+            return
+
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+        wait_for(up, timeout, what=f"{self.name} to listen on {self.port}")
+
+    def log(self):
+        text = self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+        out = self.dir / f"{self.name}.stdout"
+        if out.exists():
+            text += out.read_text(errors="replace")
+        return text
+
+    def wait_log(self, needle, timeout=10.0):
+        return wait_for(lambda: needle in self.log(), timeout, what=f"'{needle}' in {self.name} log")
+
+    def sighup(self):
+        self.proc.send_signal(signal.SIGHUP)
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if getattr(self, "stdout", None):
+            self.stdout.close()
+            self.stdout = None
+
+
+@pytest.fixture
+def brokers(tmp_path):
+    """Factory: brokers(conf_text, port=None, name=...) -> Broker; all are stopped at teardown."""
+    started = []
+
+    def make(conf, port=None, name="broker", **kw):
+        b = Broker(tmp_path / name, conf, port, name, **kw)
+        started.append(b)
+        return b
+    yield make
+    for b in started:
+        b.stop()
