@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <mosquitto_broker.h>
+#include <mosquitto_plugin.h>
 #include "akz_config.h"
 #include "akz_jwt.h"
 

@@ -76,7 +76,8 @@ static int on_message(int event, void *event_data, void *userdata)
 	case AKZ_UPLINK_NOMEM:
 		break;
 	}
-	/* Full: an MQTT v5 client gets "quota exceeded" and keeps the message. A 3.1.1 client
+	/* Full: an MQTT v5 client gets a failure reason code in its PUBACK (0x97 "quota exceeded"
+	 * where the broker passes ours on; 2.0 sends 0x87) and knows the message was not taken. A 3.1.1 client
 	 * would take ACL_DENIED as delivered, so it is disconnected without a PUBACK instead and
 	 * sends the message again when it reconnects (see DESIGN.md). */
 	const char *cid = mosquitto_client_id(ev->client);
@@ -87,7 +88,8 @@ static int on_message(int event, void *event_data, void *userdata)
 		ev->reason_code = 0x97; /* quota exceeded */
 		return MOSQ_ERR_ACL_DENIED;
 	}
-	return MOSQ_ERR_QUOTA_EXCEEDED;
+	/* Any error but ACL_DENIED makes the broker drop the connection without acknowledging. */
+	return MOSQ_ERR_ADMINISTRATIVE_ACTION;
 }
 
 static int on_tick(int event, void *event_data, void *userdata)

@@ -1,0 +1,42 @@
+/* akz_queue.h - FIFO queues of messages waiting to cross between the broker and the bridge. */
+#ifndef AKZ_QUEUE_H
+#define AKZ_QUEUE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* One message; topic and payload live in the same allocation. */
+struct akz_msg {
+	struct akz_msg *next;
+	char *topic;
+	void *payload;
+	uint32_t payloadlen;
+	uint8_t qos;
+};
+
+struct akz_msgq {
+	struct akz_msg *head, *tail;
+	size_t count;
+	size_t bytes;  /* payload bytes */
+};
+
+/* Copies topic (topiclen bytes, need not be NUL-terminated) and payload into one new message.
+ * Returns NULL when out of memory. Free with free(). */
+struct akz_msg *akz_msg_new(const char *topic, size_t topiclen, const void *payload,
+		uint32_t payloadlen, uint8_t qos);
+
+void akz_msgq_push(struct akz_msgq *q, struct akz_msg *m);
+
+/* The oldest message without removing it, NULL when empty. */
+static inline struct akz_msg *akz_msgq_peek(const struct akz_msgq *q) { return q->head; }
+
+/* Removes and returns the oldest message, NULL when empty. */
+struct akz_msg *akz_msgq_pop(struct akz_msgq *q);
+
+/* Moves every message of src to the end of dst; src becomes empty. */
+void akz_msgq_take_all(struct akz_msgq *dst, struct akz_msgq *src);
+
+/* Frees every message; returns how many there were. */
+size_t akz_msgq_clear(struct akz_msgq *q);
+
+#endif

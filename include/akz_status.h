@@ -1,0 +1,45 @@
+/* akz_status.h - the bridge's state as retained JSON under $SYS/broker/akenza/. */
+#ifndef AKZ_STATUS_H
+#define AKZ_STATUS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+#include "akz_keystore.h"
+
+#define AKZ_STATUS_ID_MAX 192
+#define AKZ_STATUS_PREFIX "$SYS/broker/akenza/"
+
+/* One device, as $SYS/broker/akenza/devices/<id> shows it. */
+struct akz_status_dev {
+	const char *state;          /* static string: connecting, connected, backoff, unauthorized, disabled */
+	time_t since;               /* when it entered that state */
+	time_t token_expires;       /* exp of the token last used, 0 if none yet */
+	size_t queued;              /* uplinks accepted and not yet acknowledged by akenza */
+	char kid[AKZ_KID_LEN];
+	char last_error[240];
+};
+
+/* Totals, as $SYS/broker/akenza/summary shows them. */
+struct akz_status_summary {
+	uint64_t devices, connected;
+	uint64_t uplinks, downlinks;   /* relayed (uplinks: acknowledged by akenza) */
+	uint64_t queued;
+	uint64_t refused;              /* uplinks refused because a queue was full */
+	uint64_t dropped_qos0;         /* QoS 0 uplinks lost with a connection */
+	uint64_t errors;
+};
+
+/* Publishes (retained) the device's status. Broker thread. Logs and returns on failure. */
+void akz_status_publish_device(const char *id, const struct akz_status_dev *s);
+
+/* Publishes (retained) the summary. Broker thread. */
+void akz_status_publish_summary(const struct akz_status_summary *s);
+
+/* Clears the retained status of a device that left the registry. Broker thread. */
+void akz_status_clear_device(const char *id);
+
+/* Renders a device status as JSON; caller frees with free(). NULL when out of memory. */
+char *akz_status_device_json(const struct akz_status_dev *s);
+
+#endif

@@ -1,0 +1,15 @@
+/* akz_tls.h - the one TLS client context every upstream connection shares. */
+#ifndef AKZ_TLS_H
+#define AKZ_TLS_H
+
+#include <stddef.h>
+#include <openssl/ssl.h>
+
+/* Makes a client SSL_CTX that verifies the server's certificate chain against cafile/capath
+ * (both NULL: the system CA store) and the server's name against `host` (a DNS name or an IP
+ * literal), with TLS 1.2 exactly ("tlsv1.2") or TLS 1.3 ("tlsv1.3").
+ * Returns the context (free with SSL_CTX_free), or NULL with a reason in err. */
+SSL_CTX *akz_tls_client_ctx(const char *host, const char *cafile, const char *capath,
+		const char *tls_version, char *err, size_t errlen);
+
+#endif

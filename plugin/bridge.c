@@ -1,0 +1,1149 @@
+/* bridge.c - the upstream side: one thread, one epoll loop, one akenza connection per device. */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
+#include <mosquitto.h>
+#include <mosquitto_broker.h>
+#include "akz_bridge.h"
+#include "akz_config.h"
+#include "akz_jwt.h"
+#include "akz_queue.h"
+#include "akz_registry.h"
+#include "akz_status.h"
+#include "akz_tls.h"
+#include "akz_topic.h"
+
+#define WINDOW 32                 /* uplinks in flight per connection */
+#define SWEEP_MS 100              /* timer resolution of the bridge thread */
+#define CONNECT_TIMEOUT_MS 30000  /* from TCP connect to CONNACK */
+#define REFRESH_DRAIN_MS 2000     /* wait for PUBACKs before a token refresh reconnects */
+#define BACKOFF_MIN_MS 1000
+#define BACKOFF_MAX_MS 120000
+#define UNAUTH_MIN_MS 60000       /* a refused key is not fixed in seconds: ask again in minutes */
+#define UNAUTH_MAX_MS 900000
+#define CLOCK_JUMP_S 30           /* a wall-clock step larger than this re-mints the token */
+#define DOWN_MAX 10000            /* downlinks waiting for the broker thread */
+#define LOG_MAX 1000              /* log lines waiting for the broker thread */
+
+enum dev_state { ST_DISABLED, ST_CONNECTING, ST_CONNECTED, ST_BACKOFF, ST_UNAUTHORIZED };
+
+static const char *const state_names[] = {
+	[ST_DISABLED] = "disabled", [ST_CONNECTING] = "connecting", [ST_CONNECTED] = "connected",
+	[ST_BACKOFF] = "backoff", [ST_UNAUTHORIZED] = "unauthorized",
+};
+
+struct inflight {
+	int mid;
+	uint8_t qos;
+	bool used;
+};
+
+struct dev {
+	char *id;                    /* read-only after creation */
+	struct akz_bridge *b;
+
+	/* Guarded by b->lock. */
+	struct dev *hnext;           /* hash chain */
+	struct dev *ready_next;      /* on b->ready: has new pending uplinks */
+	struct dev *dirty_next;      /* on b->dirty: status to publish */
+	struct dev *incoming_next;   /* on b->incoming: new, not yet adopted by the thread */
+	struct akz_msgq pending;     /* accepted, not yet handed to libmosquitto */
+	size_t unacked;              /* pending + handed over and not yet acknowledged */
+	bool enabled;
+	bool removed;
+	bool changed;                /* enabled or next_key changed by a sync */
+	bool in_ready, in_dirty;
+	struct akz_key *next_key;    /* key to switch to after a sync, or NULL */
+	struct akz_status_dev status;
+	int64_t status_published_ms;
+
+	/* Bridge thread only. */
+	struct dev *next;            /* the thread's list of every device */
+	struct akz_key *key;
+	struct mosquitto *mosq;
+	enum dev_state state;
+	int fd;
+	uint32_t events;
+	int64_t due_ms;              /* next connect attempt, or token refresh when connected */
+	int64_t connect_deadline_ms;
+	int64_t drain_deadline_ms;
+	int64_t waiting_ack_since_ms;
+	int64_t minted_wall_offset;  /* wall minus monotonic clock when the token was minted */
+	bool refreshing;
+	bool reconnect_now;
+	bool ever_connected;
+	int failures;
+	int inflight;
+	struct inflight fl[WINDOW];
+	char last_log[200];          /* libmosquitto's last error, e.g. the TLS failure */
+};
+
+struct log_line {
+	struct log_line *next;
+	int level;
+	char text[];
+};
+
+struct akz_bridge {
+	/* copied from the configuration */
+	char *host;
+	char *username;
+	int port;
+	int keepalive;
+	long lifetime;
+	int connect_rate;
+	size_t queue_max;
+	int status_interval_ms;
+	SSL_CTX *ssl_ctx;
+
+	pthread_t thread;
+	bool thread_started;
+	int epfd;
+	int wakefd;
+	atomic_bool stop;
+
+	pthread_mutex_t lock;
+	/* Guarded by lock. */
+	struct dev **buckets;
+	size_t nbuckets;
+	size_t ndevs;
+	struct dev *ready;
+	struct dev *dirty;
+	struct dev *incoming;
+	bool wake_pending;
+	bool changes;                /* some device has changed or removed set */
+	struct akz_msgq down;
+	struct log_line *log_head, *log_tail;
+	size_t log_count, log_dropped;
+	struct akz_status_summary sum;
+	bool sum_dirty;
+	int64_t sum_published_ms;
+
+	/* Bridge thread only. */
+	struct dev *devs;
+	double bucket;               /* connect-rate token bucket */
+	int64_t bucket_ms;
+	int64_t next_sweep_ms;
+};
+
+/* ---- time ---------------------------------------------------------------------------- */
+
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Wall clock minus monotonic clock, in seconds: it moves only when the wall clock is stepped. */
+static int64_t wall_offset_s(void)
+{
+	return (int64_t)time(NULL) - mono_ms() / 1000;
+}
+
+/* A uniformly random integer in [lo, hi]. */
+static int64_t random_between(int64_t lo, int64_t hi)
+{
+	uint32_t r;
+	if(hi <= lo) return lo;
+	if(RAND_bytes((unsigned char *)&r, sizeof(r)) != 1) r = (uint32_t)rand();
+	return lo + (int64_t)(r % (uint64_t)(hi - lo + 1));
+}
+
+/* ---- hand-offs to the broker thread ----------------------------------------------------- */
+
+/* Queues a log line for the broker thread: mosquitto_log_printf may publish to $SYS
+ * (log_dest topic), which only the broker thread may do. Never fails; drops (and counts)
+ * lines when the broker thread falls far behind. */
+static void blog(struct akz_bridge *b, int level, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static void blog(struct akz_bridge *b, int level, const char *fmt, ...)
+{
+	char text[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	int n = vsnprintf(text, sizeof(text), fmt, ap);
+	va_end(ap);
+	if(n < 0) return;
+	size_t len = strlen(text);
+	struct log_line *l = malloc(sizeof(*l) + len + 1);
+	pthread_mutex_lock(&b->lock);
+	if(l == NULL || b->log_count >= LOG_MAX){
+		b->log_dropped++;
+		free(l);
+	}else{
+		l->next = NULL;
+		l->level = level;
+		memcpy(l->text, text, len + 1);
+		if(b->log_tail) b->log_tail->next = l;
+		else b->log_head = l;
+		b->log_tail = l;
+		b->log_count++;
+	}
+	pthread_mutex_unlock(&b->lock);
+}
+
+/* Marks the device's status for publishing. Caller holds b->lock. */
+static void mark_dirty_locked(struct akz_bridge *b, struct dev *d)
+{
+	if(!d->in_dirty){
+		d->in_dirty = true;
+		d->dirty_next = b->dirty;
+		b->dirty = d;
+	}
+	b->sum_dirty = true;
+}
+
+/* Changes the device's state, logs the change and marks its status for publishing. */
+static void set_state(struct dev *d, enum dev_state st, const char *error)
+{
+	struct akz_bridge *b = d->b;
+	bool changed = d->state != st;
+
+	d->state = st;
+	pthread_mutex_lock(&b->lock);
+	if(changed){
+		if(d->removed){
+			/* counted out of the summary by the sync that removed it */
+		}else if(st == ST_CONNECTED){
+			b->sum.connected++;
+		}else if(d->status.state && strcmp(d->status.state, "connected") == 0){
+			b->sum.connected--;
+		}
+		d->status.state = state_names[st];
+		d->status.since = time(NULL);
+	}
+	if(error){
+		snprintf(d->status.last_error, sizeof(d->status.last_error), "%s", error);
+	}
+	mark_dirty_locked(b, d);
+	pthread_mutex_unlock(&b->lock);
+	if(changed){
+		blog(b, st == ST_CONNECTED ? MOSQ_LOG_NOTICE : MOSQ_LOG_INFO,
+				"akenza: device '%s': %s%s%s", d->id, state_names[st],
+				error ? ": " : "", error ? error : "");
+	}
+}
+
+/* ---- the device table (broker and bridge thread, under b->lock) -------------------------- */
+
+static size_t hash_id(const char *id, size_t len)
+{
+	size_t h = 1469598103934665603ULL;
+	for(size_t i = 0; i < len; i++){
+		h ^= (unsigned char)id[i];
+		h *= 1099511628211ULL;
+	}
+	return h;
+}
+
+static struct dev *find_locked(const struct akz_bridge *b, const char *id, size_t len)
+{
+	if(b->nbuckets == 0) return NULL;
+	for(struct dev *d = b->buckets[hash_id(id, len) & (b->nbuckets - 1)]; d; d = d->hnext){
+		if(strncmp(d->id, id, len) == 0 && d->id[len] == '\0') return d;
+	}
+	return NULL;
+}
+
+/* Makes room for `want` devices. Returns 0, or -1 when out of memory (table unchanged). */
+static int reserve_locked(struct akz_bridge *b, size_t want)
+{
+	if(want <= b->nbuckets / 2 && b->nbuckets) return 0;
+	size_t n = b->nbuckets ? b->nbuckets : 64;
+	while(n / 2 < want) n *= 2;
+	struct dev **nb = calloc(n, sizeof(*nb));
+	if(nb == NULL) return -1;
+	for(size_t i = 0; i < b->nbuckets; i++){
+		struct dev *d = b->buckets[i];
+		while(d){
+			struct dev *next = d->hnext;
+			size_t h = hash_id(d->id, strlen(d->id)) & (n - 1);
+			d->hnext = nb[h];
+			nb[h] = d;
+			d = next;
+		}
+	}
+	free(b->buckets);
+	b->buckets = nb;
+	b->nbuckets = n;
+	return 0;
+}
+
+static void insert_locked(struct akz_bridge *b, struct dev *d)
+{
+	size_t h = hash_id(d->id, strlen(d->id)) & (b->nbuckets - 1);
+	d->hnext = b->buckets[h];
+	b->buckets[h] = d;
+	b->ndevs++;
+}
+
+static void unlink_locked(struct akz_bridge *b, struct dev *d)
+{
+	struct dev **pp = &b->buckets[hash_id(d->id, strlen(d->id)) & (b->nbuckets - 1)];
+	while(*pp && *pp != d) pp = &(*pp)->hnext;
+	if(*pp) *pp = d->hnext;
+	b->ndevs--;
+}
+
+/* ---- one device's connection (bridge thread) ------------------------------------------- */
+
+/* Keeps epoll's interest in step with libmosquitto's socket, which changes on reconnects.
+ * A closed socket has already left the epoll set by itself. */
+static void update_interest(struct dev *d)
+{
+	struct akz_bridge *b = d->b;
+	int fd = d->mosq ? mosquitto_socket(d->mosq) : -1;
+	uint32_t ev = EPOLLIN;
+
+	if(fd >= 0 && mosquitto_want_write(d->mosq)) ev |= EPOLLOUT;
+	if(fd != d->fd){
+		d->fd = fd;
+		d->events = 0;
+		if(fd < 0) return;
+		struct epoll_event e = {.events = ev, .data.ptr = d};
+		if(epoll_ctl(b->epfd, EPOLL_CTL_ADD, fd, &e) == 0) d->events = ev;
+		else blog(b, MOSQ_LOG_ERR, "akenza: device '%s': epoll_ctl: %s", d->id, strerror(errno));
+	}else if(fd >= 0 && ev != d->events){
+		struct epoll_event e = {.events = ev, .data.ptr = d};
+		if(epoll_ctl(b->epfd, EPOLL_CTL_MOD, fd, &e) == 0) d->events = ev;
+	}
+}
+
+/* Closes the connection without the protocol's goodbye: used when the peer is unresponsive.
+ * libmosquitto sees the shut-down socket on its next read and reports the disconnect. */
+static void force_close(struct dev *d, const char *why)
+{
+	int fd = mosquitto_socket(d->mosq);
+	snprintf(d->last_log, sizeof(d->last_log), "%s", why);
+	if(fd >= 0) shutdown(fd, SHUT_RDWR);
+}
+
+static int64_t backoff_ms(int failures, int64_t lo, int64_t hi)
+{
+	int64_t cap = lo;
+	for(int i = 1; i < failures && cap < hi; i++) cap *= 2;
+	if(cap > hi) cap = hi;
+	/* "Equal jitter": never sooner than half the step, so a fleet spreads out but still backs off. */
+	return random_between(cap / 2, cap);
+}
+
+static void schedule_retry(struct dev *d, enum dev_state st, const char *error)
+{
+	d->failures++;
+	int64_t wait = st == ST_UNAUTHORIZED ? backoff_ms(d->failures, UNAUTH_MIN_MS, UNAUTH_MAX_MS)
+			: backoff_ms(d->failures, BACKOFF_MIN_MS, BACKOFF_MAX_MS);
+	d->due_ms = mono_ms() + wait;
+	set_state(d, st, error);
+}
+
+static void forget_inflight(struct dev *d, int mid, bool only_qos0, size_t *acked, size_t *lost)
+{
+	for(int i = 0; i < WINDOW; i++){
+		struct inflight *f = &d->fl[i];
+		if(!f->used) continue;
+		if(only_qos0 ? f->qos == 0 : f->mid == mid){
+			f->used = false;
+			d->inflight--;
+			if(only_qos0) (*lost)++;
+			else (*acked)++;
+			if(!only_qos0) return;
+		}
+	}
+}
+
+static void on_publish(struct mosquitto *mosq, void *obj, int mid)
+{
+	struct dev *d = obj;
+	size_t acked = 0, lost = 0;
+	(void)mosq;
+
+	forget_inflight(d, mid, false, &acked, &lost);
+	if(acked == 0) return;
+	d->waiting_ack_since_ms = mono_ms();
+	pthread_mutex_lock(&d->b->lock);
+	d->unacked--;
+	d->b->sum.uplinks++;
+	if(!d->removed) d->b->sum.queued--;
+	d->b->sum_dirty = true;
+	pthread_mutex_unlock(&d->b->lock);
+}
+
+static void on_connect(struct mosquitto *mosq, void *obj, int rc)
+{
+	struct dev *d = obj;
+	struct akz_bridge *b = d->b;
+	char topic[512];
+
+	if(rc == 4 || rc == 5){
+		char msg[160];
+		snprintf(msg, sizeof(msg), "akenza refused the credentials (%s)", mosquitto_connack_string(rc));
+		blog(b, MOSQ_LOG_WARNING, "akenza: device '%s': %s: the public key with kid %s is probably "
+				"not registered in akenza for this device; retrying in minutes",
+				d->id, msg, akz_key_kid(d->key));
+		schedule_retry(d, ST_UNAUTHORIZED, msg);
+		return;
+	}
+	if(rc != 0){
+		schedule_retry(d, ST_BACKOFF, mosquitto_connack_string(rc));
+		return;
+	}
+	d->failures = 0;
+	d->ever_connected = true;
+	d->waiting_ack_since_ms = mono_ms();
+	snprintf(topic, sizeof(topic), AKZ_DOWN_PREFIX "%s/#", d->id);
+	int src = mosquitto_subscribe(mosq, NULL, topic, 1);
+	if(src != MOSQ_ERR_SUCCESS){
+		blog(b, MOSQ_LOG_ERR, "akenza: device '%s': cannot subscribe to downlinks: %s",
+				d->id, mosquitto_strerror(src));
+	}
+	/* Refresh at a random point late in the token's life, so that a fleet that connected in
+	 * the same second does not refresh in the same second. */
+	int64_t life_ms = b->lifetime * 1000;
+	d->due_ms = mono_ms() + random_between(life_ms * 70 / 100, life_ms * 90 / 100);
+	d->last_log[0] = '\0';
+	set_state(d, ST_CONNECTED, NULL);
+}
+
+static void on_disconnect(struct mosquitto *mosq, void *obj, int rc)
+{
+	struct dev *d = obj;
+	size_t acked = 0, lost = 0;
+	(void)mosq;
+
+	/* QoS 0 uplinks libmosquitto had not written are gone with the socket; QoS 1 ones stay in
+	 * its session and are sent again after the reconnect. */
+	forget_inflight(d, 0, true, &acked, &lost);
+	if(lost){
+		pthread_mutex_lock(&d->b->lock);
+		d->unacked -= lost;
+		if(!d->removed) d->b->sum.queued -= lost;
+		d->b->sum.dropped_qos0 += lost;
+		pthread_mutex_unlock(&d->b->lock);
+	}
+	d->refreshing = false;
+	d->fd = -1;
+	d->events = 0;
+	if(d->state == ST_UNAUTHORIZED || d->state == ST_DISABLED) return;
+	if(d->reconnect_now){
+		d->reconnect_now = false;
+		d->due_ms = mono_ms();
+		set_state(d, ST_CONNECTING, NULL);
+		return;
+	}
+	char why[240];
+	snprintf(why, sizeof(why), "%s%s%s", mosquitto_strerror(rc),
+			d->last_log[0] ? ": " : "", d->last_log);
+	schedule_retry(d, ST_BACKOFF, why);
+}
+
+static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto_message *msg)
+{
+	struct dev *d = obj;
+	struct akz_bridge *b = d->b;
+	(void)mosq;
+
+	/* Only this device's downlinks are relayed: a broker bug or a shared session must not let
+	 * one device's messages reach another. */
+	if(!akz_topic_is_for(msg->topic, AKZ_TOPIC_DOWN, d->id)){
+		blog(b, MOSQ_LOG_WARNING, "akenza: device '%s': ignoring upstream message on foreign topic '%s'",
+				d->id, msg->topic);
+		return;
+	}
+	struct akz_msg *m = akz_msg_new(msg->topic, strlen(msg->topic), msg->payload,
+			(uint32_t)msg->payloadlen, (uint8_t)msg->qos);
+	pthread_mutex_lock(&b->lock);
+	if(m && b->down.count < DOWN_MAX){
+		akz_msgq_push(&b->down, m);
+		m = NULL;
+	}else{
+		b->sum.errors++;
+	}
+	pthread_mutex_unlock(&b->lock);
+	if(m){
+		free(m);
+		blog(b, MOSQ_LOG_ERR, "akenza: device '%s': downlink on '%s' dropped: the broker is not "
+				"taking downlinks fast enough", d->id, msg->topic);
+	}
+}
+
+static void on_log(struct mosquitto *mosq, void *obj, int level, const char *str)
+{
+	struct dev *d = obj;
+	(void)mosq;
+	if(level == MOSQ_LOG_ERR) snprintf(d->last_log, sizeof(d->last_log), "%s", str);
+}
+
+/* Creates the device's libmosquitto client. Returns 0, or -1 with the device in backoff. */
+static int create_client(struct dev *d)
+{
+	struct akz_bridge *b = d->b;
+
+	/* clean_session false: akenza keeps QoS 1 downlinks for the device while the link is down. */
+	d->mosq = mosquitto_new(d->id, false, d);
+	if(d->mosq == NULL){
+		schedule_retry(d, ST_BACKOFF, "out of memory creating the upstream client");
+		return -1;
+	}
+	mosquitto_void_option(d->mosq, MOSQ_OPT_SSL_CTX, b->ssl_ctx);
+	mosquitto_int_option(d->mosq, MOSQ_OPT_TCP_NODELAY, 1);
+	mosquitto_int_option(d->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
+	mosquitto_max_inflight_messages_set(d->mosq, WINDOW);
+	mosquitto_connect_callback_set(d->mosq, on_connect);
+	mosquitto_disconnect_callback_set(d->mosq, on_disconnect);
+	mosquitto_publish_callback_set(d->mosq, on_publish);
+	mosquitto_message_callback_set(d->mosq, on_message);
+	mosquitto_log_callback_set(d->mosq, on_log);
+	return 0;
+}
+
+/* Mints a fresh token and starts connecting. Never blocks on the network (name resolution
+ * aside: libmosquitto resolves the host in the connect call). */
+static void start_connect(struct dev *d)
+{
+	struct akz_bridge *b = d->b;
+	char err[256];
+
+	if(d->mosq == NULL && create_client(d)) return;
+	time_t now = time(NULL);
+	char *token = akz_jwt_mint(d->key, d->id, now, b->lifetime, err, sizeof(err));
+	if(token == NULL){
+		schedule_retry(d, ST_BACKOFF, err);
+		return;
+	}
+	int rc = mosquitto_username_pw_set(d->mosq, b->username, token);
+	OPENSSL_cleanse(token, strlen(token));
+	free(token);
+	if(rc != MOSQ_ERR_SUCCESS){
+		schedule_retry(d, ST_BACKOFF, mosquitto_strerror(rc));
+		return;
+	}
+	d->minted_wall_offset = wall_offset_s();
+	pthread_mutex_lock(&b->lock);
+	d->status.token_expires = now + b->lifetime;
+	pthread_mutex_unlock(&b->lock);
+	d->last_log[0] = '\0';
+	rc = mosquitto_connect_async(d->mosq, b->host, b->port, b->keepalive);
+	if(rc != MOSQ_ERR_SUCCESS){
+		char why[300];
+		snprintf(why, sizeof(why), "connect to %s:%d: %s", b->host, b->port,
+				rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc));
+		update_interest(d);
+		schedule_retry(d, ST_BACKOFF, why);
+		return;
+	}
+	d->connect_deadline_ms = mono_ms() + CONNECT_TIMEOUT_MS;
+	set_state(d, ST_CONNECTING, NULL);
+	update_interest(d);
+}
+
+/* Hands pending uplinks to libmosquitto while the window has room. */
+static void pump_uplinks(struct dev *d)
+{
+	struct akz_bridge *b = d->b;
+
+	while(d->state == ST_CONNECTED && !d->refreshing && d->inflight < WINDOW){
+		pthread_mutex_lock(&b->lock);
+		struct akz_msg *m = akz_msgq_peek(&d->pending);
+		pthread_mutex_unlock(&b->lock);
+		if(m == NULL) break;
+		int mid = 0;
+		int qos = m->qos > 1 ? 1 : m->qos;   /* akenza takes QoS 0 and 1; 2 goes as 1 */
+		int rc = mosquitto_publish(d->mosq, &mid, m->topic, (int)m->payloadlen, m->payload, qos, false);
+		if(rc != MOSQ_ERR_SUCCESS){
+			/* Left at the head of the queue: it goes with the next connection. */
+			snprintf(d->last_log, sizeof(d->last_log), "publish: %s", mosquitto_strerror(rc));
+			break;
+		}
+		for(int i = 0; i < WINDOW; i++){
+			if(!d->fl[i].used){
+				d->fl[i] = (struct inflight){.mid = mid, .qos = (uint8_t)qos, .used = true};
+				break;
+			}
+		}
+		if(d->inflight++ == 0) d->waiting_ack_since_ms = mono_ms();
+		pthread_mutex_lock(&b->lock);
+		free(akz_msgq_pop(&d->pending));
+		pthread_mutex_unlock(&b->lock);
+	}
+	update_interest(d);
+}
+
+/* Applies what a registry sync changed for this device: enabled flag and key. */
+static void apply_change(struct dev *d)
+{
+	struct akz_bridge *b = d->b;
+
+	pthread_mutex_lock(&b->lock);
+	bool enabled = d->enabled;
+	struct akz_key *nk = d->next_key;
+	d->next_key = NULL;
+	d->changed = false;
+	pthread_mutex_unlock(&b->lock);
+
+	if(nk){
+		akz_key_unref(d->key);
+		d->key = nk;
+		blog(b, MOSQ_LOG_NOTICE, "akenza: device '%s': key changed (kid %s): reconnecting",
+				d->id, akz_key_kid(nk));
+	}
+	if(!enabled){
+		if(d->state != ST_DISABLED){
+			bool connected = d->state == ST_CONNECTED;
+			/* First the state, so that on_disconnect leaves the device alone. */
+			set_state(d, ST_DISABLED, NULL);
+			if(connected) mosquitto_disconnect(d->mosq);
+			else if(d->mosq) force_close(d, "device disabled");
+		}
+	}else if(d->state == ST_DISABLED || (nk && d->state != ST_CONNECTED)){
+		d->failures = 0;
+		d->due_ms = mono_ms();
+		set_state(d, ST_CONNECTING, NULL);
+	}else if(nk && d->state == ST_CONNECTED){
+		d->reconnect_now = true;
+		mosquitto_disconnect(d->mosq);
+	}
+	if(d->mosq) update_interest(d);
+}
+
+static void destroy_dev(struct dev *d)
+{
+	if(d->mosq){
+		mosquitto_destroy(d->mosq);  /* closes the socket, which leaves the epoll set */
+	}
+	akz_key_unref(d->key);
+	akz_key_unref(d->next_key);
+	akz_msgq_clear(&d->pending);
+	free(d->id);
+	free(d);
+}
+
+/* Takes one connect permit from the token bucket; false when the rate is used up. */
+static bool take_connect_permit(struct akz_bridge *b, int64_t now)
+{
+	b->bucket += (double)(now - b->bucket_ms) * b->connect_rate / 1000.0;
+	b->bucket_ms = now;
+	if(b->bucket > b->connect_rate) b->bucket = b->connect_rate;
+	if(b->bucket < 1.0) return false;
+	b->bucket -= 1.0;
+	return true;
+}
+
+/* The periodic pass over a connected device: keepalive, token refresh, liveness. */
+static void check_connected(struct dev *d, int64_t now, int64_t wall_off)
+{
+	struct akz_bridge *b = d->b;
+
+	mosquitto_loop_misc(d->mosq);
+	if(d->state != ST_CONNECTED) return;   /* loop_misc may have found it dead */
+	if(!d->refreshing){
+		int64_t jump = wall_off - d->minted_wall_offset;
+		if(jump > CLOCK_JUMP_S || jump < -CLOCK_JUMP_S){
+			blog(b, MOSQ_LOG_WARNING, "akenza: device '%s': wall clock stepped by %" PRId64
+					" s since its token was minted: refreshing the token now", d->id, jump);
+			d->due_ms = now;
+		}
+		if(now >= d->due_ms){
+			d->refreshing = true;
+			d->drain_deadline_ms = now + REFRESH_DRAIN_MS;
+		}
+	}
+	if(d->refreshing && (d->inflight == 0 || now >= d->drain_deadline_ms)){
+		d->reconnect_now = true;
+		mosquitto_disconnect(d->mosq);
+		return;
+	}
+	/* Alive means acknowledged: a socket that takes uplinks and answers nothing is dead. */
+	if(d->inflight > 0 && now - d->waiting_ack_since_ms > (int64_t)b->keepalive * 1000){
+		blog(b, MOSQ_LOG_WARNING, "akenza: device '%s': no PUBACK for %d s: reconnecting",
+				d->id, b->keepalive);
+		force_close(d, "no PUBACK from akenza");
+	}
+}
+
+static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
+{
+	switch(d->state){
+	case ST_DISABLED:
+		break;
+	case ST_CONNECTED:
+		check_connected(d, now, wall_off);
+		break;
+	case ST_CONNECTING:
+		if(d->mosq && mosquitto_socket(d->mosq) >= 0){
+			if(now >= d->connect_deadline_ms) force_close(d, "no CONNACK within 30 s");
+			else mosquitto_loop_misc(d->mosq);
+			break;
+		}
+		/* fall through: waiting for the first attempt or a refresh reconnect */
+		/* FALLTHROUGH */
+	case ST_BACKOFF:
+	case ST_UNAUTHORIZED:
+		if(now >= d->due_ms && take_connect_permit(d->b, now)) start_connect(d);
+		break;
+	}
+	if(d->mosq) update_interest(d);
+}
+
+/* Adopts new devices, applies changes, destroys removed ones, runs timers. */
+static void sweep(struct akz_bridge *b, int64_t now)
+{
+	pthread_mutex_lock(&b->lock);
+	struct dev *in = b->incoming;
+	b->incoming = NULL;
+	bool changes = b->changes;
+	b->changes = false;
+	pthread_mutex_unlock(&b->lock);
+
+	while(in){
+		struct dev *next = in->incoming_next;
+		in->next = b->devs;
+		b->devs = in;
+		in = next;
+	}
+	int64_t wall_off = wall_offset_s();
+	for(struct dev **pp = &b->devs; *pp;){
+		struct dev *d = *pp;
+		if(changes){
+			pthread_mutex_lock(&b->lock);
+			bool removed = d->removed, changed = d->changed, busy = d->in_ready || d->in_dirty;
+			pthread_mutex_unlock(&b->lock);
+			if(removed){
+				if(busy){
+					/* still on a hand-off list: try again next sweep */
+					pthread_mutex_lock(&b->lock);
+					b->changes = true;
+					pthread_mutex_unlock(&b->lock);
+					pp = &d->next;
+					continue;
+				}
+				*pp = d->next;
+				blog(b, MOSQ_LOG_NOTICE, "akenza: device '%s' left the bridge", d->id);
+				destroy_dev(d);
+				continue;
+			}
+			if(changed) apply_change(d);
+		}
+		sweep_device(d, now, wall_off);
+		pp = &d->next;
+	}
+}
+
+/* Hands new uplinks of the devices that got some to libmosquitto. */
+static void pump_ready(struct akz_bridge *b)
+{
+	pthread_mutex_lock(&b->lock);
+	struct dev *r = b->ready;
+	b->ready = NULL;
+	b->wake_pending = false;
+	for(struct dev *d = r; d; d = d->ready_next) d->in_ready = false;
+	pthread_mutex_unlock(&b->lock);
+
+	/* The list is detached; no device on it is freed before the next sweep. */
+	for(struct dev *d = r; d; d = d->ready_next){
+		if(d->mosq) pump_uplinks(d);
+	}
+}
+
+static void handle_io(struct dev *d, uint32_t events)
+{
+	if(d->mosq == NULL || mosquitto_socket(d->mosq) < 0) return;
+	if(events & (EPOLLIN | EPOLLERR | EPOLLHUP)){
+		mosquitto_loop_read(d->mosq, 1);
+	}
+	if((events & EPOLLOUT) && d->mosq && mosquitto_socket(d->mosq) >= 0){
+		mosquitto_loop_write(d->mosq, 1);
+	}
+	/* PUBACKs free window slots: refill them at once. */
+	pump_uplinks(d);
+}
+
+static void *bridge_main(void *arg)
+{
+	struct akz_bridge *b = arg;
+	struct epoll_event evs[256];
+
+	b->bucket_ms = mono_ms();
+	b->next_sweep_ms = 0;
+	while(!atomic_load(&b->stop)){
+		int64_t now = mono_ms();
+		if(now >= b->next_sweep_ms){
+			sweep(b, now);
+			b->next_sweep_ms = now + SWEEP_MS;
+		}
+		int timeout = (int)(b->next_sweep_ms - now);
+		if(timeout < 0) timeout = 0;
+		int n = epoll_wait(b->epfd, evs, (int)(sizeof(evs)/sizeof(evs[0])), timeout);
+		if(n < 0 && errno != EINTR){
+			blog(b, MOSQ_LOG_ERR, "akenza: bridge: epoll_wait: %s", strerror(errno));
+			usleep(100000);
+			continue;
+		}
+		for(int i = 0; i < n; i++){
+			if(evs[i].data.ptr == NULL){
+				uint64_t v;
+				if(read(b->wakefd, &v, sizeof(v)) < 0 && errno != EAGAIN){
+					blog(b, MOSQ_LOG_ERR, "akenza: bridge: eventfd: %s", strerror(errno));
+				}
+				continue;
+			}
+			handle_io(evs[i].data.ptr, evs[i].events);
+		}
+		pump_ready(b);
+	}
+	return NULL;
+}
+
+static void wake(struct akz_bridge *b)
+{
+	uint64_t one = 1;
+	if(write(b->wakefd, &one, sizeof(one)) < 0 && errno != EAGAIN){
+		/* The bridge still runs its sweep every 100 ms: nothing waits for long. */
+	}
+}
+
+/* ---- the broker-thread API ------------------------------------------------------------- */
+
+enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *device_id,
+		size_t idlen, const char *topic, const void *payload, uint32_t payloadlen, int qos)
+{
+	struct akz_msg *m = akz_msg_new(topic, strlen(topic), payload, payloadlen, (uint8_t)qos);
+	if(m == NULL) return AKZ_UPLINK_NOMEM;
+
+	pthread_mutex_lock(&b->lock);
+	struct dev *d = find_locked(b, device_id, idlen);
+	if(d == NULL || !d->enabled){
+		pthread_mutex_unlock(&b->lock);
+		free(m);
+		return AKZ_UPLINK_UNKNOWN;
+	}
+	if(d->unacked >= b->queue_max){
+		b->sum.refused++;
+		b->sum_dirty = true;
+		pthread_mutex_unlock(&b->lock);
+		free(m);
+		return AKZ_UPLINK_FULL;
+	}
+	akz_msgq_push(&d->pending, m);
+	d->unacked++;
+	b->sum.queued++;
+	b->sum_dirty = true;
+	if(!d->in_ready){
+		d->in_ready = true;
+		d->ready_next = b->ready;
+		b->ready = d;
+	}
+	bool need_wake = !b->wake_pending;
+	b->wake_pending = true;
+	pthread_mutex_unlock(&b->lock);
+	if(need_wake) wake(b);
+	return AKZ_UPLINK_QUEUED;
+}
+
+/* A new device for the bridge thread to adopt. NULL when out of memory. */
+static struct dev *new_dev(struct akz_bridge *b, const struct akz_device *rd)
+{
+	struct dev *d = calloc(1, sizeof(*d));
+	if(d == NULL) return NULL;
+	d->id = strdup(rd->id);
+	if(d->id == NULL){
+		free(d);
+		return NULL;
+	}
+	d->b = b;
+	d->fd = -1;
+	d->enabled = rd->enabled;
+	d->key = akz_key_ref(rd->key);
+	d->state = rd->enabled ? ST_CONNECTING : ST_DISABLED;
+	d->status.state = state_names[d->state];
+	d->status.since = time(NULL);
+	snprintf(d->status.kid, sizeof(d->status.kid), "%s", akz_key_kid(rd->key));
+	/* Spread the first connects of a fleet over the rate limiter rather than all at once. */
+	d->due_ms = mono_ms();
+	return d;
+}
+
+/* Records a registry change of an existing device. Caller holds b->lock. */
+static void note_change_locked(struct akz_bridge *b, struct dev *d, const struct akz_device *rd)
+{
+	const char *kid = akz_key_kid(rd->key);
+	bool key_changed = strcmp(d->status.kid, kid) != 0;
+
+	if(d->enabled == rd->enabled && !key_changed) return;
+	d->enabled = rd->enabled;
+	if(key_changed){
+		akz_key_unref(d->next_key);
+		d->next_key = akz_key_ref(rd->key);
+		snprintf(d->status.kid, sizeof(d->status.kid), "%s", kid);
+	}
+	d->changed = true;
+	b->changes = true;
+}
+
+int akz_bridge_sync(struct akz_bridge *b, const struct akz_registry *reg)
+{
+	size_t n = akz_registry_device_count(reg);
+	struct dev *fresh = NULL;
+	size_t nfresh = 0;
+
+	/* Allocate everything first, so that running out of memory changes nothing. */
+	for(size_t i = 0; i < n; i++){
+		const struct akz_device *rd = akz_registry_device_at(reg, i);
+		pthread_mutex_lock(&b->lock);
+		bool known = find_locked(b, rd->id, strlen(rd->id)) != NULL;
+		pthread_mutex_unlock(&b->lock);
+		if(known) continue;
+		struct dev *d = new_dev(b, rd);
+		if(d == NULL) goto nomem;
+		d->incoming_next = fresh;
+		fresh = d;
+		nfresh++;
+	}
+	pthread_mutex_lock(&b->lock);
+	if(reserve_locked(b, b->ndevs + nfresh)){
+		pthread_mutex_unlock(&b->lock);
+		goto nomem;
+	}
+	/* Devices the registry no longer has leave the table; the bridge thread frees them. */
+	for(size_t i = 0; i < b->nbuckets; i++){
+		for(struct dev *d = b->buckets[i], *next; d; d = next){
+			next = d->hnext;
+			if(akz_registry_find_device(reg, d->id) == NULL){
+				unlink_locked(b, d);
+				d->removed = true;
+				b->changes = true;
+				size_t dropped = d->unacked;
+				b->sum.queued -= dropped;
+				b->sum.devices--;
+				if(d->status.state && strcmp(d->status.state, "connected") == 0) b->sum.connected--;
+				if(dropped){
+					mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: device '%s' removed with %zu "
+							"uplinks not yet acknowledged by akenza: they are discarded", d->id, dropped);
+				}
+				akz_status_clear_device(d->id);
+			}
+		}
+	}
+	for(size_t i = 0; i < n; i++){
+		const struct akz_device *rd = akz_registry_device_at(reg, i);
+		struct dev *d = find_locked(b, rd->id, strlen(rd->id));
+		if(d) note_change_locked(b, d, rd);
+	}
+	while(fresh){
+		struct dev *d = fresh;
+		fresh = d->incoming_next;
+		insert_locked(b, d);
+		d->incoming_next = b->incoming;
+		b->incoming = d;
+		b->sum.devices++;
+		mark_dirty_locked(b, d);
+	}
+	pthread_mutex_unlock(&b->lock);
+	wake(b);
+	return 0;
+
+nomem:
+	while(fresh){
+		struct dev *d = fresh;
+		fresh = d->incoming_next;
+		destroy_dev(d);
+	}
+	return -1;
+}
+
+/* Publishes the status of devices whose state changed, at most once per interval each. */
+static void publish_statuses(struct akz_bridge *b, int64_t now)
+{
+	struct akz_status_dev snaps[64];
+	char ids[64][AKZ_STATUS_ID_MAX];
+	size_t nsnap = 0;
+
+	pthread_mutex_lock(&b->lock);
+	for(struct dev **pp = &b->dirty; *pp && nsnap < 64;){
+		struct dev *d = *pp;
+		if(!d->removed && now - d->status_published_ms < b->status_interval_ms){
+			pp = &d->dirty_next;
+			continue;
+		}
+		*pp = d->dirty_next;
+		d->in_dirty = false;
+		if(d->removed) continue;
+		d->status_published_ms = now;
+		snaps[nsnap] = d->status;
+		snaps[nsnap].queued = d->unacked;
+		snprintf(ids[nsnap], sizeof(ids[nsnap]), "%s", d->id);
+		nsnap++;
+	}
+	bool sum = b->sum_dirty && now - b->sum_published_ms >= b->status_interval_ms;
+	struct akz_status_summary s = b->sum;
+	if(sum){
+		b->sum_dirty = false;
+		b->sum_published_ms = now;
+	}
+	pthread_mutex_unlock(&b->lock);
+
+	for(size_t i = 0; i < nsnap; i++) akz_status_publish_device(ids[i], &snaps[i]);
+	if(sum) akz_status_publish_summary(&s);
+}
+
+/* Writes queued log lines through the broker's logger. */
+static void flush_log(struct akz_bridge *b)
+{
+	pthread_mutex_lock(&b->lock);
+	struct log_line *l = b->log_head;
+	size_t dropped = b->log_dropped;
+	b->log_head = b->log_tail = NULL;
+	b->log_count = 0;
+	b->log_dropped = 0;
+	pthread_mutex_unlock(&b->lock);
+
+	while(l){
+		struct log_line *next = l->next;
+		mosquitto_log_printf(l->level, "%s", l->text);
+		free(l);
+		l = next;
+	}
+	if(dropped){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: %zu bridge log lines dropped", dropped);
+	}
+}
+
+void akz_bridge_tick(struct akz_bridge *b)
+{
+	struct akz_msgq down = {0};
+
+	pthread_mutex_lock(&b->lock);
+	akz_msgq_take_all(&down, &b->down);
+	pthread_mutex_unlock(&b->lock);
+
+	size_t relayed = 0;
+	for(struct akz_msg *m; (m = akz_msgq_pop(&down)) != NULL; free(m)){
+		int rc = mosquitto_broker_publish_copy(NULL, m->topic, (int)m->payloadlen, m->payload,
+				m->qos, false, NULL);
+		if(rc == MOSQ_ERR_SUCCESS) relayed++;
+		else mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: downlink on '%s' not published: %s",
+				m->topic, mosquitto_strerror(rc));
+	}
+	if(relayed){
+		pthread_mutex_lock(&b->lock);
+		b->sum.downlinks += relayed;
+		b->sum_dirty = true;
+		pthread_mutex_unlock(&b->lock);
+	}
+	flush_log(b);
+	publish_statuses(b, mono_ms());
+}
+
+/* ---- start and stop ------------------------------------------------------------------------- */
+
+static void free_bridge(struct akz_bridge *b)
+{
+	while(b->devs){
+		struct dev *d = b->devs;
+		b->devs = d->next;
+		destroy_dev(d);
+	}
+	while(b->incoming){
+		struct dev *d = b->incoming;
+		b->incoming = d->incoming_next;
+		destroy_dev(d);
+	}
+	/* Removed devices the thread had not yet freed are still on b->devs; nothing else holds one. */
+	akz_msgq_clear(&b->down);
+	flush_log(b);
+	if(b->epfd >= 0) close(b->epfd);
+	if(b->wakefd >= 0) close(b->wakefd);
+	SSL_CTX_free(b->ssl_ctx);
+	pthread_mutex_destroy(&b->lock);
+	free(b->buckets);
+	free(b->host);
+	free(b->username);
+	free(b);
+}
+
+int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char *err, size_t errlen)
+{
+	*out = NULL;
+	struct akz_bridge *b = calloc(1, sizeof(*b));
+	if(b == NULL){
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	b->epfd = b->wakefd = -1;
+	pthread_mutex_init(&b->lock, NULL);
+	b->host = strdup(cfg->upstream_host);
+	b->username = strdup(cfg->upstream_username);
+	b->port = cfg->upstream_port;
+	b->keepalive = cfg->upstream_keepalive;
+	b->lifetime = cfg->token_lifetime;
+	b->connect_rate = cfg->connect_rate;
+	b->queue_max = (size_t)cfg->queue_max;
+	b->status_interval_ms = cfg->status_interval_ms;
+	if(b->host == NULL || b->username == NULL){
+		snprintf(err, errlen, "out of memory");
+		goto fail;
+	}
+	mosquitto_lib_init();
+	b->ssl_ctx = akz_tls_client_ctx(cfg->upstream_host, cfg->upstream_cafile, cfg->upstream_capath,
+			cfg->upstream_tls_version, err, errlen);
+	if(b->ssl_ctx == NULL) goto fail;
+	b->epfd = epoll_create1(EPOLL_CLOEXEC);
+	b->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if(b->epfd < 0 || b->wakefd < 0){
+		snprintf(err, errlen, "epoll/eventfd: %s", strerror(errno));
+		goto fail;
+	}
+	struct epoll_event e = {.events = EPOLLIN, .data.ptr = NULL};
+	if(epoll_ctl(b->epfd, EPOLL_CTL_ADD, b->wakefd, &e)){
+		snprintf(err, errlen, "epoll_ctl: %s", strerror(errno));
+		goto fail;
+	}
+	/* The broker's signals (SIGHUP reload, SIGINT) belong to the broker thread. */
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	int rc = pthread_create(&b->thread, NULL, bridge_main, b);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if(rc){
+		snprintf(err, errlen, "cannot start the bridge thread: %s", strerror(rc));
+		goto fail;
+	}
+	b->thread_started = true;
+	*out = b;
+	return 0;
+fail:
+	free_bridge(b);
+	return -1;
+}
+
+void akz_bridge_stop(struct akz_bridge *b)
+{
+	if(b == NULL) return;
+	if(b->thread_started){
+		atomic_store(&b->stop, true);
+		wake(b);
+		pthread_join(b->thread, NULL);
+	}
+	size_t unacked = 0;
+	for(struct dev *d = b->devs; d; d = d->next) unacked += d->unacked;
+	if(unacked){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: stopping with %zu uplinks not yet "
+				"acknowledged by akenza (in-memory queue: they are lost)", unacked);
+	}
+	free_bridge(b);
+}

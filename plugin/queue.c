@@ -1,0 +1,67 @@
+/* queue.c - FIFO message queues used for uplink and downlink hand-offs. */
+#include <stdlib.h>
+#include <string.h>
+#include "akz_queue.h"
+
+struct akz_msg *akz_msg_new(const char *topic, size_t topiclen, const void *payload,
+		uint32_t payloadlen, uint8_t qos)
+{
+	/* One allocation per message: the hot path pays one malloc and one free. */
+	struct akz_msg *m = malloc(sizeof(*m) + topiclen + 1 + payloadlen);
+	if(m == NULL) return NULL;
+	m->next = NULL;
+	m->topic = (char *)(m + 1);
+	memcpy(m->topic, topic, topiclen);
+	m->topic[topiclen] = '\0';
+	m->payload = m->topic + topiclen + 1;
+	if(payloadlen) memcpy(m->payload, payload, payloadlen);
+	m->payloadlen = payloadlen;
+	m->qos = qos;
+	return m;
+}
+
+void akz_msgq_push(struct akz_msgq *q, struct akz_msg *m)
+{
+	m->next = NULL;
+	if(q->tail) q->tail->next = m;
+	else q->head = m;
+	q->tail = m;
+	q->count++;
+	q->bytes += m->payloadlen;
+}
+
+struct akz_msg *akz_msgq_pop(struct akz_msgq *q)
+{
+	struct akz_msg *m = q->head;
+	if(m == NULL) return NULL;
+	q->head = m->next;
+	if(q->head == NULL) q->tail = NULL;
+	q->count--;
+	q->bytes -= m->payloadlen;
+	m->next = NULL;
+	return m;
+}
+
+void akz_msgq_take_all(struct akz_msgq *dst, struct akz_msgq *src)
+{
+	if(src->head == NULL) return;
+	if(dst->tail) dst->tail->next = src->head;
+	else dst->head = src->head;
+	dst->tail = src->tail;
+	dst->count += src->count;
+	dst->bytes += src->bytes;
+	memset(src, 0, sizeof(*src));
+}
+
+size_t akz_msgq_clear(struct akz_msgq *q)
+{
+	size_t n = q->count;
+	struct akz_msg *m = q->head;
+	while(m){
+		struct akz_msg *next = m->next;
+		free(m);
+		m = next;
+	}
+	memset(q, 0, sizeof(*q));
+	return n;
+}

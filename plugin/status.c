@@ -1,0 +1,70 @@
+/* status.c - retained $SYS/broker/akenza/ status topics, rendered with cJSON. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cJSON.h>
+#include <mosquitto.h>
+#include <mosquitto_broker.h>
+#include "akz_status.h"
+
+char *akz_status_device_json(const struct akz_status_dev *s)
+{
+	cJSON *o = cJSON_CreateObject();
+	if(o == NULL) return NULL;
+	char *out = NULL;
+	if(cJSON_AddStringToObject(o, "state", s->state) && cJSON_AddNumberToObject(o, "since", (double)s->since)
+			&& cJSON_AddNumberToObject(o, "token_expires", (double)s->token_expires)
+			&& cJSON_AddNumberToObject(o, "queued", (double)s->queued)
+			&& cJSON_AddStringToObject(o, "kid", s->kid)
+			&& cJSON_AddStringToObject(o, "last_error", s->last_error)){
+		out = cJSON_PrintUnformatted(o);
+	}
+	cJSON_Delete(o);
+	return out;
+}
+
+/* Publishes text (may be NULL: out of memory, logged) retained on topic and frees it. */
+static void publish_retained(const char *topic, char *text)
+{
+	if(text == NULL){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: out of memory rendering %s", topic);
+		return;
+	}
+	int rc = mosquitto_broker_publish_copy(NULL, topic, (int)strlen(text), text, 0, true, NULL);
+	if(rc != MOSQ_ERR_SUCCESS){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: cannot publish %s: %s", topic, mosquitto_strerror(rc));
+	}
+	free(text);
+}
+
+void akz_status_publish_device(const char *id, const struct akz_status_dev *s)
+{
+	char topic[AKZ_STATUS_ID_MAX + 64];
+	snprintf(topic, sizeof(topic), AKZ_STATUS_PREFIX "devices/%s", id);
+	publish_retained(topic, akz_status_device_json(s));
+}
+
+void akz_status_publish_summary(const struct akz_status_summary *s)
+{
+	char *text = malloc(512);
+	if(text){
+		snprintf(text, 512, "{\"devices\":%" PRIu64 ",\"connected\":%" PRIu64 ",\"uplinks\":%" PRIu64
+				",\"downlinks\":%" PRIu64 ",\"queued\":%" PRIu64 ",\"refused\":%" PRIu64
+				",\"dropped_qos0\":%" PRIu64 ",\"errors\":%" PRIu64 "}",
+				s->devices, s->connected, s->uplinks, s->downlinks, s->queued, s->refused,
+				s->dropped_qos0, s->errors);
+	}
+	publish_retained(AKZ_STATUS_PREFIX "summary", text);
+}
+
+void akz_status_clear_device(const char *id)
+{
+	char topic[AKZ_STATUS_ID_MAX + 64];
+	snprintf(topic, sizeof(topic), AKZ_STATUS_PREFIX "devices/%s", id);
+	/* An empty retained message removes the retained status. */
+	int rc = mosquitto_broker_publish_copy(NULL, topic, 0, NULL, 0, true, NULL);
+	if(rc != MOSQ_ERR_SUCCESS){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: cannot clear %s: %s", topic, mosquitto_strerror(rc));
+	}
+}

@@ -1,0 +1,191 @@
+/* test_plumbing.c - unit tests of the option parser, topic recognition and message queues. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+#include <mosquitto_broker.h>
+#include <mosquitto_plugin.h>
+#include "akz_config.h"
+#include "akz_queue.h"
+#include "akz_tls.h"
+#include "akz_topic.h"
+
+struct problems {
+	int n;
+	char last[512];
+};
+
+static void collect(void *ctx, const char *msg)
+{
+	struct problems *p = ctx;
+	p->n++;
+	snprintf(p->last, sizeof(p->last), "%s", msg);
+}
+
+static int parse(struct akz_config *cfg, struct problems *p, const char *const *kv, int n)
+{
+	struct mosquitto_opt opts[16];
+	for(int i = 0; i < n; i++){
+		opts[i].key = (char *)kv[2*i];
+		opts[i].value = (char *)kv[2*i+1];
+	}
+	memset(p, 0, sizeof(*p));
+	return akz_config_parse(cfg, opts, n, collect, p);
+}
+
+static void test_config_defaults(void **state)
+{
+	(void)state;
+	struct akz_config cfg;
+	struct problems p;
+	const char *kv[] = {"devices", "/etc/akenza/devices.json"};
+	assert_int_equal(parse(&cfg, &p, kv, 1), 0);
+	assert_string_equal(cfg.upstream_host, "mqtt.akenza.io");
+	assert_int_equal(cfg.upstream_port, 8883);
+	assert_string_equal(cfg.upstream_username, "unused");
+	assert_int_equal(cfg.token_lifetime, 1200);
+	assert_true(cfg.bridge_enabled);
+	assert_false(cfg.allow_readable_keys);
+	assert_null(cfg.upstream_cafile);
+	akz_config_free(&cfg);
+}
+
+static void test_config_values(void **state)
+{
+	(void)state;
+	struct akz_config cfg;
+	struct problems p;
+	const char *kv[] = {"devices", "d.json", "upstream_port", "18883", "token_lifetime", "60",
+		"bridge", "false", "upstream_host", "localhost"};
+	assert_int_equal(parse(&cfg, &p, kv, 5), 0);
+	assert_int_equal(cfg.upstream_port, 18883);
+	assert_int_equal(cfg.token_lifetime, 60);
+	assert_false(cfg.bridge_enabled);
+	assert_string_equal(cfg.upstream_host, "localhost");
+	akz_config_free(&cfg);
+}
+
+static void test_config_refusals(void **state)
+{
+	(void)state;
+	struct akz_config cfg;
+	struct problems p;
+	const char *unknown[] = {"devices", "d.json", "devcies", "x"};
+	assert_int_equal(parse(&cfg, &p, unknown, 2), -1);
+	assert_non_null(strstr(p.last, "plugin_opt_devcies: unknown option"));
+
+	const char *range[] = {"devices", "d.json", "token_lifetime", "59"};
+	assert_int_equal(parse(&cfg, &p, range, 2), -1);
+	assert_non_null(strstr(p.last, "plugin_opt_token_lifetime: 59 is outside 60..86400"));
+
+	const char *nan[] = {"devices", "d.json", "upstream_port", "88x"};
+	assert_int_equal(parse(&cfg, &p, nan, 2), -1);
+	assert_non_null(strstr(p.last, "not a whole number"));
+
+	const char *boolean[] = {"devices", "d.json", "bridge", "maybe"};
+	assert_int_equal(parse(&cfg, &p, boolean, 2), -1);
+	assert_non_null(strstr(p.last, "not true or false"));
+
+	assert_int_equal(parse(&cfg, &p, NULL, 0), -1);
+	assert_non_null(strstr(p.last, "plugin_opt_devices: required"));
+
+	const char *tls[] = {"devices", "d.json", "upstream_tls_version", "sslv3"};
+	assert_int_equal(parse(&cfg, &p, tls, 2), -1);
+	assert_non_null(strstr(p.last, "upstream_tls_version"));
+
+	/* every problem is reported, not only the first */
+	const char *many[] = {"devcies", "x", "upstream_port", "0", "bridge", "2"};
+	assert_int_equal(parse(&cfg, &p, many, 3), -1);
+	assert_int_equal(p.n, 4);
+}
+
+static void test_topics(void **state)
+{
+	(void)state;
+	size_t n;
+	const char *id = akz_topic_device("/up/device/id/abc", AKZ_TOPIC_UP, &n);
+	assert_non_null(id);
+	assert_int_equal(n, 3);
+	assert_memory_equal(id, "abc", 3);
+	id = akz_topic_device("/up/device/id/abc/alerts/x", AKZ_TOPIC_UP, &n);
+	assert_int_equal(n, 3);
+	assert_null(akz_topic_device("/up/device/id/", AKZ_TOPIC_UP, &n));
+	assert_null(akz_topic_device("/up/device/id//x", AKZ_TOPIC_UP, &n));
+	assert_null(akz_topic_device("/up/device/id/+", AKZ_TOPIC_UP, &n));
+	assert_null(akz_topic_device("/up/device/id/#", AKZ_TOPIC_UP, &n));
+	assert_null(akz_topic_device("/up/device/idabc", AKZ_TOPIC_UP, &n));
+	assert_null(akz_topic_device("up/device/id/abc", AKZ_TOPIC_UP, &n));
+	assert_null(akz_topic_device("/down/device/id/abc", AKZ_TOPIC_UP, &n));
+	assert_null(akz_topic_device(NULL, AKZ_TOPIC_UP, &n));
+	assert_true(akz_topic_is_for("/down/device/id/abc/cmd", AKZ_TOPIC_DOWN, "abc"));
+	assert_false(akz_topic_is_for("/down/device/id/abcd/cmd", AKZ_TOPIC_DOWN, "abc"));
+	assert_false(akz_topic_is_for("/down/device/id/ab", AKZ_TOPIC_DOWN, "abc"));
+}
+
+static void test_queue_fifo(void **state)
+{
+	(void)state;
+	struct akz_msgq q = {0}, other = {0};
+	for(int i = 0; i < 5; i++){
+		char payload[8];
+		snprintf(payload, sizeof(payload), "m%d", i);
+		struct akz_msg *m = akz_msg_new("/up/device/id/a/xyz", 15, payload, (uint32_t)strlen(payload), 1);
+		assert_non_null(m);
+		assert_string_equal(m->topic, "/up/device/id/a");  /* topiclen is honoured */
+		akz_msgq_push(i < 3 ? &q : &other, m);
+	}
+	assert_int_equal(q.count, 3);
+	assert_int_equal(q.bytes, 6);
+	akz_msgq_take_all(&q, &other);
+	assert_int_equal(q.count, 5);
+	assert_null(other.head);
+	assert_int_equal(other.count, 0);
+	for(int i = 0; i < 3; i++){
+		struct akz_msg *m = akz_msgq_pop(&q);
+		char want[8];
+		snprintf(want, sizeof(want), "m%d", i);
+		assert_memory_equal(m->payload, want, m->payloadlen);
+		free(m);
+	}
+	assert_int_equal(akz_msgq_clear(&q), 2);
+	assert_null(akz_msgq_pop(&q));
+	struct akz_msg *empty = akz_msg_new("t", 1, NULL, 0, 0);
+	assert_non_null(empty);
+	assert_int_equal(empty->payloadlen, 0);
+	free(empty);
+}
+
+static void test_tls_ctx(void **state)
+{
+	(void)state;
+	char err[256];
+	SSL_CTX *ctx = akz_tls_client_ctx("localhost", NULL, NULL, "tlsv1.2", err, sizeof(err));
+	assert_non_null(ctx);
+	assert_int_equal(SSL_CTX_get_verify_mode(ctx) & SSL_VERIFY_PEER, SSL_VERIFY_PEER);
+	assert_int_equal(SSL_CTX_get_min_proto_version(ctx), TLS1_2_VERSION);
+	assert_int_equal(SSL_CTX_get_max_proto_version(ctx), TLS1_2_VERSION);
+	SSL_CTX_free(ctx);
+	ctx = akz_tls_client_ctx("127.0.0.1", NULL, NULL, "tlsv1.3", err, sizeof(err));
+	assert_non_null(ctx);
+	assert_int_equal(SSL_CTX_get_min_proto_version(ctx), TLS1_3_VERSION);
+	SSL_CTX_free(ctx);
+	ctx = akz_tls_client_ctx("localhost", "/nonexistent/ca.pem", NULL, "tlsv1.2", err, sizeof(err));
+	assert_null(ctx);
+	assert_non_null(strstr(err, "/nonexistent/ca.pem"));
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_config_defaults),
+		cmocka_unit_test(test_config_values),
+		cmocka_unit_test(test_config_refusals),
+		cmocka_unit_test(test_topics),
+		cmocka_unit_test(test_queue_fifo),
+		cmocka_unit_test(test_tls_ctx),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
