@@ -1,0 +1,14 @@
+/* akz_keystore_int.h - what jwt.c needs of a key beyond the public key-store interface. */
+#ifndef AKZ_KEYSTORE_INT_H
+#define AKZ_KEYSTORE_INT_H
+
+#include <stddef.h>
+#include "akz_keystore.h"
+
+/* Signs a SHA-256 digest with the key's prepared context: RS256 gives the PKCS#1 v1.5 signature,
+ * ES256 a DER ECDSA-Sig-Value. sig must hold EVP_PKEY_get_size() bytes; *siglen is its size on
+ * entry and the signature's length on return. Thread-safe. Returns 0, or -1 on failure. */
+int akz_key_sign_digest(const struct akz_key *key, const unsigned char digest[32],
+		unsigned char *sig, size_t *siglen);
+
+#endif

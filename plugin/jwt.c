@@ -1,0 +1,173 @@
+/* jwt.c - minting akenza device JWTs: header and claims as PyJWT writes them, RS256 or ES256. */
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <openssl/crypto.h>
+#include <openssl/ecdsa.h>
+#include <openssl/evp.h>
+#include "akz_jwt.h"
+#include "akz_keystore_int.h"
+
+#define AUD_PREFIX "https://akenza.io/devices/"
+#define SIG_MAX 1024    /* RSA 8192 */
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+	if(err == NULL || errlen == 0) return;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}
+
+/* base64url without padding (RFC 7515 §2) of len bytes into out, which must hold
+ * 4*ceil(len/3)+1 bytes. Returns the length written (NUL not counted). Never fails. */
+static size_t b64url(const unsigned char *in, size_t len, char *out)
+{
+	static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+	size_t o = 0, i = 0;
+	for(; i + 2 < len; i += 3){
+		uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i+1] << 8 | in[i+2];
+		out[o++] = tab[v >> 18];
+		out[o++] = tab[(v >> 12) & 63];
+		out[o++] = tab[(v >> 6) & 63];
+		out[o++] = tab[v & 63];
+	}
+	if(i < len){
+		uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < len ? (uint32_t)in[i+1] << 8 : 0);
+		out[o++] = tab[v >> 18];
+		out[o++] = tab[(v >> 12) & 63];
+		if(i + 1 < len) out[o++] = tab[(v >> 6) & 63];
+	}
+	out[o] = '\0';
+	return o;
+}
+
+/* Length of the UTF-8 sequence starting at s (1..4), or 0 if it is not valid UTF-8
+ * (overlong forms, surrogates and code points above U+10FFFF included). */
+static size_t utf8_seq_len(const unsigned char *s)
+{
+	if(s[0] < 0x80) return 1;
+	if(s[0] >= 0xC2 && s[0] <= 0xDF) return (s[1] & 0xC0) == 0x80 ? 2 : 0;
+	if(s[0] >= 0xE0 && s[0] <= 0xEF){
+		if((s[1] & 0xC0) != 0x80 || (s[2] & 0xC0) != 0x80) return 0;
+		if(s[0] == 0xE0 && s[1] < 0xA0) return 0;
+		if(s[0] == 0xED && s[1] >= 0xA0) return 0;
+		return 3;
+	}
+	if(s[0] >= 0xF0 && s[0] <= 0xF4){
+		if((s[1] & 0xC0) != 0x80 || (s[2] & 0xC0) != 0x80 || (s[3] & 0xC0) != 0x80) return 0;
+		if(s[0] == 0xF0 && s[1] < 0x90) return 0;
+		if(s[0] == 0xF4 && s[1] >= 0x90) return 0;
+		return 4;
+	}
+	return 0;
+}
+
+/* Writes id as the inside of a JSON string into out (size outlen), escaping '"' and '\\'.
+ * Returns the length, or -1 with a reason: control characters and invalid UTF-8 are refused,
+ * since no akenza device id carries them and a token must not depend on an escaping choice. */
+static int json_escape_id(const char *id, char *out, size_t outlen, char *err, size_t errlen)
+{
+	const unsigned char *s = (const unsigned char *)id;
+	size_t o = 0;
+	while(*s){
+		if(*s < 0x20 || *s == 0x7F){
+			set_err(err, errlen, "device id contains a control character (0x%02x)", *s);
+			return -1;
+		}
+		size_t n = utf8_seq_len(s);
+		if(n == 0){
+			set_err(err, errlen, "device id is not valid UTF-8");
+			return -1;
+		}
+		bool esc = (*s == '"' || *s == '\\');
+		if(o + n + esc + 1 > outlen){
+			set_err(err, errlen, "device id too long");
+			return -1;
+		}
+		if(esc) out[o++] = '\\';
+		memcpy(out + o, s, n);
+		o += n;
+		s += n;
+	}
+	out[o] = '\0';
+	return (int)o;
+}
+
+/* Converts a DER ECDSA-Sig-Value into JWS's fixed 64-byte r||s. Returns 0, or -1. */
+static int der_to_raw_p256(const unsigned char *der, size_t derlen, unsigned char raw[64])
+{
+	const unsigned char *p = der;
+	ECDSA_SIG *sig = d2i_ECDSA_SIG(NULL, &p, (long)derlen);
+	if(sig == NULL) return -1;
+	const BIGNUM *r, *s;
+	ECDSA_SIG_get0(sig, &r, &s);
+	int ok = BN_bn2binpad(r, raw, 32) == 32 && BN_bn2binpad(s, raw + 32, 32) == 32;
+	ECDSA_SIG_free(sig);
+	return ok ? 0 : -1;
+}
+
+char *akz_jwt_mint(const struct akz_key *key, const char *device_id, time_t iat, long lifetime,
+		char *err, size_t errlen)
+{
+	if(lifetime < AKZ_JWT_LIFETIME_MIN || lifetime > AKZ_JWT_LIFETIME_MAX){
+		set_err(err, errlen, "token lifetime %ld s is outside %d..%d", lifetime,
+				AKZ_JWT_LIFETIME_MIN, AKZ_JWT_LIFETIME_MAX);
+		return NULL;
+	}
+	if(device_id == NULL || device_id[0] == '\0'){
+		set_err(err, errlen, "empty device id");
+		return NULL;
+	}
+	char id[512];
+	if(json_escape_id(device_id, id, sizeof(id), err, errlen) < 0) return NULL;
+
+	/* The same bytes PyJWT writes: header keys sorted, claims in the reference client's order. */
+	char header[160], claims[700];
+	int hlen = snprintf(header, sizeof(header), "{\"alg\":\"%s\",\"kid\":\"%s\",\"typ\":\"JWT\"}",
+			akz_alg_name(akz_key_alg(key)), akz_key_kid(key));
+	int clen = snprintf(claims, sizeof(claims), "{\"iat\":%lld,\"exp\":%lld,\"aud\":\"" AUD_PREFIX "%s\"}",
+			(long long)iat, (long long)iat + lifetime, id);
+	if(hlen < 0 || clen < 0 || (size_t)hlen >= sizeof(header) || (size_t)clen >= sizeof(claims)){
+		set_err(err, errlen, "token header or claims too long");
+		return NULL;
+	}
+	size_t cap = 4 * ((size_t)hlen + 2) / 3 + 4 * ((size_t)clen + 2) / 3 + 4 * (SIG_MAX + 2) / 3 + 4;
+	char *tok = malloc(cap);
+	if(tok == NULL){
+		set_err(err, errlen, "out of memory");
+		return NULL;
+	}
+	size_t n = b64url((const unsigned char *)header, (size_t)hlen, tok);
+	tok[n++] = '.';
+	n += b64url((const unsigned char *)claims, (size_t)clen, tok + n);
+
+	unsigned char digest[32], sig[SIG_MAX], raw[64];
+	unsigned int dlen = 0;
+	size_t siglen = sizeof(sig);
+	if(EVP_Digest(tok, n, digest, &dlen, EVP_sha256(), NULL) != 1
+			|| akz_key_sign_digest(key, digest, sig, &siglen) != 0){
+		set_err(err, errlen, "signing failed (key %s)", akz_key_uri(key));
+		free(tok);
+		return NULL;
+	}
+	const unsigned char *s = sig;
+	if(akz_key_alg(key) == AKZ_ALG_ES256){
+		if(der_to_raw_p256(sig, siglen, raw)){
+			set_err(err, errlen, "malformed ECDSA signature");
+			free(tok);
+			return NULL;
+		}
+		s = raw;
+		siglen = 64;
+	}
+	tok[n++] = '.';
+	b64url(s, siglen, tok + n);
+	return tok;
+}

@@ -1,0 +1,519 @@
+/* keystore.c - device private keys: loading through OSSL_STORE, checks, kid, generation. */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <openssl/core_names.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/store.h>
+#include <openssl/ui.h>
+#include <openssl/x509.h>
+#include "akz_keystore.h"
+#include "akz_keystore_int.h"
+
+#define PASSPHRASE_MAX 1024
+
+struct akz_key {
+	atomic_int refs;
+	enum akz_alg alg;
+	EVP_PKEY *pkey;
+	char *uri;
+	char kid[AKZ_KID_LEN];
+	/* Signing state kept with the key so that minting fetches no algorithm and parses nothing:
+	 * OpenSSL 3's per-call fetches cost as much as an ECDSA signature. */
+	pthread_mutex_t sign_lock;
+	EVP_PKEY_CTX *sign_ctx;
+};
+
+/* What the passphrase callback saw, to tell "encrypted, no passphrase" from "wrong passphrase". */
+struct pass_state {
+	const char *file;
+	bool asked;
+	bool failed;
+	char why[256];
+};
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+	if(err == NULL || errlen == 0) return;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}
+
+const char *akz_alg_name(enum akz_alg alg)
+{
+	switch(alg){
+	case AKZ_ALG_RS256: return "RS256";
+	case AKZ_ALG_ES256: return "ES256";
+	case AKZ_ALG_NONE: break;
+	}
+	return "none";
+}
+
+/* Reads the first line of the passphrase file into buf. Returns its length, or -1 with st->why. */
+static int read_passphrase(struct pass_state *st, char *buf, int size)
+{
+	FILE *f = fopen(st->file, "r");
+	if(f == NULL){
+		snprintf(st->why, sizeof(st->why), "cannot read passphrase file %s: %s", st->file, strerror(errno));
+		return -1;
+	}
+	char line[PASSPHRASE_MAX];
+	char *ok = fgets(line, sizeof(line), f);
+	fclose(f);
+	if(ok == NULL){
+		snprintf(st->why, sizeof(st->why), "passphrase file %s is empty", st->file);
+		return -1;
+	}
+	size_t n = strcspn(line, "\r\n");
+	if(n == 0 || n >= (size_t)size){
+		snprintf(st->why, sizeof(st->why), "passphrase file %s: %s", st->file,
+				n == 0 ? "the first line is empty" : "passphrase too long");
+		OPENSSL_cleanse(line, sizeof(line));
+		return -1;
+	}
+	memcpy(buf, line, n);
+	OPENSSL_cleanse(line, sizeof(line));
+	return (int)n;
+}
+
+/* pem_password_cb: never prompts; the passphrase comes from the configured file only. */
+static int passphrase_cb(char *buf, int size, int rwflag, void *u)
+{
+	struct pass_state *st = u;
+	(void)rwflag;
+	st->asked = true;
+	if(st->file == NULL){
+		st->failed = true;
+		return -1;
+	}
+	int n = read_passphrase(st, buf, size);
+	if(n < 0) st->failed = true;
+	return n;
+}
+
+/* For plain paths and file: URIs, the local file checks OpenSSL does not make: existence,
+ * type, emptiness and permissions. Returns 0, or -1 with the reason. Other URIs pass. */
+static int check_key_file(const char *uri, const struct akz_key_opts *opts, char *err, size_t errlen)
+{
+	const char *path = uri;
+	if(strncmp(uri, "file://", 7) == 0) path = uri + 7;
+	else if(strncmp(uri, "file:", 5) == 0) path = uri + 5;
+	else if(strchr(uri, ':') && uri[0] != '/' && uri[0] != '.') return 0;   /* provider URI */
+
+	struct stat sb;
+	if(stat(path, &sb) != 0){
+		set_err(err, errlen, "%s: %s", path, strerror(errno));
+		return -1;
+	}
+	if(S_ISDIR(sb.st_mode)){
+		set_err(err, errlen, "%s: is a directory, not a key file", path);
+		return -1;
+	}
+	if(!S_ISREG(sb.st_mode)){
+		set_err(err, errlen, "%s: not a regular file", path);
+		return -1;
+	}
+	if(sb.st_size == 0){
+		set_err(err, errlen, "%s: empty file", path);
+		return -1;
+	}
+	if((sb.st_mode & 077) && !(opts && opts->allow_group_readable)){
+		set_err(err, errlen, "%s: mode %04o: group or others can read it; chmod 600 it "
+				"(or set plugin_opt_allow_readable_keys)", path, (unsigned)(sb.st_mode & 07777));
+		return -1;
+	}
+	if(access(path, R_OK) != 0){
+		set_err(err, errlen, "%s: %s", path, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+/* Decides the JWT algorithm for a key, or explains why akenza would not take it. */
+static enum akz_alg choose_alg(EVP_PKEY *pkey, const char *uri, char *err, size_t errlen)
+{
+	if(EVP_PKEY_is_a(pkey, "RSA")){
+		int bits = EVP_PKEY_get_bits(pkey);
+		if(bits < 2048){
+			set_err(err, errlen, "%s: RSA key of %d bits: akenza needs at least 2048", uri, bits);
+			return AKZ_ALG_NONE;
+		}
+		return AKZ_ALG_RS256;
+	}
+	if(EVP_PKEY_is_a(pkey, "EC")){
+		char group[64] = "";
+		size_t glen = 0;
+		if(EVP_PKEY_get_utf8_string_param(pkey, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof(group), &glen) != 1){
+			set_err(err, errlen, "%s: EC key with unnamed curve: akenza accepts only P-256 (prime256v1)", uri);
+			return AKZ_ALG_NONE;
+		}
+		if(strcmp(group, "prime256v1") != 0 && strcmp(group, "P-256") != 0){
+			set_err(err, errlen, "%s: EC curve %s: akenza accepts only P-256 (prime256v1)", uri, group);
+			return AKZ_ALG_NONE;
+		}
+		return AKZ_ALG_ES256;
+	}
+	const char *type = EVP_PKEY_get0_type_name(pkey);
+	set_err(err, errlen, "%s: %s key: akenza accepts only RSA (2048 bits or more) and EC P-256 keys",
+			uri, type ? type : "unknown");
+	return AKZ_ALG_NONE;
+}
+
+int akz_pkey_kid(EVP_PKEY *pkey, char kid[AKZ_KID_LEN], char *err, size_t errlen)
+{
+	/* akenza's kid is taken over the SubjectPublicKeyInfo with an UNCOMPRESSED EC point (what
+	 * pycryptodome exports), whatever form the PEM stored: encode a copy set to uncompressed. */
+	EVP_PKEY *pub = EVP_PKEY_dup(pkey);
+	EVP_PKEY *use = pub ? pub : pkey;
+	if(EVP_PKEY_is_a(use, "EC") && pub){
+		EVP_PKEY_set_utf8_string_param(pub, OSSL_PKEY_PARAM_EC_POINT_CONVERSION_FORMAT,
+				OSSL_PKEY_EC_POINT_CONVERSION_FORMAT_UNCOMPRESSED);
+	}
+	unsigned char *der = NULL;
+	int len = i2d_PUBKEY(use, &der);
+	EVP_PKEY_free(pub);
+	if(len <= 0){
+		set_err(err, errlen, "cannot encode the public key");
+		return -1;
+	}
+	unsigned char md[32];
+	unsigned int mdlen = 0;
+	int ok = EVP_Digest(der, (size_t)len, md, &mdlen, EVP_sha256(), NULL);
+	OPENSSL_free(der);
+	if(ok != 1 || mdlen != 32){
+		set_err(err, errlen, "SHA-256 failed");
+		return -1;
+	}
+	static const char hex[] = "0123456789abcdef";
+	for(int i = 0; i < 32; i++){
+		kid[2*i] = hex[md[i] >> 4];
+		kid[2*i+1] = hex[md[i] & 15];
+	}
+	kid[64] = '\0';
+	return 0;
+}
+
+/* What a store held besides (or instead of) a private key, to say why none was found. */
+struct found {
+	EVP_PKEY *pkey;
+	bool pubkey, cert, other, two_keys;
+};
+
+static void collect_item(struct found *f, OSSL_STORE_INFO *info)
+{
+	switch(OSSL_STORE_INFO_get_type(info)){
+	case OSSL_STORE_INFO_PKEY:
+		if(f->pkey){
+			f->two_keys = true;
+		}else{
+			f->pkey = OSSL_STORE_INFO_get1_PKEY(info);
+		}
+		break;
+	case OSSL_STORE_INFO_PUBKEY:
+		f->pubkey = true;
+		break;
+	case OSSL_STORE_INFO_CERT:
+		f->cert = true;
+		break;
+	default:
+		f->other = true;
+		break;
+	}
+}
+
+/* Opens uri through OSSL_STORE and takes its private key. Returns it, or NULL with a reason. */
+static EVP_PKEY *load_pkey(const char *uri, const struct akz_key_opts *opts, char *err, size_t errlen)
+{
+	struct pass_state ps = {.file = opts ? opts->passphrase_file : NULL};
+	struct found f = {0};
+	UI_METHOD *ui = UI_UTIL_wrap_read_pem_callback(passphrase_cb, 0);
+	if(ui == NULL){
+		set_err(err, errlen, "%s: out of memory", uri);
+		return NULL;
+	}
+	ERR_clear_error();
+	OSSL_STORE_CTX *ctx = OSSL_STORE_open_ex(uri, NULL, NULL, ui, &ps, NULL, NULL, NULL);
+	if(ctx == NULL){
+		unsigned long e = ERR_peek_last_error();
+		set_err(err, errlen, "%s: cannot open: %s", uri, e ? ERR_reason_error_string(e) : "no loader for this URI");
+		goto out;
+	}
+	/* Only keys are wanted; a cap on items keeps a huge bundle from being read to the end. */
+	for(int items = 0; items < 64 && !OSSL_STORE_eof(ctx); items++){
+		OSSL_STORE_INFO *info = OSSL_STORE_load(ctx);
+		if(info == NULL){
+			if(OSSL_STORE_error(ctx)) continue;
+			break;
+		}
+		collect_item(&f, info);
+		OSSL_STORE_INFO_free(info);
+	}
+	OSSL_STORE_close(ctx);
+	if(f.pkey){
+		if(f.two_keys){
+			set_err(err, errlen, "%s: holds more than one private key: keep one key per file", uri);
+			EVP_PKEY_free(f.pkey);
+			f.pkey = NULL;
+		}
+		goto out;
+	}
+	if(ps.asked && ps.file == NULL){
+		set_err(err, errlen, "%s: the key is encrypted: set plugin_opt_key_passphrase_file "
+				"(akenzactl: --passphrase-file)", uri);
+	}else if(ps.asked && ps.why[0]){
+		set_err(err, errlen, "%s: %s", uri, ps.why);
+	}else if(ps.asked){
+		set_err(err, errlen, "%s: cannot decrypt the key: wrong passphrase in %s", uri, ps.file);
+	}else if(f.pubkey || f.cert){
+		set_err(err, errlen, "%s: holds a %s but no private key", uri, f.cert ? "certificate" : "public key");
+	}else{
+		set_err(err, errlen, "%s: no private key found (not a PEM or DER key file)", uri);
+	}
+out:
+	UI_destroy_method(ui);
+	ERR_clear_error();
+	return f.pkey;
+}
+
+/* Prepares the reusable signing context of a key. Returns 0, or -1 with a reason. */
+static int prepare_signing(struct akz_key *k, char *err, size_t errlen)
+{
+	k->sign_ctx = EVP_PKEY_CTX_new_from_pkey(NULL, k->pkey, NULL);
+	if(k->sign_ctx == NULL || EVP_PKEY_sign_init(k->sign_ctx) != 1
+			|| EVP_PKEY_CTX_set_signature_md(k->sign_ctx, EVP_sha256()) != 1
+			|| (k->alg == AKZ_ALG_RS256
+				&& EVP_PKEY_CTX_set_rsa_padding(k->sign_ctx, RSA_PKCS1_PADDING) != 1)){
+		set_err(err, errlen, "%s: cannot prepare signing with this key", k->uri);
+		return -1;
+	}
+	return 0;
+}
+
+/* Wraps a checked EVP_PKEY (ownership taken, also on failure) into a new akz_key. */
+static struct akz_key *wrap_pkey(EVP_PKEY *pkey, enum akz_alg alg, const char *uri, char *err, size_t errlen)
+{
+	struct akz_key *k = calloc(1, sizeof(*k));
+	if(k == NULL){
+		EVP_PKEY_free(pkey);
+		set_err(err, errlen, "%s: out of memory", uri);
+		return NULL;
+	}
+	atomic_init(&k->refs, 1);
+	k->pkey = pkey;
+	k->alg = alg;
+	pthread_mutex_init(&k->sign_lock, NULL);
+	k->uri = strdup(uri);
+	if(k->uri == NULL){
+		set_err(err, errlen, "%s: out of memory", uri);
+		akz_key_unref(k);
+		return NULL;
+	}
+	char why[200];
+	if(akz_pkey_kid(pkey, k->kid, why, sizeof(why))){
+		set_err(err, errlen, "%s: %s", uri, why);
+		akz_key_unref(k);
+		return NULL;
+	}
+	if(prepare_signing(k, err, errlen)){
+		akz_key_unref(k);
+		return NULL;
+	}
+	return k;
+}
+
+int akz_key_load(const char *uri, const struct akz_key_opts *opts, struct akz_key **out,
+		char *err, size_t errlen)
+{
+	*out = NULL;
+	if(uri == NULL || uri[0] == '\0'){
+		set_err(err, errlen, "empty key path");
+		return -1;
+	}
+	if(check_key_file(uri, opts, err, errlen)) return -1;
+	EVP_PKEY *pkey = load_pkey(uri, opts, err, errlen);
+	if(pkey == NULL) return -1;
+	enum akz_alg alg = choose_alg(pkey, uri, err, errlen);
+	if(alg == AKZ_ALG_NONE){
+		EVP_PKEY_free(pkey);
+		return -1;
+	}
+	*out = wrap_pkey(pkey, alg, uri, err, errlen);
+	return *out ? 0 : -1;
+}
+
+struct akz_key *akz_key_ref(struct akz_key *key)
+{
+	if(key) atomic_fetch_add(&key->refs, 1);
+	return key;
+}
+
+void akz_key_unref(struct akz_key *key)
+{
+	if(key == NULL || atomic_fetch_sub(&key->refs, 1) != 1) return;
+	EVP_PKEY_CTX_free(key->sign_ctx);
+	EVP_PKEY_free(key->pkey);
+	pthread_mutex_destroy(&key->sign_lock);
+	free(key->uri);
+	free(key);
+}
+
+enum akz_alg akz_key_alg(const struct akz_key *key) { return key->alg; }
+const char *akz_key_kid(const struct akz_key *key) { return key->kid; }
+const char *akz_key_uri(const struct akz_key *key) { return key->uri; }
+EVP_PKEY *akz_key_pkey(const struct akz_key *key) { return key->pkey; }
+
+int akz_key_sign_digest(const struct akz_key *key, const unsigned char digest[32],
+		unsigned char *sig, size_t *siglen)
+{
+	struct akz_key *k = (struct akz_key *)key;   /* the lock and the context are mutable state */
+	pthread_mutex_lock(&k->sign_lock);
+	int ok = EVP_PKEY_sign(k->sign_ctx, sig, siglen, digest, 32);
+	pthread_mutex_unlock(&k->sign_lock);
+	return ok == 1 ? 0 : -1;
+}
+
+int akz_file_kid(const char *path, const struct akz_key_opts *opts, char kid[AKZ_KID_LEN],
+		char *err, size_t errlen)
+{
+	struct akz_key *k = NULL;
+	char why[512];
+
+	/* A private key first (with all its checks); else a public key or certificate. */
+	if(akz_key_load(path, opts, &k, why, sizeof(why)) == 0){
+		memcpy(kid, k->kid, AKZ_KID_LEN);
+		akz_key_unref(k);
+		return 0;
+	}
+	FILE *f = fopen(path, "r");
+	if(f == NULL){
+		set_err(err, errlen, "%s", why);
+		return -1;
+	}
+	EVP_PKEY *pub = PEM_read_PUBKEY(f, NULL, NULL, NULL);
+	fclose(f);
+	ERR_clear_error();
+	if(pub == NULL){
+		set_err(err, errlen, "%s", why);
+		return -1;
+	}
+	int rc = -1;
+	if(choose_alg(pub, path, err, errlen) != AKZ_ALG_NONE) rc = akz_pkey_kid(pub, kid, err, errlen);
+	EVP_PKEY_free(pub);
+	return rc;
+}
+
+char *akz_key_public_pem(const struct akz_key *key)
+{
+	BIO *bio = BIO_new(BIO_s_mem());
+	char *out = NULL;
+	if(bio && PEM_write_bio_PUBKEY(bio, key->pkey) == 1){
+		char *data;
+		long n = BIO_get_mem_data(bio, &data);
+		out = malloc((size_t)n + 1);
+		if(out){
+			memcpy(out, data, (size_t)n);
+			out[n] = '\0';
+		}
+	}
+	BIO_free(bio);
+	return out;
+}
+
+int akz_key_generate(enum akz_alg alg, int bits, struct akz_key **out, char *err, size_t errlen)
+{
+	*out = NULL;
+	EVP_PKEY *pkey = NULL;
+	if(alg == AKZ_ALG_ES256){
+		pkey = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256");
+	}else if(alg == AKZ_ALG_RS256){
+		if(bits != 2048 && bits != 3072 && bits != 4096){
+			set_err(err, errlen, "RSA key size %d: use 2048, 3072 or 4096", bits);
+			return -1;
+		}
+		pkey = EVP_PKEY_Q_keygen(NULL, NULL, "RSA", (size_t)bits);
+	}else{
+		set_err(err, errlen, "unknown key type");
+		return -1;
+	}
+	if(pkey == NULL){
+		set_err(err, errlen, "key generation failed");
+		return -1;
+	}
+	*out = wrap_pkey(pkey, alg, "(generated)", err, errlen);
+	return *out ? 0 : -1;
+}
+
+/* Writes data to path through a temporary file in the same directory, fsynced and linked
+ * into place only if path does not exist yet. Returns 0, or -1 with a reason. */
+static int write_new_file(const char *path, const char *data, size_t len, mode_t mode,
+		char *err, size_t errlen)
+{
+	char tmp[4096];
+	if(snprintf(tmp, sizeof(tmp), "%s.tmp.XXXXXX", path) >= (int)sizeof(tmp)){
+		set_err(err, errlen, "%s: path too long", path);
+		return -1;
+	}
+	int fd = mkstemp(tmp);
+	if(fd < 0){
+		set_err(err, errlen, "%s: cannot create: %s", path, strerror(errno));
+		return -1;
+	}
+	int rc = -1;
+	size_t off = 0;
+	if(fchmod(fd, mode) != 0) goto fail;
+	while(off < len){
+		ssize_t n = write(fd, data + off, len - off);
+		if(n < 0){
+			if(errno == EINTR) continue;
+			goto fail;
+		}
+		off += (size_t)n;
+	}
+	if(fsync(fd) != 0) goto fail;
+	/* link() refuses an existing target, where rename() would silently replace a key. */
+	if(link(tmp, path) != 0) goto fail;
+	rc = 0;
+fail:
+	if(rc) set_err(err, errlen, "%s: %s", path, errno == EEXIST ? "already exists: refusing to overwrite a key" : strerror(errno));
+	close(fd);
+	unlink(tmp);
+	return rc;
+}
+
+int akz_key_write(const struct akz_key *key, const char *priv_path, const char *pub_path,
+		char *err, size_t errlen)
+{
+	BIO *bio = BIO_new(BIO_s_mem());
+	if(bio == NULL || PEM_write_bio_PrivateKey(bio, key->pkey, NULL, NULL, 0, NULL, NULL) != 1){
+		BIO_free(bio);
+		set_err(err, errlen, "%s: cannot encode the private key", priv_path);
+		return -1;
+	}
+	char *data;
+	long n = BIO_get_mem_data(bio, &data);
+	int rc = write_new_file(priv_path, data, (size_t)n, 0600, err, errlen);
+	OPENSSL_cleanse(data, (size_t)n);
+	BIO_free(bio);
+	if(rc || pub_path == NULL) return rc;
+	char *pem = akz_key_public_pem(key);
+	if(pem == NULL){
+		set_err(err, errlen, "%s: cannot encode the public key", pub_path);
+		return -1;
+	}
+	rc = write_new_file(pub_path, pem, strlen(pem), 0644, err, errlen);
+	free(pem);
+	return rc;
+}

@@ -1,0 +1,525 @@
+/* registry.c - reading and checking the device registry (devices.json) and loading its keys. */
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <cJSON.h>
+#include "akz_passwd.h"
+#include "akz_registry.h"
+
+#define REGISTRY_MAX_BYTES (64 * 1024 * 1024)
+#define ID_MAX 128
+
+/* An open-addressing index from a name to a position in an array. */
+struct index {
+	uint32_t *slots;   /* position + 1; 0 = empty */
+	size_t mask;
+};
+
+struct akz_registry {
+	struct akz_device *devices;
+	size_t ndevices;
+	struct akz_gateway *gateways;
+	size_t ngateways;
+	struct index by_id, by_username, gw_by_username;
+};
+
+/* What a load reports through; counts the problems. */
+struct loader {
+	const char *path;
+	akz_report_fn report;
+	void *ctx;
+	int problems;
+};
+
+static void problem(struct loader *ld, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void problem(struct loader *ld, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+	int n = snprintf(msg, sizeof(msg), "%s: ", ld->path);
+	va_start(ap, fmt);
+	vsnprintf(msg + n, sizeof(msg) - (size_t)n, fmt, ap);
+	va_end(ap);
+	ld->problems++;
+	if(ld->report) ld->report(ld->ctx, msg);
+}
+
+/* ---- index ---------------------------------------------------------------------------- */
+
+static size_t hash_str(const char *s)
+{
+	size_t h = 1469598103934665603ULL;
+	while(*s){
+		h ^= (unsigned char)*s++;
+		h *= 1099511628211ULL;
+	}
+	return h;
+}
+
+typedef const char *(*key_fn)(const struct akz_registry *reg, size_t i);
+
+static const char *device_id_at(const struct akz_registry *reg, size_t i) { return reg->devices[i].id; }
+static const char *device_user_at(const struct akz_registry *reg, size_t i) { return reg->devices[i].username; }
+static const char *gateway_user_at(const struct akz_registry *reg, size_t i) { return reg->gateways[i].username; }
+
+/* Finds name in idx. Returns the position, or SIZE_MAX. */
+static size_t index_find(const struct akz_registry *reg, const struct index *idx, key_fn key, const char *name)
+{
+	if(idx->slots == NULL || name == NULL) return SIZE_MAX;
+	for(size_t h = hash_str(name) & idx->mask;; h = (h + 1) & idx->mask){
+		uint32_t s = idx->slots[h];
+		if(s == 0) return SIZE_MAX;
+		if(strcmp(key(reg, s - 1), name) == 0) return s - 1;
+	}
+}
+
+/* Builds idx over n entries (names already checked for duplicates; a duplicate would keep its
+ * first position). Returns 0, or -1 when out of memory. */
+static int index_build(const struct akz_registry *reg, struct index *idx, key_fn key, size_t n)
+{
+	size_t size = 16;
+	while(size < n * 2) size *= 2;
+	idx->slots = calloc(size, sizeof(*idx->slots));
+	if(idx->slots == NULL) return -1;
+	idx->mask = size - 1;
+	for(size_t i = 0; i < n; i++){
+		const char *name = key(reg, i);
+		size_t h = hash_str(name) & idx->mask;
+		while(idx->slots[h] != 0 && strcmp(key(reg, idx->slots[h] - 1), name) != 0) h = (h + 1) & idx->mask;
+		if(idx->slots[h] == 0) idx->slots[h] = (uint32_t)(i + 1);
+	}
+	return 0;
+}
+
+/* ---- field checks ---------------------------------------------------------------------- */
+
+/* Why an id is not usable as an akenza device id and an MQTT topic level, or NULL. */
+static const char *bad_id_reason(const char *id)
+{
+	size_t n = strlen(id);
+	if(n == 0) return "is empty";
+	if(n > ID_MAX) return "is longer than 128 characters";
+	for(const unsigned char *p = (const unsigned char *)id; *p; p++){
+		if(*p == '/' || *p == '+' || *p == '#') return "contains '/', '+' or '#' (not allowed in a topic level)";
+		if(*p < 0x20 || *p == 0x7F) return "contains a control character";
+	}
+	/* cJSON hands us UTF-8 as it was in the file; check it is valid. */
+	for(const unsigned char *p = (const unsigned char *)id; *p;){
+		int len = *p < 0x80 ? 1 : (*p >> 5) == 6 ? 2 : (*p >> 4) == 14 ? 3 : (*p >> 3) == 30 ? 4 : 0;
+		if(len == 0) return "is not valid UTF-8";
+		for(int k = 1; k < len; k++) if((p[k] & 0xC0) != 0x80) return "is not valid UTF-8";
+		p += len;
+	}
+	return NULL;
+}
+
+/* Takes a string field. Returns a copy (caller frees), NULL if absent (when optional) or bad. */
+static char *take_string(struct loader *ld, const cJSON *obj, const char *name, const char *where,
+		bool required, bool *bad)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, name);
+	if(v == NULL){
+		if(required){
+			problem(ld, "%s.%s: missing", where, name);
+			*bad = true;
+		}
+		return NULL;
+	}
+	if(!cJSON_IsString(v) || v->valuestring == NULL){
+		problem(ld, "%s.%s: must be a string", where, name);
+		*bad = true;
+		return NULL;
+	}
+	char *s = strdup(v->valuestring);
+	if(s == NULL){
+		problem(ld, "%s.%s: out of memory", where, name);
+		*bad = true;
+	}
+	return s;
+}
+
+static void check_known_fields(struct loader *ld, const cJSON *obj, const char *where,
+		const char *const *known)
+{
+	for(const cJSON *f = obj->child; f; f = f->next){
+		bool ok = false;
+		for(const char *const *k = known; *k; k++) if(strcmp(f->string, *k) == 0) ok = true;
+		if(!ok) problem(ld, "%s: unknown field '%s'", where, f->string);
+	}
+}
+
+static void check_password(struct loader *ld, const char *hash, const char *where)
+{
+	struct akz_pw pw;
+	char err[256];
+	if(hash && akz_pw_parse(hash, &pw, err, sizeof(err))){
+		problem(ld, "%s.password: %s", where, err);
+	}
+}
+
+/* ---- key paths --------------------------------------------------------------------------- */
+
+static bool is_uri(const char *s)
+{
+	const char *colon = strchr(s, ':');
+	const char *slash = strchr(s, '/');
+	return colon && (slash == NULL || colon < slash) && colon != s;
+}
+
+/* The directory part of path ("." if none) into out. */
+static void dir_of(const char *path, char *out, size_t outlen)
+{
+	const char *slash = strrchr(path, '/');
+	if(slash == NULL){
+		snprintf(out, outlen, ".");
+	}else if(slash == path){
+		snprintf(out, outlen, "/");
+	}else{
+		snprintf(out, outlen, "%.*s", (int)(slash - path), path);
+	}
+}
+
+/* The key location of a device: its "key" (relative paths against the registry's directory)
+ * or <keystore>/<id>.pem. Returns a new string, or NULL when out of memory. */
+static char *resolve_key(const char *regdir, const char *keystore, const char *key, const char *id)
+{
+	char buf[PATH_MAX * 2];
+	if(key){
+		if(is_uri(key) || key[0] == '/') snprintf(buf, sizeof(buf), "%s", key);
+		else snprintf(buf, sizeof(buf), "%s/%s", regdir, key);
+	}else if(keystore){
+		if(keystore[0] == '/') snprintf(buf, sizeof(buf), "%s/%s.pem", keystore, id);
+		else snprintf(buf, sizeof(buf), "%s/%s/%s.pem", regdir, keystore, id);
+	}else{
+		snprintf(buf, sizeof(buf), "%s/keys/%s.pem", regdir, id);
+	}
+	return strdup(buf);
+}
+
+/* ---- parsing ------------------------------------------------------------------------------ */
+
+static void free_device(struct akz_device *d)
+{
+	free(d->id);
+	free(d->username);
+	free(d->password);
+	free(d->key_uri);
+	akz_key_unref(d->key);
+}
+
+static void free_gateway(struct akz_gateway *g)
+{
+	free(g->username);
+	free(g->password);
+	for(size_t i = 0; i < g->ndevices; i++) free(g->devices[i]);
+	free(g->devices);
+}
+
+void akz_registry_free(struct akz_registry *reg)
+{
+	if(reg == NULL) return;
+	for(size_t i = 0; i < reg->ndevices; i++) free_device(&reg->devices[i]);
+	for(size_t i = 0; i < reg->ngateways; i++) free_gateway(&reg->gateways[i]);
+	free(reg->devices);
+	free(reg->gateways);
+	free(reg->by_id.slots);
+	free(reg->by_username.slots);
+	free(reg->gw_by_username.slots);
+	free(reg);
+}
+
+static void parse_device(struct loader *ld, const cJSON *o, size_t i, struct akz_device *d,
+		const char *regdir, const char *keystore, const struct akz_key_opts *kopts)
+{
+	static const char *const known[] = {"id", "username", "password", "key", "enabled", "name", "description", NULL};
+	char where[48];
+	bool bad = false;
+
+	snprintf(where, sizeof(where), "devices[%zu]", i);
+	if(!cJSON_IsObject(o)){
+		problem(ld, "%s: must be an object", where);
+		return;
+	}
+	check_known_fields(ld, o, where, known);
+	d->id = take_string(ld, o, "id", where, true, &bad);
+	d->username = take_string(ld, o, "username", where, false, &bad);
+	d->password = take_string(ld, o, "password", where, true, &bad);
+	char *key = take_string(ld, o, "key", where, false, &bad);
+	const cJSON *en = cJSON_GetObjectItemCaseSensitive(o, "enabled");
+	d->enabled = true;
+	if(en && !cJSON_IsBool(en)) problem(ld, "%s.enabled: must be true or false", where);
+	else if(en) d->enabled = cJSON_IsTrue(en);
+
+	const char *why;
+	if(d->id && (why = bad_id_reason(d->id)) != NULL){
+		problem(ld, "%s.id: '%s' %s", where, d->id, why);
+		bad = true;
+	}
+	if(d->username == NULL && d->id) d->username = strdup(d->id);
+	if(d->username && d->username[0] == '\0') problem(ld, "%s.username: empty", where);
+	check_password(ld, d->password, where);
+	if(d->id && !bad){
+		d->key_uri = resolve_key(regdir, keystore, key, d->id);
+		char err[768];
+		if(d->key_uri == NULL){
+			problem(ld, "%s: out of memory", where);
+		}else if(akz_key_load(d->key_uri, kopts, &d->key, err, sizeof(err))){
+			problem(ld, "%s (id '%s'): key: %s", where, d->id, err);
+		}
+	}
+	free(key);
+}
+
+static void parse_gateway(struct loader *ld, const cJSON *o, size_t i, struct akz_gateway *g)
+{
+	static const char *const known[] = {"username", "password", "devices", "name", "description", NULL};
+	char where[48];
+	bool bad = false;
+
+	snprintf(where, sizeof(where), "gateways[%zu]", i);
+	if(!cJSON_IsObject(o)){
+		problem(ld, "%s: must be an object", where);
+		return;
+	}
+	check_known_fields(ld, o, where, known);
+	g->username = take_string(ld, o, "username", where, true, &bad);
+	g->password = take_string(ld, o, "password", where, true, &bad);
+	if(g->username && g->username[0] == '\0') problem(ld, "%s.username: empty", where);
+	check_password(ld, g->password, where);
+	const cJSON *devs = cJSON_GetObjectItemCaseSensitive(o, "devices");
+	if(!cJSON_IsArray(devs)){
+		problem(ld, "%s.devices: must be an array of device ids (or [\"*\"])", where);
+		return;
+	}
+	size_t n = (size_t)cJSON_GetArraySize(devs);
+	g->devices = calloc(n ? n : 1, sizeof(char *));
+	if(g->devices == NULL){
+		problem(ld, "%s: out of memory", where);
+		return;
+	}
+	size_t k = 0;
+	for(const cJSON *v = devs->child; v; v = v->next, k++){
+		if(!cJSON_IsString(v)){
+			problem(ld, "%s.devices[%zu]: must be a string", where, k);
+			continue;
+		}
+		if(strcmp(v->valuestring, "*") == 0){
+			g->all_devices = true;
+			continue;
+		}
+		g->devices[g->ndevices] = strdup(v->valuestring);
+		if(g->devices[g->ndevices] == NULL) problem(ld, "%s: out of memory", where);
+		else g->ndevices++;
+	}
+}
+
+/* Reports every name that appears twice among devices' ids, devices' and gateways' usernames. */
+static void check_duplicates(struct loader *ld, const struct akz_registry *reg)
+{
+	for(size_t i = 0; i < reg->ndevices; i++){
+		const struct akz_device *d = &reg->devices[i];
+		for(size_t j = 0; j < i && d->id; j++){
+			if(reg->devices[j].id && strcmp(reg->devices[j].id, d->id) == 0){
+				problem(ld, "devices[%zu].id: duplicate id '%s' (first at devices[%zu])", i, d->id, j);
+				break;
+			}
+		}
+	}
+	/* Usernames: devices first, then gateways, in one numbering so that one loop serves both. */
+	size_t total = reg->ndevices + reg->ngateways;
+	for(size_t i = 0; i < total; i++){
+		const char *u = i < reg->ndevices ? reg->devices[i].username : reg->gateways[i - reg->ndevices].username;
+		for(size_t j = 0; j < i && u; j++){
+			const char *v = j < reg->ndevices ? reg->devices[j].username : reg->gateways[j - reg->ndevices].username;
+			if(v && strcmp(u, v) == 0){
+				problem(ld, "%s[%zu].username: duplicate username '%s' (first at %s[%zu])",
+						i < reg->ndevices ? "devices" : "gateways", i < reg->ndevices ? i : i - reg->ndevices, u,
+						j < reg->ndevices ? "devices" : "gateways", j < reg->ndevices ? j : j - reg->ndevices);
+				break;
+			}
+		}
+	}
+}
+
+/* Reads the whole file. Returns a NUL-terminated buffer (caller frees), or NULL after reporting. */
+static char *read_file(struct loader *ld)
+{
+	FILE *f = fopen(ld->path, "rb");
+	if(f == NULL){
+		problem(ld, "cannot open: %s", strerror(errno));
+		return NULL;
+	}
+	struct stat sb;
+	if(fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode)){
+		problem(ld, "not a regular file");
+		fclose(f);
+		return NULL;
+	}
+	if(sb.st_size > REGISTRY_MAX_BYTES){
+		problem(ld, "larger than %d MiB", REGISTRY_MAX_BYTES / (1024 * 1024));
+		fclose(f);
+		return NULL;
+	}
+	char *buf = malloc((size_t)sb.st_size + 1);
+	size_t n = buf ? fread(buf, 1, (size_t)sb.st_size, f) : 0;
+	if(buf == NULL || ferror(f)){
+		problem(ld, buf ? "read error: %s" : "out of memory%s", buf ? strerror(errno) : "");
+		free(buf);
+		fclose(f);
+		return NULL;
+	}
+	fclose(f);
+	buf[n] = '\0';
+	return buf;
+}
+
+/* Reports a JSON syntax error with its line and column. */
+static void report_syntax(struct loader *ld, const char *text, const char *at)
+{
+	int line = 1, col = 1;
+	for(const char *p = text; at && p < at && *p; p++){
+		if(*p == '\n'){
+			line++;
+			col = 1;
+		}else{
+			col++;
+		}
+	}
+	problem(ld, "line %d, column %d: JSON syntax error", line, col);
+}
+
+static int parse_all(struct loader *ld, const cJSON *root, struct akz_registry *reg,
+		const char *keystore, const struct akz_key_opts *kopts)
+{
+	char regdir[PATH_MAX];
+	dir_of(ld->path, regdir, sizeof(regdir));
+	if(!cJSON_IsObject(root)){
+		problem(ld, "the top level must be an object with \"devices\" (and \"gateways\")");
+		return -1;
+	}
+	static const char *const known[] = {"devices", "gateways", NULL};
+	check_known_fields(ld, root, "top level", known);
+	const cJSON *devs = cJSON_GetObjectItemCaseSensitive(root, "devices");
+	const cJSON *gws = cJSON_GetObjectItemCaseSensitive(root, "gateways");
+	if(!cJSON_IsArray(devs)){
+		problem(ld, "devices: %s", devs ? "must be an array" : "missing");
+		return -1;
+	}
+	if(gws && !cJSON_IsArray(gws)){
+		problem(ld, "gateways: must be an array");
+		return -1;
+	}
+	size_t nd = (size_t)cJSON_GetArraySize(devs), ng = gws ? (size_t)cJSON_GetArraySize(gws) : 0;
+	reg->devices = calloc(nd ? nd : 1, sizeof(*reg->devices));
+	reg->gateways = calloc(ng ? ng : 1, sizeof(*reg->gateways));
+	if(reg->devices == NULL || reg->gateways == NULL){
+		problem(ld, "out of memory");
+		return -1;
+	}
+	size_t i = 0;
+	for(const cJSON *o = devs->child; o; o = o->next, i++){
+		parse_device(ld, o, i, &reg->devices[i], regdir, keystore, kopts);
+		reg->ndevices = i + 1;
+	}
+	i = 0;
+	for(const cJSON *o = gws ? gws->child : NULL; o; o = o->next, i++){
+		parse_gateway(ld, o, i, &reg->gateways[i]);
+		reg->ngateways = i + 1;
+	}
+	check_duplicates(ld, reg);
+	return 0;
+}
+
+/* Builds the indexes and checks that gateways name known devices. */
+static void index_all(struct loader *ld, struct akz_registry *reg)
+{
+	if(index_build(reg, &reg->by_id, device_id_at, reg->ndevices)
+			|| index_build(reg, &reg->by_username, device_user_at, reg->ndevices)
+			|| index_build(reg, &reg->gw_by_username, gateway_user_at, reg->ngateways)){
+		problem(ld, "out of memory");
+		return;
+	}
+	for(size_t i = 0; i < reg->ngateways; i++){
+		const struct akz_gateway *g = &reg->gateways[i];
+		for(size_t k = 0; k < g->ndevices; k++){
+			if(akz_registry_find_device(reg, g->devices[k]) == NULL){
+				problem(ld, "gateways[%zu].devices[%zu]: unknown device '%s'", i, k, g->devices[k]);
+			}
+		}
+	}
+}
+
+int akz_registry_load(const char *path, const char *keystore_dir, const struct akz_key_opts *kopts,
+		akz_report_fn report, void *report_ctx, struct akz_registry **out)
+{
+	struct loader ld = {.path = path, .report = report, .ctx = report_ctx};
+	*out = NULL;
+	char *text = read_file(&ld);
+	if(text == NULL) return -1;
+	const char *end = NULL;
+	cJSON *root = cJSON_ParseWithOpts(text, &end, true);
+	if(root == NULL){
+		report_syntax(&ld, text, end ? end : cJSON_GetErrorPtr());
+		free(text);
+		return -1;
+	}
+	struct akz_registry *reg = calloc(1, sizeof(*reg));
+	if(reg == NULL){
+		problem(&ld, "out of memory");
+	}else if(parse_all(&ld, root, reg, keystore_dir, kopts) == 0 && ld.problems == 0){
+		index_all(&ld, reg);
+	}
+	cJSON_Delete(root);
+	free(text);
+	if(ld.problems){
+		akz_registry_free(reg);
+		return -1;
+	}
+	*out = reg;
+	return 0;
+}
+
+size_t akz_registry_device_count(const struct akz_registry *reg) { return reg ? reg->ndevices : 0; }
+size_t akz_registry_gateway_count(const struct akz_registry *reg) { return reg ? reg->ngateways : 0; }
+
+const struct akz_device *akz_registry_device_at(const struct akz_registry *reg, size_t i)
+{
+	return i < reg->ndevices ? &reg->devices[i] : NULL;
+}
+
+const struct akz_gateway *akz_registry_gateway_at(const struct akz_registry *reg, size_t i)
+{
+	return i < reg->ngateways ? &reg->gateways[i] : NULL;
+}
+
+const struct akz_device *akz_registry_find_device(const struct akz_registry *reg, const char *id)
+{
+	size_t i = reg ? index_find(reg, &reg->by_id, device_id_at, id) : SIZE_MAX;
+	return i == SIZE_MAX ? NULL : &reg->devices[i];
+}
+
+const struct akz_device *akz_registry_find_device_by_username(const struct akz_registry *reg,
+		const char *username)
+{
+	size_t i = reg ? index_find(reg, &reg->by_username, device_user_at, username) : SIZE_MAX;
+	return i == SIZE_MAX ? NULL : &reg->devices[i];
+}
+
+const struct akz_gateway *akz_registry_find_gateway(const struct akz_registry *reg, const char *username)
+{
+	size_t i = reg ? index_find(reg, &reg->gw_by_username, gateway_user_at, username) : SIZE_MAX;
+	return i == SIZE_MAX ? NULL : &reg->gateways[i];
+}
+
+bool akz_gateway_serves(const struct akz_gateway *gw, const char *id)
+{
+	if(gw->all_devices) return true;
+	for(size_t i = 0; i < gw->ndevices; i++) if(strcmp(gw->devices[i], id) == 0) return true;
+	return false;
+}

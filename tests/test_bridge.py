@@ -1,0 +1,216 @@
+"""The bridge end to end through real brokers: sensor -> edge (plugin) -> akenza stand-in and back."""
+import json
+import re
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from conftest import wait_for
+from edge import Edge, Sensor, make_key
+
+pytestmark = pytest.mark.timeout(300) if hasattr(pytest.mark, "timeout") else []
+
+
+@pytest.fixture
+def edge(brokers, tmp_path, standin, pki):
+    """An edge broker (not yet started) bridged to the stand-in."""
+    e = Edge(brokers, tmp_path / "edge", standin.port, pki.ca_cert)
+    yield e
+
+
+def up(device_id, sub=""):
+    return f"/up/device/id/{device_id}{sub}"
+
+
+def down(device_id, sub=""):
+    return f"/down/device/id/{device_id}{sub}"
+
+
+def start_with_devices(edge, standin, ids, **kw):
+    for i in ids:
+        pub = edge.add_device(i, password="pw-x", write=False)
+        standin.register(i, pub)
+    edge.write_registry()
+    edge.start(**kw)
+    admin = edge.admin()
+    for i in ids:
+        edge.wait_state(admin, i, "connected")
+    return admin
+
+
+def upstream_payloads(observer, topic):
+    return [p for t, p in observer.received() if t == topic]
+
+
+def test_uplink_downlink_round_trip(edge, standin):
+    admin = start_with_devices(edge, standin, ["dev-a"])
+    obs = standin.observer()
+    s = edge.sensor("dev-a")
+    s.subscribe(down("dev-a", "/#"))
+
+    s.publish(up("dev-a"), b'{"temperature":22}', qos=1)
+    s.publish(up("dev-a", "/alerts"), b'{"alarm":true}', qos=0)
+    wait_for(lambda: upstream_payloads(obs, up("dev-a")) == [b'{"temperature":22}'], 10,
+             what="the QoS 1 uplink upstream")
+    wait_for(lambda: upstream_payloads(obs, up("dev-a", "/alerts")) == [b'{"alarm":true}'], 10,
+             what="the QoS 0 uplink on a sub-topic upstream")
+
+    standin.publish_downlink("dev-a", b'{"cmd":"reboot"}', "/cmd")
+    wait_for(lambda: (down("dev-a", "/cmd"), b'{"cmd":"reboot"}') in s.received(), 10,
+             what="the downlink at the sensor")
+    st = edge.status(admin, "dev-a")
+    assert st["state"] == "connected"
+    assert st["token_expires"] > time.time() + 1000
+    assert re.fullmatch(r"[0-9a-f]{64}", st["kid"])
+    # the stand-in verified a real token for this device
+    assert "standin: accepted client 'dev-a'" in standin.log()
+
+
+def test_qos2_goes_up_as_qos1_and_order_is_kept(edge, standin):
+    start_with_devices(edge, standin, ["dev-q"])
+    obs = standin.observer()
+    s = edge.sensor("dev-q")
+    for i in range(200):
+        s.c.publish(up("dev-q"), f"{i}".encode(), qos=2 if i % 3 == 0 else 1)
+    wait_for(lambda: len(upstream_payloads(obs, up("dev-q"))) >= 200, 20, what="200 uplinks")
+    assert upstream_payloads(obs, up("dev-q")) == [f"{i}".encode() for i in range(200)]
+    assert all(q <= 1 for t, p, q in getattr(obs, "qos_log", []))
+
+
+def test_a_device_cannot_speak_for_another(edge, standin):
+    start_with_devices(edge, standin, ["dev-1", "dev-2"])
+    obs = standin.observer()
+    s = edge.sensor("dev-1")
+    info = s.c.publish(up("dev-2"), b"spoof", qos=1)
+    info.wait_for_publish(5)
+    s.publish(up("dev-1"), b"mine")
+    wait_for(lambda: upstream_payloads(obs, up("dev-1")) == [b"mine"], 10, what="own uplink")
+    time.sleep(0.5)
+    assert upstream_payloads(obs, up("dev-2")) == []
+
+
+def test_token_refresh_three_times_without_loss(edge, standin):
+    """Tokens of 60 s (the minimum) are refreshed three times while a sensor keeps publishing QoS 1:
+    not one message is lost or refused, and the stand-in never has to kick an expired token."""
+    edge.options["token_lifetime"] = "60"
+    admin = start_with_devices(edge, standin, ["dev-t"])
+    obs = standin.observer()
+    s = edge.sensor("dev-t")
+    sent = 0
+    deadline = time.monotonic() + 200
+
+    def accepted():
+        return standin.log().count("standin: accepted client 'dev-t'")
+    while accepted() < 4 and time.monotonic() < deadline:
+        s.publish(up("dev-t"), f"{sent}".encode(), qos=1)
+        sent += 1
+        time.sleep(0.05)
+    assert accepted() >= 4, "fewer than three token refreshes in 200 s"
+    wait_for(lambda: len(upstream_payloads(obs, up("dev-t"))) >= sent, 30, what="every uplink")
+    got = upstream_payloads(obs, up("dev-t"))
+    # QoS 1 allows duplicates, not loss or reordering of first deliveries
+    firsts = list(dict.fromkeys(got))
+    assert firsts == [f"{i}".encode() for i in range(sent)]
+    assert "expired: disconnecting" not in standin.log()
+    st = edge.status(admin, "dev-t")
+    assert st["state"] == "connected"
+
+
+def test_upstream_outage_backoff_and_ordered_redelivery(edge, standin):
+    admin = start_with_devices(edge, standin, ["dev-o"])
+    s = edge.sensor("dev-o")
+    standin.stop()
+    edge.wait_state(admin, "dev-o", "backoff", timeout=30)
+    for i in range(50):
+        s.publish(up("dev-o"), f"{i}".encode(), qos=1)   # the edge acknowledges: queued
+    st = edge.status(admin, "dev-o")
+    assert st["state"] in ("backoff", "connecting")
+    standin.start()
+    obs = standin.observer()
+    edge.wait_state(admin, "dev-o", "connected", timeout=60)
+    wait_for(lambda: len(upstream_payloads(obs, up("dev-o"))) >= 50, 30, what="the queued uplinks")
+    assert list(dict.fromkeys(upstream_payloads(obs, up("dev-o")))) == [f"{i}".encode() for i in range(50)]
+
+
+def test_unregistered_key_is_unauthorized(edge, standin):
+    edge.add_device("dev-u")           # its public key is never registered upstream
+    edge.start()
+    admin = edge.admin()
+    st = edge.wait_state(admin, "dev-u", "unauthorized", timeout=20)
+    assert "refused" in st["last_error"]
+    edge.broker.wait_log("public key with kid")
+    line = [l for l in edge.broker.log().splitlines() if "public key with kid" in l][0]
+    assert st["kid"] in line and "dev-u" in line
+    # minutes, not seconds, before the next try
+    time.sleep(3)
+    assert standin.log().count("refused client 'dev-u'") == 1
+
+
+@pytest.mark.parametrize("case", ["wrong_host", "other_ca"])
+def test_upstream_certificate_is_verified(brokers, tmp_path, pki, standin_factory, case):
+    """A stand-in with a certificate for another host, or from another CA, is refused before
+    any token is sent."""
+    if case == "wrong_host":
+        key, cert = pki.server("evil", "evil.example", ["DNS:evil.example"])
+    else:
+        ca = pki.other_ca("rogue")
+        key, cert = pki.server("rogue-server", "localhost", ["DNS:localhost", "IP:127.0.0.1"], ca=ca)
+    bad = standin_factory(cert=cert, key=key, name=f"standin-{case}")
+    e = Edge(brokers, tmp_path / "edge", bad.port, pki.ca_cert)
+    pub = e.add_device("dev-c")
+    bad.register("dev-c", pub)
+    e.start()
+    admin = e.admin()
+    st = e.wait_state(admin, "dev-c", "backoff", timeout=20)
+    assert "certificate verify failed" in st["last_error"] or "TLS" in st["last_error"]
+    time.sleep(1)
+    log = bad.log()
+    assert "dev-c" not in log, "a token reached a server that failed verification"
+
+
+def test_reload_adds_and_removes_devices_while_others_flow(edge, standin):
+    admin = start_with_devices(edge, standin, ["keep", "gone"])
+    obs = standin.observer()
+    keeper = edge.sensor("keep")
+    standin.register("new", edge.add_device("new", write=False))
+    edge.remove_device("gone")     # writes the registry with "new" and without "gone"
+    accepted_before = standin.log().count("accepted client 'keep'")
+    edge.broker.sighup()
+    edge.wait_state(admin, "new", "connected", timeout=20)
+    wait_for(lambda: admin.received() and any(t.endswith("/gone") and p == b"" for t, p in admin.received()),
+             10, what="the removed device's status cleared")
+    n = edge.sensor("new")
+    n.publish(up("new"), b"hello")
+    keeper.publish(up("keep"), b"still here")
+    wait_for(lambda: upstream_payloads(obs, up("new")) == [b"hello"], 10, what="new device's uplink")
+    wait_for(lambda: upstream_payloads(obs, up("keep")) == [b"still here"], 10, what="kept device's uplink")
+    # the kept device's upstream connection was not disturbed
+    assert standin.log().count("accepted client 'keep'") == accepted_before
+    edge.broker.wait_log("device 'gone' left the bridge")
+
+
+def test_two_hundred_devices(edge, standin):
+    ids = [f"d{i:03d}" for i in range(200)]
+    edge.options["connect_rate"] = "1000"
+    for i in ids:
+        standin.register(i, edge.add_device(i, write=False))
+    edge.write_registry()
+    edge.start()
+    admin = edge.admin()
+    admin.subscribe("$SYS/broker/akenza/summary", 0)
+
+    def summary():
+        for t, p in reversed(admin.received()):
+            if t == "$SYS/broker/akenza/summary":
+                return json.loads(p)
+        return None
+    wait_for(lambda: (summary() or {}).get("connected") == 200, 60, what="200 devices connected")
+    obs = standin.observer()
+    sensors = [edge.sensor(i) for i in ids[:20]]
+    for k, s in enumerate(sensors):
+        s.publish(up(ids[k]), b"x")
+    for k in range(20):
+        wait_for(lambda: upstream_payloads(obs, up(ids[k])) == [b"x"], 10, what=f"uplink of {ids[k]}")
+    for s in sensors:
+        s.close()

@@ -1,0 +1,63 @@
+/* akenzactl.c - command-line tool for mosquitto-akenza: keys, tokens, passwords, registry checks. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include "akenzactl.h"
+
+static const struct command {
+	const char *name;
+	int (*run)(int argc, char **argv);
+	const char *summary;
+} commands[] = {
+	{"keygen", cmd_keygen, "make a device key pair (private key stays here, public key goes to akenza)"},
+	{"fingerprint", cmd_fingerprint, "print the kid (SHA-256 of the public key) of a key file"},
+	{"token", cmd_token, "mint a device JWT as the plugin would"},
+	{"passwd", cmd_passwd, "hash a local password for the device registry"},
+	{"check-registry", cmd_check_registry, "validate a device registry and its keys"},
+};
+#define NCOMMANDS (sizeof(commands)/sizeof(commands[0]))
+
+void ctl_error(const char *fmt, ...)
+{
+	va_list ap;
+	fputs("akenzactl: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+bool ctl_wants_help(int argc, char **argv)
+{
+	for(int i = 1; i < argc; i++){
+		if(strcmp(argv[i], "--") == 0) break;
+		if(strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) return true;
+	}
+	return false;
+}
+
+static void usage(FILE *out)
+{
+	fputs("usage: akenzactl COMMAND [OPTIONS]   (akenzactl COMMAND --help for its options)\n\n", out);
+	for(size_t i = 0; i < NCOMMANDS; i++){
+		fprintf(out, "  %-15s %s\n", commands[i].name, commands[i].summary);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	if(argc < 2){
+		usage(stderr);
+		return 2;
+	}
+	if(strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "help") == 0){
+		usage(stdout);
+		return 0;
+	}
+	for(size_t i = 0; i < NCOMMANDS; i++){
+		if(strcmp(argv[1], commands[i].name) == 0) return commands[i].run(argc - 1, argv + 1);
+	}
+	ctl_error("unknown command '%s'", argv[1]);
+	usage(stderr);
+	return 2;
+}

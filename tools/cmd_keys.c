@@ -1,0 +1,185 @@
+/* cmd_keys.c - akenzactl keygen, fingerprint and token. */
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "akenzactl.h"
+#include "akz_jwt.h"
+#include "akz_keystore.h"
+
+/* Options every key-reading command shares. */
+enum { OPT_PASS = 1000, OPT_READABLE, OPT_LIFETIME };
+
+/* Parses a whole number in [lo, hi]. Returns 0, or -1 after printing why. */
+static int parse_long(const char *what, const char *s, long lo, long hi, long *out)
+{
+	char *end;
+	errno = 0;
+	long v = strtol(s, &end, 10);
+	if(errno || end == s || *end || v < lo || v > hi){
+		ctl_error("%s: '%s' is not a whole number from %ld to %ld", what, s, lo, hi);
+		return -1;
+	}
+	*out = v;
+	return 0;
+}
+
+/* Refuses device ids that would escape DIR when used as a file name. */
+static int check_id_as_filename(const char *id)
+{
+	if(id[0] == '\0' || strchr(id, '/') || strcmp(id, ".") == 0 || strcmp(id, "..") == 0){
+		ctl_error("device id '%s' cannot be used as a file name", id);
+		return -1;
+	}
+	return 0;
+}
+
+int cmd_keygen(int argc, char **argv)
+{
+	static const char help[] =
+		"usage: akenzactl keygen --device ID --type ec|rsa [--bits 2048|3072|4096] --out DIR\n"
+		"Writes DIR/ID.pem (private key, mode 0600: keep it on the gateway) and DIR/ID.pub.pem\n"
+		"(upload it to the device in akenza) and prints the kid. Existing files are never overwritten.\n";
+	static const struct option lo[] = {
+		{"device", required_argument, NULL, 'd'}, {"type", required_argument, NULL, 't'},
+		{"bits", required_argument, NULL, 'b'}, {"out", required_argument, NULL, 'o'},
+		{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+	const char *id = NULL, *type = NULL, *dir = NULL;
+	long bits = 2048;
+	int c;
+
+	optind = 1;
+	while((c = getopt_long(argc, argv, "d:t:b:o:h", lo, NULL)) != -1){
+		switch(c){
+		case 'd': id = optarg; break;
+		case 't': type = optarg; break;
+		case 'b': if(parse_long("--bits", optarg, 2048, 4096, &bits)) return 2; break;
+		case 'o': dir = optarg; break;
+		case 'h': fputs(help, stdout); return 0;
+		default: fputs(help, stderr); return 2;
+		}
+	}
+	if(id == NULL || type == NULL || dir == NULL || optind != argc){
+		ctl_error("keygen needs --device, --type and --out");
+		fputs(help, stderr);
+		return 2;
+	}
+	if(check_id_as_filename(id)) return 2;
+	enum akz_alg alg = strcmp(type, "ec") == 0 ? AKZ_ALG_ES256 : strcmp(type, "rsa") == 0 ? AKZ_ALG_RS256 : AKZ_ALG_NONE;
+	if(alg == AKZ_ALG_NONE){
+		ctl_error("--type: '%s' is not ec or rsa", type);
+		return 2;
+	}
+	char err[512], priv[PATH_MAX], pub[PATH_MAX];
+	if(snprintf(priv, sizeof(priv), "%s/%s.pem", dir, id) >= (int)sizeof(priv)
+			|| snprintf(pub, sizeof(pub), "%s/%s.pub.pem", dir, id) >= (int)sizeof(pub)){
+		ctl_error("path too long");
+		return 1;
+	}
+	struct akz_key *key;
+	if(akz_key_generate(alg, (int)bits, &key, err, sizeof(err))){
+		ctl_error("%s", err);
+		return 1;
+	}
+	int rc = akz_key_write(key, priv, pub, err, sizeof(err));
+	if(rc == 0){
+		printf("%s\n", akz_key_kid(key));
+	}else{
+		ctl_error("%s", err);
+	}
+	akz_key_unref(key);
+	return rc ? 1 : 0;
+}
+
+int cmd_fingerprint(int argc, char **argv)
+{
+	static const char help[] =
+		"usage: akenzactl fingerprint [--passphrase-file F] [--allow-readable] FILE\n"
+		"Prints the kid akenza expects for the key in FILE (private or public key, PEM):\n"
+		"the lowercase hex SHA-256 of its SubjectPublicKeyInfo DER, EC points uncompressed.\n";
+	static const struct option lo[] = {
+		{"passphrase-file", required_argument, NULL, OPT_PASS},
+		{"allow-readable", no_argument, NULL, OPT_READABLE},
+		{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+	struct akz_key_opts ko = {0};
+	int c;
+
+	optind = 1;
+	while((c = getopt_long(argc, argv, "h", lo, NULL)) != -1){
+		switch(c){
+		case OPT_PASS: ko.passphrase_file = optarg; break;
+		case OPT_READABLE: ko.allow_group_readable = true; break;
+		case 'h': fputs(help, stdout); return 0;
+		default: fputs(help, stderr); return 2;
+		}
+	}
+	if(optind != argc - 1){
+		fputs(help, stderr);
+		return 2;
+	}
+	/* A public key file is not secret: its permissions do not matter. */
+	char kid[AKZ_KID_LEN], err[512];
+	if(akz_file_kid(argv[optind], &ko, kid, err, sizeof(err))){
+		ctl_error("%s", err);
+		return 1;
+	}
+	printf("%s\n", kid);
+	return 0;
+}
+
+int cmd_token(int argc, char **argv)
+{
+	static const char help[] =
+		"usage: akenzactl token --device ID --key FILE [--lifetime SECONDS] [--passphrase-file F]\n"
+		"                       [--allow-readable]\n"
+		"Prints a fresh JWT for device ID signed with FILE (RS256 or ES256 by the key's type),\n"
+		"valid for SECONDS (60 to 86400, default 1200).\n";
+	static const struct option lo[] = {
+		{"device", required_argument, NULL, 'd'}, {"key", required_argument, NULL, 'k'},
+		{"lifetime", required_argument, NULL, OPT_LIFETIME},
+		{"passphrase-file", required_argument, NULL, OPT_PASS},
+		{"allow-readable", no_argument, NULL, OPT_READABLE},
+		{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+	struct akz_key_opts ko = {0};
+	const char *id = NULL, *keyfile = NULL;
+	long lifetime = AKZ_JWT_LIFETIME_DEFAULT;
+	int c;
+
+	optind = 1;
+	while((c = getopt_long(argc, argv, "d:k:h", lo, NULL)) != -1){
+		switch(c){
+		case 'd': id = optarg; break;
+		case 'k': keyfile = optarg; break;
+		case OPT_LIFETIME:
+			if(parse_long("--lifetime", optarg, AKZ_JWT_LIFETIME_MIN, AKZ_JWT_LIFETIME_MAX, &lifetime)) return 2;
+			break;
+		case OPT_PASS: ko.passphrase_file = optarg; break;
+		case OPT_READABLE: ko.allow_group_readable = true; break;
+		case 'h': fputs(help, stdout); return 0;
+		default: fputs(help, stderr); return 2;
+		}
+	}
+	if(id == NULL || keyfile == NULL || optind != argc){
+		ctl_error("token needs --device and --key");
+		fputs(help, stderr);
+		return 2;
+	}
+	struct akz_key *key;
+	char err[512];
+	if(akz_key_load(keyfile, &ko, &key, err, sizeof(err))){
+		ctl_error("%s", err);
+		return 1;
+	}
+	char *tok = akz_jwt_mint(key, id, time(NULL), lifetime, err, sizeof(err));
+	akz_key_unref(key);
+	if(tok == NULL){
+		ctl_error("%s", err);
+		return 1;
+	}
+	printf("%s\n", tok);
+	free(tok);
+	return 0;
+}

@@ -1,0 +1,142 @@
+/* cmd_registry.c - akenzactl passwd and check-registry. */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <termios.h>
+#include <unistd.h>
+#include <openssl/crypto.h>
+#include "akenzactl.h"
+#include "akz_passwd.h"
+#include "akz_registry.h"
+
+/* Reads one line into buf without its newline; no echo when stdin is a terminal.
+ * Returns 0, or -1 at end of input. */
+static int read_secret(const char *prompt, char *buf, size_t size)
+{
+	struct termios old, quiet;
+	bool tty = isatty(STDIN_FILENO) && tcgetattr(STDIN_FILENO, &old) == 0;
+	if(tty){
+		fputs(prompt, stderr);
+		quiet = old;
+		quiet.c_lflag &= ~(tcflag_t)ECHO;
+		tcsetattr(STDIN_FILENO, TCSAFLUSH, &quiet);
+	}
+	char *ok = fgets(buf, (int)size, stdin);
+	if(tty){
+		tcsetattr(STDIN_FILENO, TCSAFLUSH, &old);
+		fputc('\n', stderr);
+	}
+	if(ok == NULL) return -1;
+	buf[strcspn(buf, "\r\n")] = '\0';
+	return 0;
+}
+
+int cmd_passwd(int argc, char **argv)
+{
+	static const char help[] =
+		"usage: akenzactl passwd [--iterations N]\n"
+		"Reads a password (a prompt without echo on a terminal, else one line of standard input)\n"
+		"and prints its hash for the registry's \"password\" field: PBKDF2-HMAC-SHA512 in\n"
+		"mosquitto_passwd's $7$ format, 210000 iterations by default.\n";
+	static const struct option lo[] = {
+		{"iterations", required_argument, NULL, 'i'}, {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+	long it = AKZ_PW_ITERATIONS_DEFAULT;
+	int c;
+
+	optind = 1;
+	while((c = getopt_long(argc, argv, "i:h", lo, NULL)) != -1){
+		switch(c){
+		case 'i': {
+			char *end;
+			errno = 0;
+			it = strtol(optarg, &end, 10);
+			if(errno || *end || it < 1000 || it > 10000000){
+				ctl_error("--iterations: '%s' is not a number from 1000 to 10000000", optarg);
+				return 2;
+			}
+			break;
+		}
+		case 'h': fputs(help, stdout); return 0;
+		default: fputs(help, stderr); return 2;
+		}
+	}
+	if(optind != argc){
+		fputs(help, stderr);
+		return 2;
+	}
+	char pw[1024], again[1024], err[256];
+	if(read_secret("Password: ", pw, sizeof(pw))){
+		ctl_error("no password on standard input");
+		return 1;
+	}
+	if(isatty(STDIN_FILENO)){
+		if(read_secret("Again: ", again, sizeof(again)) || strcmp(pw, again) != 0){
+			OPENSSL_cleanse(pw, sizeof(pw));
+			ctl_error("the passwords do not match");
+			return 1;
+		}
+		OPENSSL_cleanse(again, sizeof(again));
+	}
+	char *hash = akz_pw_hash(pw, (int)it, err, sizeof(err));
+	OPENSSL_cleanse(pw, sizeof(pw));
+	if(hash == NULL){
+		ctl_error("%s", err);
+		return 1;
+	}
+	printf("%s\n", hash);
+	free(hash);
+	return 0;
+}
+
+static void print_problem(void *ctx, const char *msg)
+{
+	(void)ctx;
+	fprintf(stderr, "%s\n", msg);
+}
+
+int cmd_check_registry(int argc, char **argv)
+{
+	static const char help[] =
+		"usage: akenzactl check-registry [--keystore DIR] [--passphrase-file F] [--allow-readable] FILE\n"
+		"Checks a device registry as the plugin would at start: JSON, fields, password hashes,\n"
+		"duplicates, gateways, and every device key. Prints every problem; exits 1 if there is any.\n";
+	enum { OPT_KEYSTORE = 1000, OPT_PASS, OPT_READABLE };
+	static const struct option lo[] = {
+		{"keystore", required_argument, NULL, OPT_KEYSTORE},
+		{"passphrase-file", required_argument, NULL, OPT_PASS},
+		{"allow-readable", no_argument, NULL, OPT_READABLE},
+		{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+	struct akz_key_opts ko = {0};
+	const char *keystore = NULL;
+	int c;
+
+	optind = 1;
+	while((c = getopt_long(argc, argv, "h", lo, NULL)) != -1){
+		switch(c){
+		case OPT_KEYSTORE: keystore = optarg; break;
+		case OPT_PASS: ko.passphrase_file = optarg; break;
+		case OPT_READABLE: ko.allow_group_readable = true; break;
+		case 'h': fputs(help, stdout); return 0;
+		default: fputs(help, stderr); return 2;
+		}
+	}
+	if(optind != argc - 1){
+		fputs(help, stderr);
+		return 2;
+	}
+	struct akz_registry *reg;
+	if(akz_registry_load(argv[optind], keystore, &ko, print_problem, NULL, &reg)){
+		ctl_error("%s has problems (above)", argv[optind]);
+		return 1;
+	}
+	size_t enabled = 0;
+	for(size_t i = 0; i < akz_registry_device_count(reg); i++){
+		if(akz_registry_device_at(reg, i)->enabled) enabled++;
+	}
+	printf("%s: OK: %zu devices (%zu enabled), %zu gateways\n", argv[optind],
+			akz_registry_device_count(reg), enabled, akz_registry_gateway_count(reg));
+	akz_registry_free(reg);
+	return 0;
+}
