@@ -500,6 +500,9 @@ static int create_client(struct dev *d)
 		schedule_retry(d, ST_BACKOFF, "out of memory creating the upstream client");
 		return -1;
 	}
+	/* libmosquitto 2.0 defaults to applying its own settings on top of a given context, and
+	 * then refuses to connect without a cafile: the context is complete, so switch that off. */
+	mosquitto_int_option(d->mosq, MOSQ_OPT_SSL_CTX_WITH_DEFAULTS, 0);
 	mosquitto_void_option(d->mosq, MOSQ_OPT_SSL_CTX, b->ssl_ctx);
 	mosquitto_int_option(d->mosq, MOSQ_OPT_TCP_NODELAY, 1);
 	mosquitto_int_option(d->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);

@@ -158,3 +158,25 @@ def brokers(tmp_path):
     yield make
     for b in started:
         b.stop()
+
+
+@pytest.fixture
+def standin_factory(tmp_path, pki):
+    """Factory: standin_factory(cert=..., key=..., name=...) -> a started akenza stand-in."""
+    from akenza_standin import Standin
+    started = []
+
+    def make(**kw):
+        name = kw.setdefault("name", "standin")
+        s = Standin(tmp_path / name, pki, **kw)
+        started.append(s)
+        return s
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def standin(standin_factory):
+    """A started akenza stand-in with the test CA's certificate for localhost."""
+    return standin_factory()

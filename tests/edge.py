@@ -115,6 +115,10 @@ class Edge:
         self.port = free_port()
         self.admin_pw = self.dir / "admin.pw"
         run(["mosquitto_passwd", "-b", "-c", str(self.admin_pw), "admin", "adminpw"])
+        # Mosquitto 2.0 denies what every plugin defers: local users outside the registry need
+        # an acl_file (or dynamic-security) of their own.
+        self.acl = self.dir / "acl"
+        self.acl.write_text("user admin\ntopic readwrite #\ntopic read $SYS/#\n")
         self.options = {
             "devices": str(self.registry),
             "keystore": str(self.keys),
@@ -145,7 +149,7 @@ class Edge:
 
     def conf(self):
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous false",
-                 f"password_file {self.admin_pw}", f"plugin {PLUGIN}"]
+                 f"password_file {self.admin_pw}", f"acl_file {self.acl}", f"plugin {PLUGIN}"]
         lines += [f"plugin_opt_{k} {v}" for k, v in self.options.items()]
         return "\n".join(lines) + "\n" + self.extra
 
