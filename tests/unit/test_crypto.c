@@ -1,0 +1,320 @@
+/* test_crypto.c - unit tests of the key store, JWT minting, password hashes and the registry. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cmocka.h>
+#include <openssl/ecdsa.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include "akz_jwt.h"
+#include "akz_keystore.h"
+#include "akz_passwd.h"
+#include "akz_registry.h"
+
+static char dir[256];
+
+static void path_in(char *out, size_t n, const char *name)
+{
+	snprintf(out, n, "%s/%s", dir, name);
+}
+
+static void write_text(const char *name, const char *text, mode_t mode)
+{
+	char p[512];
+	path_in(p, sizeof(p), name);
+	FILE *f = fopen(p, "w");
+	assert_non_null(f);
+	fputs(text, f);
+	fclose(f);
+	chmod(p, mode);
+}
+
+/* Generates a key with OpenSSL and writes it as PKCS#8 PEM, mode 0600. */
+static void write_key(const char *name, const char *alg, const char *param)
+{
+	EVP_PKEY *k = strcmp(alg, "RSA") == 0 ? EVP_PKEY_Q_keygen(NULL, NULL, "RSA", (size_t)atoi(param))
+			: EVP_PKEY_Q_keygen(NULL, NULL, alg, param);
+	assert_non_null(k);
+	char p[512];
+	path_in(p, sizeof(p), name);
+	FILE *f = fopen(p, "w");
+	assert_non_null(f);
+	assert_int_equal(PEM_write_PrivateKey(f, k, NULL, NULL, 0, NULL, NULL), 1);
+	fclose(f);
+	chmod(p, 0600);
+	EVP_PKEY_free(k);
+}
+
+static int setup(void **state)
+{
+	(void)state;
+	snprintf(dir, sizeof(dir), "/tmp/akz-unit-XXXXXX");
+	assert_non_null(mkdtemp(dir));
+	write_key("ec.pem", "EC", "P-256");
+	write_key("rsa.pem", "RSA", "2048");
+	write_key("rsa1024.pem", "RSA", "1024");
+	write_key("p384.pem", "EC", "P-384");
+	write_key("ed.pem", "ED25519", NULL);
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	(void)state;
+	char cmd[300];
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	return system(cmd) == 0 ? 0 : -1;
+}
+
+static struct akz_key *load_ok(const char *name)
+{
+	char p[512], err[512];
+	struct akz_key *k = NULL;
+	path_in(p, sizeof(p), name);
+	if(akz_key_load(p, NULL, &k, err, sizeof(err))) fail_msg("%s", err);
+	return k;
+}
+
+static void expect_refusal(const char *name, const char *want)
+{
+	char p[512], err[512] = "";
+	struct akz_key *k = (struct akz_key *)1;
+	path_in(p, sizeof(p), name);
+	assert_int_equal(akz_key_load(p, NULL, &k, err, sizeof(err)), -1);
+	assert_null(k);
+	if(strstr(err, want) == NULL || strstr(err, p) == NULL) fail_msg("%s: got '%s'", name, err);
+}
+
+static void test_accepts_and_chooses_alg(void **state)
+{
+	(void)state;
+	struct akz_key *ec = load_ok("ec.pem"), *rsa = load_ok("rsa.pem");
+	assert_int_equal(akz_key_alg(ec), AKZ_ALG_ES256);
+	assert_int_equal(akz_key_alg(rsa), AKZ_ALG_RS256);
+	assert_int_equal(strlen(akz_key_kid(ec)), 64);
+	assert_int_equal(strspn(akz_key_kid(ec), "0123456789abcdef"), 64);
+	assert_string_not_equal(akz_key_kid(ec), akz_key_kid(rsa));
+	char *pem = akz_key_public_pem(ec);
+	assert_non_null(strstr(pem, "BEGIN PUBLIC KEY"));
+	free(pem);
+	/* references: the key lives while anyone holds one */
+	assert_ptr_equal(akz_key_ref(ec), ec);
+	akz_key_unref(ec);
+	assert_int_equal(akz_key_alg(ec), AKZ_ALG_ES256);
+	akz_key_unref(ec);
+	akz_key_unref(rsa);
+	akz_key_unref(NULL);
+}
+
+static void test_refusals(void **state)
+{
+	(void)state;
+	expect_refusal("rsa1024.pem", "RSA key of 1024 bits");
+	expect_refusal("p384.pem", "EC curve secp384r1");
+	expect_refusal("ed.pem", "ED25519 key");
+	write_text("garbage.pem", "-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n", 0600);
+	expect_refusal("garbage.pem", "no private key found");
+	write_text("empty.pem", "", 0600);
+	expect_refusal("empty.pem", "empty file");
+	expect_refusal("missing.pem", "No such file");
+	expect_refusal("", "is a directory");   /* the directory itself */
+	char p[512], q[512];
+	path_in(p, sizeof(p), "ec.pem");
+	path_in(q, sizeof(q), "ec-open.pem");
+	char cmd[1700];
+	snprintf(cmd, sizeof(cmd), "cp %s %s && chmod 640 %s", p, q, q);
+	assert_int_equal(system(cmd), 0);
+	expect_refusal("ec-open.pem", "mode 0640");
+	struct akz_key_opts o = {.allow_group_readable = true};
+	struct akz_key *k;
+	char err[256];
+	assert_int_equal(akz_key_load(q, &o, &k, err, sizeof(err)), 0);
+	akz_key_unref(k);
+}
+
+/* Verifies a token's signature with OpenSSL directly. */
+static bool verify_token(const struct akz_key *key, const char *tok)
+{
+	const char *dot = strrchr(tok, '.');
+	char b64[1400];
+	size_t n = strlen(dot + 1);
+	memcpy(b64, dot + 1, n);
+	for(size_t i = 0; i < n; i++) b64[i] = b64[i] == '-' ? '+' : b64[i] == '_' ? '/' : b64[i];
+	while(n % 4) b64[n++] = '=';
+	b64[n] = '\0';
+	unsigned char sig[1100], der[80];
+	int len = EVP_DecodeBlock(sig, (unsigned char *)b64, (int)n);
+	len -= (b64[n-1] == '=') + (b64[n-2] == '=');
+	const unsigned char *use = sig;
+	size_t uselen = (size_t)len;
+	if(len < 0) return false;
+	if(akz_key_alg(key) == AKZ_ALG_ES256){
+		assert_int_equal(len, 64);
+		ECDSA_SIG *es = ECDSA_SIG_new();
+		ECDSA_SIG_set0(es, BN_bin2bn(sig, 32, NULL), BN_bin2bn(sig + 32, 32, NULL));
+		unsigned char *p = der;
+		uselen = (size_t)i2d_ECDSA_SIG(es, &p);
+		ECDSA_SIG_free(es);
+		use = der;
+	}
+	EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+	bool ok = EVP_DigestVerifyInit(ctx, NULL, EVP_sha256(), NULL, akz_key_pkey(key)) == 1
+			&& EVP_DigestVerify(ctx, use, uselen, (const unsigned char *)tok, (size_t)(dot - tok)) == 1;
+	EVP_MD_CTX_free(ctx);
+	return ok;
+}
+
+static void test_jwt(void **state)
+{
+	(void)state;
+	const char *names[] = {"ec.pem", "rsa.pem"};
+	for(int i = 0; i < 2; i++){
+		struct akz_key *k = load_ok(names[i]);
+		char err[256];
+		char *tok = akz_jwt_mint(k, "dev-1", 1700000000, 1200, err, sizeof(err));
+		assert_non_null(tok);
+		assert_null(strchr(tok, '='));
+		/* claims exactly as PyJWT writes them for the reference client */
+		const char *c = strchr(tok, '.') + 1;
+		assert_memory_equal(c, "eyJpYXQiOjE3MDAwMDAwMDAsImV4cCI6MTcwMDAwMTIwMCwiYXVkIjoiaHR0cHM6Ly9ha2VuemEuaW8vZGV2aWNlcy9kZXYtMSJ9.", 100);
+		assert_true(verify_token(k, tok));
+		char *last = &tok[strlen(tok) - 3];
+		*last = *last == 'A' ? 'B' : 'A';   /* any change breaks it */
+		assert_false(verify_token(k, tok));
+		free(tok);
+		assert_null(akz_jwt_mint(k, "d", 0, 59, err, sizeof(err)));
+		assert_non_null(strstr(err, "lifetime"));
+		assert_null(akz_jwt_mint(k, "d", 0, 86401, err, sizeof(err)));
+		assert_null(akz_jwt_mint(k, "", 0, 60, err, sizeof(err)));
+		assert_null(akz_jwt_mint(k, "a\nb", 0, 60, err, sizeof(err)));
+		assert_non_null(strstr(err, "control character"));
+		assert_null(akz_jwt_mint(k, "a\xc0\xafz", 0, 60, err, sizeof(err)));   /* overlong '/' */
+		assert_non_null(strstr(err, "UTF-8"));
+		tok = akz_jwt_mint(k, "q\"u\\o", 0, 60, err, sizeof(err));
+		assert_non_null(tok);
+		free(tok);
+		akz_key_unref(k);
+	}
+}
+
+static void test_generate_and_write(void **state)
+{
+	(void)state;
+	struct akz_key *k;
+	char err[256], priv[512], pub[512];
+	assert_int_equal(akz_key_generate(AKZ_ALG_ES256, 0, &k, err, sizeof(err)), 0);
+	path_in(priv, sizeof(priv), "gen.pem");
+	path_in(pub, sizeof(pub), "gen.pub.pem");
+	assert_int_equal(akz_key_write(k, priv, pub, err, sizeof(err)), 0);
+	struct stat sb;
+	assert_int_equal(stat(priv, &sb), 0);
+	assert_int_equal(sb.st_mode & 0777, 0600);
+	assert_int_equal(akz_key_write(k, priv, pub, err, sizeof(err)), -1);
+	assert_non_null(strstr(err, "already exists"));
+	char kid[AKZ_KID_LEN];
+	assert_int_equal(akz_file_kid(pub, NULL, kid, err, sizeof(err)), 0);
+	assert_string_equal(kid, akz_key_kid(k));
+	akz_key_unref(k);
+	assert_int_equal(akz_key_generate(AKZ_ALG_RS256, 1024, &k, err, sizeof(err)), -1);
+}
+
+static void test_passwords(void **state)
+{
+	(void)state;
+	struct akz_pw pw;
+	char err[256];
+	/* made by mosquitto_passwd 2.0.11: "secret" */
+	assert_int_equal(akz_pw_parse("$7$101$NwjylbCRZwEpqPIK$Yv03m6CKOpvWy5oKIJCqIWgwpCfD+x/3KP5bEDDwkS9jLeIjdCRHcOqU4kT2+VB9/ObqWA0buPl5uARhIC6OiQ==", &pw, err, sizeof(err)), 0);
+	assert_true(akz_pw_verify(&pw, "secret"));
+	assert_false(akz_pw_verify(&pw, "secreT"));
+	assert_false(akz_pw_verify(&pw, ""));
+	assert_int_equal(akz_pw_parse("$6$stGpGYC10cZUvzfm$M2J/IE7ML3l0asGBMR6vsTy8fjVRxjBh1dLTuts3XAHbfx4b07m8oMa111VDswbq2rUyiKVXtqZMr4FHucQwng==", &pw, err, sizeof(err)), 0);
+	assert_true(akz_pw_verify(&pw, "secret"));
+	char *h = akz_pw_hash("pw", 1000, err, sizeof(err));
+	assert_non_null(h);
+	assert_memory_equal(h, "$7$1000$", 8);
+	assert_int_equal(akz_pw_parse(h, &pw, err, sizeof(err)), 0);
+	assert_true(akz_pw_verify(&pw, "pw"));
+	free(h);
+	const char *bad[] = {"secret", "", "$5$abc$def", "$7$", "$7$0$NwjylbCRZwEpqPIK$YQ==", "$7$x$a$b",
+		"$7$101$Nwjy$Yv03", "$6$NwjylbCRZwEpqPIK$", "$7$101$NwjylbCRZwEpqPIK$Yv03m6CK$extra",
+		"$7$99999999999$NwjylbCRZwEpqPIK$Yv03", "$6$!!!!!!!!!!!!!!!!$M2J/", NULL};
+	for(int i = 0; bad[i]; i++){
+		if(akz_pw_parse(bad[i], &pw, err, sizeof(err)) != -1) fail_msg("accepted '%s'", bad[i]);
+	}
+	assert_int_equal(akz_pw_parse(NULL, &pw, err, sizeof(err)), -1);
+}
+
+struct problems {
+	int n;
+	char all[4096];
+};
+
+static void collect(void *ctx, const char *msg)
+{
+	struct problems *p = ctx;
+	p->n++;
+	strncat(p->all, msg, sizeof(p->all) - strlen(p->all) - 2);
+	strcat(p->all, "\n");
+}
+
+static void test_registry(void **state)
+{
+	(void)state;
+	char reg[512];
+	struct problems p = {0};
+	struct akz_registry *r;
+	path_in(reg, sizeof(reg), "devices.json");
+	char text[2048];
+	snprintf(text, sizeof(text),
+			"{\"devices\":[{\"id\":\"e\",\"password\":\"$7$101$NwjylbCRZwEpqPIK$Yv03m6CKOpvWy5oKIJCqIWgwpCfD+x/3KP5bEDDwkS9jLeIjdCRHcOqU4kT2+VB9/ObqWA0buPl5uARhIC6OiQ==\",\"key\":\"ec.pem\"},"
+			"{\"id\":\"r\",\"username\":\"ru\",\"password\":\"$7$101$NwjylbCRZwEpqPIK$Yv03m6CKOpvWy5oKIJCqIWgwpCfD+x/3KP5bEDDwkS9jLeIjdCRHcOqU4kT2+VB9/ObqWA0buPl5uARhIC6OiQ==\",\"key\":\"%s/rsa.pem\",\"enabled\":false}],"
+			"\"gateways\":[{\"username\":\"gw\",\"password\":\"$7$101$NwjylbCRZwEpqPIK$Yv03m6CKOpvWy5oKIJCqIWgwpCfD+x/3KP5bEDDwkS9jLeIjdCRHcOqU4kT2+VB9/ObqWA0buPl5uARhIC6OiQ==\",\"devices\":[\"e\"]}]}", dir);
+	write_text("devices.json", text, 0600);
+	assert_int_equal(akz_registry_load(reg, NULL, NULL, collect, &p, &r), 0);
+	assert_int_equal(akz_registry_device_count(r), 2);
+	assert_string_equal(akz_registry_find_device(r, "e")->username, "e");
+	assert_false(akz_registry_find_device_by_username(r, "ru")->enabled);
+	assert_null(akz_registry_find_device_by_username(r, "r"));
+	assert_true(akz_gateway_serves(akz_registry_find_gateway(r, "gw"), "e"));
+	assert_false(akz_gateway_serves(akz_registry_find_gateway(r, "gw"), "r"));
+	assert_null(akz_registry_find_gateway(r, "e"));
+	akz_registry_free(r);
+
+	write_text("devices.json", "{\"devices\":[{\"id\":\"a/b\",\"password\":\"x\",\"colour\":1},{\"id\":7}],\"gateways\":{}}", 0600);
+	memset(&p, 0, sizeof(p));
+	assert_int_equal(akz_registry_load(reg, NULL, NULL, collect, &p, &r), -1);
+	assert_null(r);
+	assert_non_null(strstr(p.all, "gateways: must be an array"));
+	write_text("devices.json", "{\"devices\":[{\"id\":\"a/b\",\"password\":\"x\",\"colour\":1},{\"id\":7}]}", 0600);
+	memset(&p, 0, sizeof(p));
+	assert_int_equal(akz_registry_load(reg, NULL, NULL, collect, &p, &r), -1);
+	assert_non_null(strstr(p.all, "devices[0]: unknown field 'colour'"));
+	assert_non_null(strstr(p.all, "devices[0].id: 'a/b' contains"));
+	assert_non_null(strstr(p.all, "devices[0].password: not a password hash"));
+	assert_non_null(strstr(p.all, "devices[1].id: must be a string"));
+	assert_true(p.n >= 5);
+	write_text("devices.json", "{\"devices\": [\n{\"id\": }\n]}", 0600);
+	memset(&p, 0, sizeof(p));
+	assert_int_equal(akz_registry_load(reg, NULL, NULL, collect, &p, &r), -1);
+	assert_non_null(strstr(p.all, "line 2, column"));
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_accepts_and_chooses_alg),
+		cmocka_unit_test(test_refusals),
+		cmocka_unit_test(test_jwt),
+		cmocka_unit_test(test_generate_and_write),
+		cmocka_unit_test(test_passwords),
+		cmocka_unit_test(test_registry),
+	};
+	return cmocka_run_group_tests(tests, setup, teardown);
+}
