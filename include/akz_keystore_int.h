@@ -11,4 +11,11 @@
 int akz_key_sign_digest(const struct akz_key *key, const unsigned char digest[32],
 		unsigned char *sig, size_t *siglen);
 
+/* The key's JWT header, {"alg":..,"kid":..,"typ":"JWT"}, base64url-encoded (made at load). */
+const char *akz_key_header_b64(const struct akz_key *key);
+
+/* Encodes the JWT header for alg and kid into out as base64url. Returns its length, or 0 if
+ * out is too small. Never fails otherwise. (jwt.c) */
+size_t akz_jwt_header_b64(enum akz_alg alg, const char *kid, char *out, size_t outlen);
+
 #endif

@@ -1,4 +1,5 @@
 /* jwt.c - minting akenza device JWTs: header and claims as PyJWT writes them, RS256 or ES256. */
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -6,7 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <openssl/crypto.h>
-#include <openssl/ecdsa.h>
 #include <openssl/evp.h>
 #include "akz_jwt.h"
 #include "akz_keystore_int.h"
@@ -23,6 +23,22 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(err, errlen, fmt, ap);
 	va_end(ap);
+}
+
+static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
+static EVP_MD *sha256_md;
+
+/* OpenSSL 3 looks an algorithm up on every EVP_sha256() use; fetching it once saves that
+ * lookup on each token. Lives until the process exits (OpenSSL frees it at exit). */
+static void fetch_sha256(void)
+{
+	sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
+
+static const EVP_MD *sha256(void)
+{
+	pthread_once(&sha256_once, fetch_sha256);
+	return sha256_md ? sha256_md : EVP_sha256();
 }
 
 /* base64url without padding (RFC 7515 §2) of len bytes into out, which must hold
@@ -100,17 +116,43 @@ static int json_escape_id(const char *id, char *out, size_t outlen, char *err, s
 	return (int)o;
 }
 
-/* Converts a DER ECDSA-Sig-Value into JWS's fixed 64-byte r||s. Returns 0, or -1. */
+/* Reads one DER INTEGER at *p (end exclusive) into a 32-byte big-endian field. Returns 0 and
+ * advances *p, or -1 if it is not a positive INTEGER of at most 32 significant bytes. */
+static int der_int_to_32(const unsigned char **p, const unsigned char *end, unsigned char out[32])
+{
+	const unsigned char *q = *p;
+	if(end - q < 2 || q[0] != 0x02 || q[1] > 33 || q[1] == 0 || end - q - 2 < q[1]) return -1;
+	size_t len = q[1];
+	q += 2;
+	*p = q + len;
+	while(len > 0 && *q == 0){   /* a leading zero keeps a high bit from meaning "negative" */
+		q++;
+		len--;
+	}
+	if(len > 32) return -1;
+	memset(out, 0, 32 - len);
+	memcpy(out + 32 - len, q, len);
+	return 0;
+}
+
+/* Converts a DER ECDSA-Sig-Value (SEQUENCE of two INTEGERs, short form: at most 72 bytes for
+ * P-256) into JWS's fixed 64-byte r||s. Parsed by hand: this runs for every ES256 token and
+ * d2i_ECDSA_SIG would allocate two bignums each time. Returns 0, or -1 if malformed. */
 static int der_to_raw_p256(const unsigned char *der, size_t derlen, unsigned char raw[64])
 {
-	const unsigned char *p = der;
-	ECDSA_SIG *sig = d2i_ECDSA_SIG(NULL, &p, (long)derlen);
-	if(sig == NULL) return -1;
-	const BIGNUM *r, *s;
-	ECDSA_SIG_get0(sig, &r, &s);
-	int ok = BN_bn2binpad(r, raw, 32) == 32 && BN_bn2binpad(s, raw + 32, 32) == 32;
-	ECDSA_SIG_free(sig);
-	return ok ? 0 : -1;
+	if(derlen < 8 || der[0] != 0x30 || der[1] != derlen - 2) return -1;
+	const unsigned char *p = der + 2, *end = der + derlen;
+	if(der_int_to_32(&p, end, raw) || der_int_to_32(&p, end, raw + 32)) return -1;
+	return p == end ? 0 : -1;
+}
+
+size_t akz_jwt_header_b64(enum akz_alg alg, const char *kid, char *out, size_t outlen)
+{
+	char header[160];
+	int hlen = snprintf(header, sizeof(header), "{\"alg\":\"%s\",\"kid\":\"%s\",\"typ\":\"JWT\"}",
+			akz_alg_name(alg), kid);
+	if(hlen < 0 || (size_t)hlen >= sizeof(header) || outlen < 4 * ((size_t)hlen + 2) / 3 + 1) return 0;
+	return b64url((const unsigned char *)header, (size_t)hlen, out);
 }
 
 char *akz_jwt_mint(const struct akz_key *key, const char *device_id, time_t iat, long lifetime,
@@ -128,30 +170,32 @@ char *akz_jwt_mint(const struct akz_key *key, const char *device_id, time_t iat,
 	char id[512];
 	if(json_escape_id(device_id, id, sizeof(id), err, errlen) < 0) return NULL;
 
-	/* The same bytes PyJWT writes: header keys sorted, claims in the reference client's order. */
-	char header[160], claims[700];
-	int hlen = snprintf(header, sizeof(header), "{\"alg\":\"%s\",\"kid\":\"%s\",\"typ\":\"JWT\"}",
-			akz_alg_name(akz_key_alg(key)), akz_key_kid(key));
+	/* The same bytes PyJWT writes: header keys sorted (encoded once per key, at load), claims
+	 * in the reference client's order. */
+	const char *hdr = akz_key_header_b64(key);
+	size_t hlen = strlen(hdr);
+	char claims[700];
 	int clen = snprintf(claims, sizeof(claims), "{\"iat\":%lld,\"exp\":%lld,\"aud\":\"" AUD_PREFIX "%s\"}",
 			(long long)iat, (long long)iat + lifetime, id);
-	if(hlen < 0 || clen < 0 || (size_t)hlen >= sizeof(header) || (size_t)clen >= sizeof(claims)){
-		set_err(err, errlen, "token header or claims too long");
+	if(clen < 0 || (size_t)clen >= sizeof(claims)){
+		set_err(err, errlen, "token claims too long");
 		return NULL;
 	}
-	size_t cap = 4 * ((size_t)hlen + 2) / 3 + 4 * ((size_t)clen + 2) / 3 + 4 * (SIG_MAX + 2) / 3 + 4;
+	size_t cap = hlen + 4 * ((size_t)clen + 2) / 3 + 4 * (SIG_MAX + 2) / 3 + 4;
 	char *tok = malloc(cap);
 	if(tok == NULL){
 		set_err(err, errlen, "out of memory");
 		return NULL;
 	}
-	size_t n = b64url((const unsigned char *)header, (size_t)hlen, tok);
+	memcpy(tok, hdr, hlen);
+	size_t n = hlen;
 	tok[n++] = '.';
 	n += b64url((const unsigned char *)claims, (size_t)clen, tok + n);
 
 	unsigned char digest[32], sig[SIG_MAX], raw[64];
 	unsigned int dlen = 0;
 	size_t siglen = sizeof(sig);
-	if(EVP_Digest(tok, n, digest, &dlen, EVP_sha256(), NULL) != 1
+	if(EVP_Digest(tok, n, digest, &dlen, sha256(), NULL) != 1
 			|| akz_key_sign_digest(key, digest, sig, &siglen) != 0){
 		set_err(err, errlen, "signing failed (key %s)", akz_key_uri(key));
 		free(tok);

@@ -27,6 +27,7 @@ struct akz_key {
 	EVP_PKEY *pkey;
 	char *uri;
 	char kid[AKZ_KID_LEN];
+	char header_b64[160];
 	/* Signing state kept with the key so that minting fetches no algorithm and parses nothing:
 	 * OpenSSL 3's per-call fetches cost as much as an ECDSA signature. */
 	pthread_mutex_t sign_lock;
@@ -327,6 +328,11 @@ static struct akz_key *wrap_pkey(EVP_PKEY *pkey, enum akz_alg alg, const char *u
 		akz_key_unref(k);
 		return NULL;
 	}
+	if(akz_jwt_header_b64(alg, k->kid, k->header_b64, sizeof(k->header_b64)) == 0){
+		set_err(err, errlen, "%s: cannot encode the JWT header", uri);
+		akz_key_unref(k);
+		return NULL;
+	}
 	if(prepare_signing(k, err, errlen)){
 		akz_key_unref(k);
 		return NULL;
@@ -374,6 +380,7 @@ enum akz_alg akz_key_alg(const struct akz_key *key) { return key->alg; }
 const char *akz_key_kid(const struct akz_key *key) { return key->kid; }
 const char *akz_key_uri(const struct akz_key *key) { return key->uri; }
 EVP_PKEY *akz_key_pkey(const struct akz_key *key) { return key->pkey; }
+const char *akz_key_header_b64(const struct akz_key *key) { return key->header_b64; }
 
 int akz_key_sign_digest(const struct akz_key *key, const unsigned char digest[32],
 		unsigned char *sig, size_t *siglen)

@@ -1,0 +1,354 @@
+#!/usr/bin/python3
+"""make bench: each figure beside a peer measured in the same run, printed as a ratio.
+
+Sections (run all, or name some: bench/run.py jwt connect bridge memory):
+  jwt      tokens/s of our minting vs `openssl speed` signing, libjwt 1.x and akenza's reference client
+  connect  local authenticated CONNECTs/s (cold, cached) vs Mosquitto's own password_file
+  bridge   relayed uplinks/s, loss, CPU per message and latency vs Mosquitto's built-in bridge and
+           vs publishing straight upstream; downlink latency
+  memory   memory per upstream device and time to bring N devices online (N = 1000, and
+           BENCH_DEVICES=10000 for the large run)
+"""
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+BUILD = Path(os.environ.get("AKZ_BUILD", ROOT / "build"))
+LOADGEN = BUILD / "bench" / "loadgen"
+BENCH_JWT = BUILD / "bench" / "bench_jwt"
+
+from conftest import PKI, Broker, free_port, run, wait_for  # noqa: E402
+from edge import Sensor, password_hash  # noqa: E402
+
+WORK = Path(tempfile.mkdtemp(prefix="akenza-bench-"))
+STARTED = []
+
+
+def broker(conf, name, port=None):
+    port = port or free_port()
+    b = Broker(WORK / name, conf.replace("PORT", str(port)), port, name)
+    b.port = port
+    STARTED.append(b)
+    return b
+
+
+def stop_all():
+    while STARTED:
+        STARTED.pop().stop()
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process (all its threads), in seconds."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def row(name, value, unit, peer=None, peer_value=None):
+    ratio = f"  ratio {value / peer_value:.2f}x vs {peer}" if peer and peer_value else ""
+    print(f"  {name:<46} {value:>12,.1f} {unit}{ratio}", flush=True)
+
+
+# ---- jwt ---------------------------------------------------------------------------------------
+
+def openssl_speed(alg):
+    out = run(["openssl", "speed", "-seconds", "3", alg], timeout=120).stdout
+    line = [l for l in out.splitlines() if re.search(r"(ecdsa \(nistp256\)|^rsa\s+2048 bits)", l)][-1]
+    return float(line.split()[-2])
+
+
+def reference_rate(kind, priv, pub, seconds=3):
+    text = (ROOT.parent / "shared/reference/000_d5ae0ccb724481ec.txt").read_text()
+    import html
+    if kind == "rsa":
+        block = re.search(r'<code class="lang-python">(.*?)</code></pre>', text, re.S).group(1)
+        src = html.unescape(re.sub(r"<[^>]+>", "", block))
+    else:
+        src = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    src = src.split("tls_config = {")[0]
+    prog = ("import sys, time, Cryptodome, Cryptodome.PublicKey\n"
+            "sys.modules['Crypto'] = Cryptodome; sys.modules['Crypto.PublicKey'] = Cryptodome.PublicKey\n"
+            + src + f"\nn = 0\nt0 = time.monotonic()\nwhile time.monotonic() - t0 < {seconds}:\n"
+            f"    create_jwt('bench-device-0001', '{priv}', '{pub}')\n    n += 1\n"
+            "print(n / (time.monotonic() - t0))\n")
+    return float(subprocess.run(["/usr/bin/python3", "-c", prog], capture_output=True, text=True,
+                                check=True, timeout=120).stdout)
+
+
+def bench_jwt():
+    print("\n== JWT minting, one core (ours: akz_jwt_mint; keys parsed once)")
+    for kind, alg, speed in (("ec", "es256", "ecdsap256"), ("rsa", "rs256", "rsa2048")):
+        priv, pub = WORK / f"{kind}.pem", WORK / f"{kind}.pub.pem"
+        if kind == "ec":
+            run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", priv])
+        else:
+            run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", priv])
+        os.chmod(priv, 0o600)
+        run(["openssl", "pkey", "-in", priv, "-pubout", "-out", pub])
+        out = run([str(BENCH_JWT), str(priv), alg, "3"], timeout=60).stdout.split()
+        ours, libjwt = float(out[1]), float(out[3])
+        raw = openssl_speed(speed)
+        ref = reference_rate(kind, priv, pub)
+        print(f" {alg.upper()}:")
+        row("ours (tokens/s)", ours, "/s", "openssl speed raw signing", raw)
+        row(f"openssl speed {speed} (signatures/s)", raw, "/s")
+        row("libjwt 1.x (tokens/s)", libjwt, "/s", "ours", ours)
+        row("akenza reference client create_jwt (tokens/s)", ref, "/s", "ours", ours)
+
+
+# ---- connect -----------------------------------------------------------------------------------
+
+def bench_connect():
+    print("\n== Local authenticated CONNECTs per second (sequential, one client at a time)")
+    keys = WORK / "ckeys"
+    keys.mkdir(exist_ok=True)
+    n_users = 50
+    from edge import make_key
+    cheap = password_hash("pw")              # mosquitto_passwd's own $7$ (101 iterations)
+    strong = run([str(BUILD / "akenzactl"), "passwd"], input="pw\n").stdout.strip()  # 210,000
+    devices = []
+    for i in range(n_users):
+        make_key(keys, f"c{i:03d}")
+        devices.append({"id": f"c{i:03d}", "password": cheap})
+        devices.append({"id": f"s{i:03d}", "password": strong, "key": str(keys / f"c{i:03d}.pem")})
+    reg = WORK / "cdevices.json"
+    reg.write_text(json.dumps({"devices": devices}))
+    pwfile = WORK / "c.pw"
+    for i in range(n_users):
+        run(["mosquitto_passwd", "-b", *([] if i else ["-c"]), str(pwfile), f"p{i:03d}", "pw"])
+    results = {}
+    for label, cache in (("cold", "0"), ("cached", "300")):
+        b = broker(f"listener PORT 127.0.0.1\nallow_anonymous false\npassword_file {pwfile}\n"
+                   f"plugin {BUILD / 'mosquitto_akenza.so'}\nplugin_opt_devices {reg}\n"
+                   f"plugin_opt_bridge false\nplugin_opt_auth_cache_seconds {cache}\n", f"conn-{label}")
+        for user_fmt, what, n in (("c%03d", "registry, mosquitto_passwd hash (101 it.)", 2000),
+                                  ("s%03d", "registry, akenzactl hash (210,000 it.)", 100 if cache == "0" else 2000),
+                                  ("p%03d", "password_file, mosquitto_passwd hash", 2000)):
+            if user_fmt.startswith("p") and label == "cached":
+                continue
+            out = run([str(LOADGEN), "conn", "-p", str(b.port), "-n", str(n), "-m", str(n_users),
+                       "-u", user_fmt, "-P", "pw"], timeout=600).stdout.split()
+            rate = n / float(out[5])
+            assert out[3] == "0", f"{what}: {out}"
+            results[(label, what)] = rate
+        b.stop()
+    peer = results[("cold", "password_file, mosquitto_passwd hash")]
+    for (label, what), rate in results.items():
+        row(f"{what} [{label}]", rate, "conn/s", "password_file", peer)
+
+
+# ---- bridge ------------------------------------------------------------------------------------
+
+class Rig:
+    """An upstream (TLS, anonymous), our edge (plugin, N devices) and a built-in-bridge edge."""
+
+    def __init__(self, n):
+        self.n = n
+        self.pki = PKI(WORK / "pki")
+        self.up = broker(f"listener PORT 127.0.0.1\ncafile {self.pki.ca_cert}\ncertfile {self.pki.server_cert}\n"
+                         f"keyfile {self.pki.server_key}\nallow_anonymous true\nmax_queued_messages 0\n"
+                         "max_inflight_messages 0\n", "upstream")
+        keys = WORK / "bkeys"
+        keys.mkdir(exist_ok=True)
+        self.keys = keys
+        from Cryptodome.PublicKey import ECC
+        devices = []
+        pw = password_hash("pw")
+        for i in range(n):
+            p = keys / f"d{i:03d}.pem"
+            if not p.exists():
+                p.write_text(ECC.generate(curve="P-256").export_key(format="PEM"))
+                os.chmod(p, 0o600)
+            devices.append({"id": f"d{i:03d}", "password": pw})
+        self.reg = WORK / f"devices-{n}.json"
+        self.reg.write_text(json.dumps({"devices": devices}))
+        self.adminpw = WORK / "admin.pw"
+        run(["mosquitto_passwd", "-b", "-c", str(self.adminpw), "admin", "adminpw"])
+        self.acl = WORK / "admin.acl"
+        self.acl.write_text("user admin\ntopic readwrite #\ntopic read $SYS/#\n")
+
+    def ours(self, extra=""):
+        return broker(f"listener PORT 127.0.0.1\nallow_anonymous false\npassword_file {self.adminpw}\n"
+                      f"acl_file {self.acl}\nplugin {BUILD / 'mosquitto_akenza.so'}\n"
+                      f"plugin_opt_devices {self.reg}\nplugin_opt_keystore {self.keys}\n"
+                      f"plugin_opt_upstream_host localhost\nplugin_opt_upstream_port {self.up.port}\n"
+                      f"plugin_opt_upstream_cafile {self.pki.ca_cert}\nplugin_opt_connect_rate 5000\n"
+                      f"plugin_opt_queue_max 100000\nmax_queued_messages 0\n{extra}", "ours")
+
+    def builtin(self):
+        return broker(f"listener PORT 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
+                      f"connection up\naddress localhost:{self.up.port}\nbridge_cafile {self.pki.ca_cert}\n"
+                      "bridge_tls_version tlsv1.2\nbridge_protocol_version mqttv311\ncleansession true\n"
+                      "remote_clientid edge-bridge\ntopic /up/device/id/# out 1\ntopic /down/device/id/# in 1\n",
+                      "builtin")
+
+    def wait_connected(self, edge, n, timeout=120):
+        admin = Sensor(edge.port, "admin", "adminpw")
+        assert admin.connect() == 0
+        admin.subscribe("$SYS/broker/akenza/summary", 0)
+
+        def connected():
+            for t, p in reversed(admin.received()):
+                return json.loads(p).get("connected") == n
+            return False
+        wait_for(connected, timeout, interval=0.02, what=f"{n} devices connected")
+        admin.close()
+
+
+def sink(port, count, wait_s=10):
+    p = subprocess.Popen([str(LOADGEN), "sub", "-p", str(port), "-t", "/up/device/id/#", "-c", str(count),
+                          "-w", str(wait_s), "--cafile", str(RIG.pki.ca_cert), "--host", "localhost"],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def sink_result(p):
+    out, _ = p.communicate(timeout=600)
+    f = out.split()
+    return {"received": int(f[1]), "dups": int(f[3]), "secs": float(f[5]), "p50": float(f[7]), "p99": float(f[9])}
+
+
+def relay(target, port, qos, clients, msgs, rate=0, user=True, cafile=None):
+    """Publishes through `port`; returns the sink's figures and the target's CPU seconds."""
+    total = clients * msgs
+    s = sink(RIG.up.port, total)
+    cpu0 = cpu_seconds(target.proc.pid) if target else 0
+    args = [str(LOADGEN), "pub", "-p", str(port), "-n", str(clients), "-m", str(msgs), "-q", str(qos),
+            "--idfmt", "d%03d", "--inflight", "20"]
+    if rate:
+        args += ["-r", str(rate)]
+    if user:
+        args += ["-u", "d%03d", "-P", "pw"]
+    if cafile:
+        args += ["--cafile", str(cafile), "--host", "localhost"]
+    pub = run(args, timeout=900).stdout.split()
+    r = sink_result(s)
+    r["cpu"] = (cpu_seconds(target.proc.pid) - cpu0) if target else 0
+    r["sent"] = int(pub[1])
+    r["lost"] = total - r["received"]
+    return r
+
+
+RIG = None
+
+
+def bench_bridge():
+    global RIG
+    n, msgs = 100, int(os.environ.get("BENCH_MSGS", "1000"))
+    print(f"\n== Uplink relay: {n} devices x {msgs} messages, full speed; upstream is the same TLS broker")
+    RIG = Rig(n)
+    ours = RIG.ours()
+    RIG.wait_connected(ours, n)
+    builtin = RIG.builtin()
+    time.sleep(1)
+    res = {}
+    for qos in (0, 1):
+        res[("direct", qos)] = relay(None, RIG.up.port, qos, n, msgs, user=False, cafile=RIG.pki.ca_cert)
+        res[("builtin", qos)] = relay(builtin, builtin.port, qos, n, msgs, user=False)
+        res[("ours", qos)] = relay(ours, ours.port, qos, n, msgs)
+    for qos in (0, 1):
+        d, b, o = res[("direct", qos)], res[("builtin", qos)], res[("ours", qos)]
+        rate = {k: v["received"] / v["secs"] if v["secs"] else 0 for k, v in
+                (("direct", d), ("builtin", b), ("ours", o))}
+        print(f" QoS {qos}:")
+        row("straight to upstream (msg/s)", rate["direct"], "/s")
+        row("Mosquitto built-in bridge (msg/s)", rate["builtin"], "/s", "direct", rate["direct"])
+        row("mosquitto_akenza (msg/s)", rate["ours"], "/s", "built-in bridge", rate["builtin"])
+        row("  lost: built-in bridge", b["lost"], "msgs")
+        row("  lost: mosquitto_akenza", o["lost"], "msgs")
+        row("  duplicates: mosquitto_akenza", o["dups"], "msgs")
+        cb = b["cpu"] / max(b["received"], 1) * 1e6
+        co = o["cpu"] / max(o["received"], 1) * 1e6
+        row("  edge CPU per relayed message: built-in", cb, "us")
+        row("  edge CPU per relayed message: ours", co, "us", "built-in", cb)
+    print(" Added latency at a fixed 1,000 msg/s (QoS 1, 10 s), from sensor publish to upstream delivery:")
+    lat = {}
+    for name, tgt, port, user, ca in (("direct", None, RIG.up.port, False, RIG.pki.ca_cert),
+                                      ("builtin", builtin, builtin.port, False, None),
+                                      ("ours", ours, ours.port, True, None)):
+        lat[name] = relay(tgt, port, 1, n, 100, rate=1000, user=user, cafile=ca)
+    for name in ("direct", "builtin", "ours"):
+        row(f"  p50 {name} (us)", lat[name]["p50"], "us")
+        row(f"  p99 {name} (us)", lat[name]["p99"], "us",
+            "built-in" if name == "ours" else None, lat["builtin"]["p99"] if name == "ours" else None)
+    print(" Downlink latency (upstream publish -> sensor at the edge), 200 messages at 100 msg/s:")
+    for name, edge, user in (("builtin", builtin, None), ("ours", ours, "d000")):
+        row(f"  p50/p99 {name} (us)", *downlink_latency(edge, user))
+
+
+def downlink_latency(edge, user):
+    p = subprocess.Popen([str(LOADGEN), "sub", "-p", str(edge.port), "-t", "/down/device/id/d000/#", "-c", "200",
+                          "-w", "5", *(["-u", user, "-P", "pw"] if user else [])], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    run([str(LOADGEN), "pub", "-p", str(RIG.up.port), "-n", "1", "-m", "200", "-q", "1", "-r", "100",
+         "--prefix", "/down/device/id/", "--idfmt", "d000/cmd", "--cafile", str(RIG.pki.ca_cert),
+         "--host", "localhost"], timeout=120)
+    out, _ = p.communicate(timeout=60)
+    f = out.split()
+    return float(f[7]), "us"
+
+
+# ---- memory and ramp ---------------------------------------------------------------------------
+
+def bench_memory():
+    global RIG
+    sizes = [1000] + ([int(os.environ["BENCH_DEVICES"])] if os.environ.get("BENCH_DEVICES") else [])
+    print("\n== Memory per upstream device and time to bring devices online (TLS 1.2, local upstream)")
+    for n in sizes:
+        stop_all()
+        RIG = Rig(n)
+        base = RIG.ours("plugin_opt_bridge false\n")
+        time.sleep(1)
+        base_kb = rss_kb(base.proc.pid)
+        base.stop()
+        t0 = time.monotonic()
+        ours = RIG.ours()
+        RIG.wait_connected(ours, n, timeout=600)
+        ramp = time.monotonic() - t0
+        time.sleep(2)
+        kb = rss_kb(ours.proc.pid)
+        row(f"{n} devices: edge RSS with bridge - without", (kb - base_kb) / 1024, "MiB")
+        row(f"{n} devices: memory per idle upstream device", (kb - base_kb) * 1024 / n / 1000, "KB")
+        row(f"{n} devices: time to bring all online", ramp, "s")
+        row(f"{n} devices: devices online per second", n / ramp, "/s")
+        ours.stop()
+
+
+SECTIONS = {"jwt": bench_jwt, "connect": bench_connect, "bridge": bench_bridge, "memory": bench_memory}
+
+
+def main():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 65536), max(hard, 65536)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    names = sys.argv[1:] or list(SECTIONS)
+    print(f"mosquitto-akenza benchmarks ({os.cpu_count()} cores); work dir {WORK}")
+    try:
+        for name in names:
+            SECTIONS[name]()
+            stop_all()
+    finally:
+        stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
