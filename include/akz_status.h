@@ -23,10 +23,9 @@ struct akz_status_dev {
 /* Totals, as $SYS/broker/akenza/summary shows them. */
 struct akz_status_summary {
 	uint64_t devices, connected;
-	uint64_t uplinks, downlinks;   /* relayed (uplinks: acknowledged by akenza) */
+	uint64_t uplinks, downlinks;   /* relayed (QoS 1 uplinks: acknowledged by akenza) */
 	uint64_t queued;
 	uint64_t refused;              /* uplinks refused because a queue was full */
-	uint64_t dropped_qos0;         /* QoS 0 uplinks lost with a connection */
 	uint64_t errors;
 };
 

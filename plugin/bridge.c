@@ -47,7 +47,6 @@ static const char *const state_names[] = {
 
 struct inflight {
 	int mid;
-	uint8_t qos;
 	bool used;
 };
 
@@ -267,7 +266,7 @@ static int reserve_locked(struct akz_bridge *b, size_t want)
 	if(want <= b->nbuckets / 2 && b->nbuckets) return 0;
 	size_t n = b->nbuckets ? b->nbuckets : 64;
 	while(n / 2 < want) n *= 2;
-	struct dev **nb = calloc(n, sizeof(*nb));
+	struct dev **nb = calloc(n, sizeof(struct dev *));
 	if(nb == NULL) return -1;
 	for(size_t i = 0; i < b->nbuckets; i++){
 		struct dev *d = b->buckets[i];
@@ -352,36 +351,39 @@ static void schedule_retry(struct dev *d, enum dev_state st, const char *error)
 	set_state(d, st, error);
 }
 
-static void forget_inflight(struct dev *d, int mid, bool only_qos0, size_t *acked, size_t *lost)
+/* Frees the window slot of mid. Returns true if it was one of ours (a QoS 1 uplink). */
+static bool forget_inflight(struct dev *d, int mid)
 {
 	for(int i = 0; i < WINDOW; i++){
-		struct inflight *f = &d->fl[i];
-		if(!f->used) continue;
-		if(only_qos0 ? f->qos == 0 : f->mid == mid){
-			f->used = false;
+		if(d->fl[i].used && d->fl[i].mid == mid){
+			d->fl[i].used = false;
 			d->inflight--;
-			if(only_qos0) (*lost)++;
-			else (*acked)++;
-			if(!only_qos0) return;
+			return true;
 		}
 	}
+	return false;
 }
 
+/* Counts uplinks as delivered: acknowledged by akenza (QoS 1) or written (QoS 0). */
+static void count_relayed(struct dev *d, size_t n)
+{
+	pthread_mutex_lock(&d->b->lock);
+	d->unacked -= n;
+	d->b->sum.uplinks += n;
+	if(!d->removed) d->b->sum.queued -= n;
+	d->b->sum_dirty = true;
+	pthread_mutex_unlock(&d->b->lock);
+}
+
+/* PUBACK of a QoS 1 uplink (QoS 0 ones also land here, untracked, when written). */
 static void on_publish(struct mosquitto *mosq, void *obj, int mid)
 {
 	struct dev *d = obj;
-	size_t acked = 0, lost = 0;
 	(void)mosq;
 
-	forget_inflight(d, mid, false, &acked, &lost);
-	if(acked == 0) return;
+	if(!forget_inflight(d, mid)) return;
 	d->waiting_ack_since_ms = mono_ms();
-	pthread_mutex_lock(&d->b->lock);
-	d->unacked--;
-	d->b->sum.uplinks++;
-	if(!d->removed) d->b->sum.queued--;
-	d->b->sum_dirty = true;
-	pthread_mutex_unlock(&d->b->lock);
+	count_relayed(d, 1);
 }
 
 static void on_connect(struct mosquitto *mosq, void *obj, int rc)
@@ -423,19 +425,10 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc)
 static void on_disconnect(struct mosquitto *mosq, void *obj, int rc)
 {
 	struct dev *d = obj;
-	size_t acked = 0, lost = 0;
 	(void)mosq;
 
-	/* QoS 0 uplinks libmosquitto had not written are gone with the socket; QoS 1 ones stay in
-	 * its session and are sent again after the reconnect. */
-	forget_inflight(d, 0, true, &acked, &lost);
-	if(lost){
-		pthread_mutex_lock(&d->b->lock);
-		d->unacked -= lost;
-		if(!d->removed) d->b->sum.queued -= lost;
-		d->b->sum.dropped_qos0 += lost;
-		pthread_mutex_unlock(&d->b->lock);
-	}
+	/* QoS 1 uplinks in flight stay in libmosquitto's session and are sent again after the
+	 * reconnect; their window slots stay taken until their PUBACKs. */
 	d->refreshing = false;
 	d->fd = -1;
 	d->events = 0;
@@ -555,12 +548,16 @@ static void start_connect(struct dev *d)
 	update_interest(d);
 }
 
-/* Hands pending uplinks to libmosquitto while the window has room. */
+/* Hands pending uplinks to libmosquitto while the window has room and the socket takes them:
+ * QoS 1 ones wait in the window for their PUBACK, QoS 0 ones count as relayed once handed over.
+ * Stopping while libmosquitto still has bytes to write keeps its queue, and our memory, small. */
 static void pump_uplinks(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
+	size_t qos0 = 0;
 
-	while(d->state == ST_CONNECTED && !d->refreshing && d->inflight < WINDOW){
+	while(d->state == ST_CONNECTED && !d->refreshing && d->inflight < WINDOW
+			&& !mosquitto_want_write(d->mosq)){
 		pthread_mutex_lock(&b->lock);
 		struct akz_msg *m = akz_msgq_peek(&d->pending);
 		pthread_mutex_unlock(&b->lock);
@@ -573,17 +570,22 @@ static void pump_uplinks(struct dev *d)
 			snprintf(d->last_log, sizeof(d->last_log), "publish: %s", mosquitto_strerror(rc));
 			break;
 		}
-		for(int i = 0; i < WINDOW; i++){
-			if(!d->fl[i].used){
-				d->fl[i] = (struct inflight){.mid = mid, .qos = (uint8_t)qos, .used = true};
-				break;
+		if(qos == 1){
+			for(int i = 0; i < WINDOW; i++){
+				if(!d->fl[i].used){
+					d->fl[i] = (struct inflight){.mid = mid, .used = true};
+					break;
+				}
 			}
+			if(d->inflight++ == 0) d->waiting_ack_since_ms = mono_ms();
+		}else{
+			qos0++;
 		}
-		if(d->inflight++ == 0) d->waiting_ack_since_ms = mono_ms();
 		pthread_mutex_lock(&b->lock);
 		free(akz_msgq_pop(&d->pending));
 		pthread_mutex_unlock(&b->lock);
 	}
+	if(qos0) count_relayed(d, qos0);
 	update_interest(d);
 }
 
@@ -686,6 +688,8 @@ static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 		break;
 	case ST_CONNECTED:
 		check_connected(d, now, wall_off);
+		/* A safety net under the event-driven pump: whatever is pending moves within a sweep. */
+		pump_uplinks(d);
 		break;
 	case ST_CONNECTING:
 		if(d->mosq && mosquitto_socket(d->mosq) >= 0){
@@ -770,7 +774,7 @@ static void handle_io(struct dev *d, uint32_t events)
 		mosquitto_loop_read(d->mosq, 1);
 	}
 	if((events & EPOLLOUT) && d->mosq && mosquitto_socket(d->mosq) >= 0){
-		mosquitto_loop_write(d->mosq, 1);
+		mosquitto_loop_write(d->mosq, WINDOW);
 	}
 	/* PUBACKs free window slots: refill them at once. */
 	pump_uplinks(d);

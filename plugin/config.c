@@ -156,8 +156,8 @@ int akz_config_parse(struct akz_config *cfg, const struct mosquitto_opt *opts, i
 		reportf(report, ctx, "plugin_opt_devices: required (path of the device registry, devices.json)");
 		bad++;
 	}
-	if(cfg->upstream_tls_version && strcmp(cfg->upstream_tls_version, "tlsv1.2")
-			&& strcmp(cfg->upstream_tls_version, "tlsv1.3")){
+	if(cfg->upstream_tls_version && strcmp(cfg->upstream_tls_version, "tlsv1.2") != 0
+			&& strcmp(cfg->upstream_tls_version, "tlsv1.3") != 0){
 		reportf(report, ctx, "plugin_opt_upstream_tls_version: '%s' is not tlsv1.2 or tlsv1.3",
 				cfg->upstream_tls_version);
 		bad++;

@@ -8,22 +8,12 @@
 #include <string.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include "akz_util.h"
 #include "akz_jwt.h"
 #include "akz_keystore_int.h"
 
 #define AUD_PREFIX "https://akenza.io/devices/"
 #define SIG_MAX 1024    /* RSA 8192 */
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-	if(err == NULL || errlen == 0) return;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
 
 static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
 static EVP_MD *sha256_md;
@@ -94,17 +84,17 @@ static int json_escape_id(const char *id, char *out, size_t outlen, char *err, s
 	size_t o = 0;
 	while(*s){
 		if(*s < 0x20 || *s == 0x7F){
-			set_err(err, errlen, "device id contains a control character (0x%02x)", *s);
+			akz_set_err(err, errlen, "device id contains a control character (0x%02x)", *s);
 			return -1;
 		}
 		size_t n = utf8_seq_len(s);
 		if(n == 0){
-			set_err(err, errlen, "device id is not valid UTF-8");
+			akz_set_err(err, errlen, "device id is not valid UTF-8");
 			return -1;
 		}
 		bool esc = (*s == '"' || *s == '\\');
 		if(o + n + esc + 1 > outlen){
-			set_err(err, errlen, "device id too long");
+			akz_set_err(err, errlen, "device id too long");
 			return -1;
 		}
 		if(esc) out[o++] = '\\';
@@ -159,12 +149,12 @@ char *akz_jwt_mint(const struct akz_key *key, const char *device_id, time_t iat,
 		char *err, size_t errlen)
 {
 	if(lifetime < AKZ_JWT_LIFETIME_MIN || lifetime > AKZ_JWT_LIFETIME_MAX){
-		set_err(err, errlen, "token lifetime %ld s is outside %d..%d", lifetime,
+		akz_set_err(err, errlen, "token lifetime %ld s is outside %d..%d", lifetime,
 				AKZ_JWT_LIFETIME_MIN, AKZ_JWT_LIFETIME_MAX);
 		return NULL;
 	}
 	if(device_id == NULL || device_id[0] == '\0'){
-		set_err(err, errlen, "empty device id");
+		akz_set_err(err, errlen, "empty device id");
 		return NULL;
 	}
 	char id[512];
@@ -178,16 +168,16 @@ char *akz_jwt_mint(const struct akz_key *key, const char *device_id, time_t iat,
 	int clen = snprintf(claims, sizeof(claims), "{\"iat\":%lld,\"exp\":%lld,\"aud\":\"" AUD_PREFIX "%s\"}",
 			(long long)iat, (long long)iat + lifetime, id);
 	if(clen < 0 || (size_t)clen >= sizeof(claims)){
-		set_err(err, errlen, "token claims too long");
+		akz_set_err(err, errlen, "token claims too long");
 		return NULL;
 	}
 	size_t cap = hlen + 4 * ((size_t)clen + 2) / 3 + 4 * (SIG_MAX + 2) / 3 + 4;
 	char *tok = malloc(cap);
 	if(tok == NULL){
-		set_err(err, errlen, "out of memory");
+		akz_set_err(err, errlen, "out of memory");
 		return NULL;
 	}
-	memcpy(tok, hdr, hlen);
+	memcpy(tok, hdr, hlen);   /* NOLINT(bugprone-not-null-terminated-result): the claims follow */
 	size_t n = hlen;
 	tok[n++] = '.';
 	n += b64url((const unsigned char *)claims, (size_t)clen, tok + n);
@@ -197,14 +187,14 @@ char *akz_jwt_mint(const struct akz_key *key, const char *device_id, time_t iat,
 	size_t siglen = sizeof(sig);
 	if(EVP_Digest(tok, n, digest, &dlen, sha256(), NULL) != 1
 			|| akz_key_sign_digest(key, digest, sig, &siglen) != 0){
-		set_err(err, errlen, "signing failed (key %s)", akz_key_uri(key));
+		akz_set_err(err, errlen, "signing failed (key %s)", akz_key_uri(key));
 		free(tok);
 		return NULL;
 	}
 	const unsigned char *s = sig;
 	if(akz_key_alg(key) == AKZ_ALG_ES256){
 		if(der_to_raw_p256(sig, siglen, raw)){
-			set_err(err, errlen, "malformed ECDSA signature");
+			akz_set_err(err, errlen, "malformed ECDSA signature");
 			free(tok);
 			return NULL;
 		}

@@ -16,6 +16,7 @@
 #include <openssl/store.h>
 #include <openssl/ui.h>
 #include <openssl/x509.h>
+#include "akz_util.h"
 #include "akz_keystore.h"
 #include "akz_keystore_int.h"
 
@@ -41,17 +42,6 @@ struct pass_state {
 	bool failed;
 	char why[256];
 };
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-	if(err == NULL || errlen == 0) return;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
 
 const char *akz_alg_name(enum akz_alg alg)
 {
@@ -116,28 +106,28 @@ static int check_key_file(const char *uri, const struct akz_key_opts *opts, char
 
 	struct stat sb;
 	if(stat(path, &sb) != 0){
-		set_err(err, errlen, "%s: %s", path, strerror(errno));
+		akz_set_err(err, errlen, "%s: %s", path, strerror(errno));
 		return -1;
 	}
 	if(S_ISDIR(sb.st_mode)){
-		set_err(err, errlen, "%s: is a directory, not a key file", path);
+		akz_set_err(err, errlen, "%s: is a directory, not a key file", path);
 		return -1;
 	}
 	if(!S_ISREG(sb.st_mode)){
-		set_err(err, errlen, "%s: not a regular file", path);
+		akz_set_err(err, errlen, "%s: not a regular file", path);
 		return -1;
 	}
 	if(sb.st_size == 0){
-		set_err(err, errlen, "%s: empty file", path);
+		akz_set_err(err, errlen, "%s: empty file", path);
 		return -1;
 	}
 	if((sb.st_mode & 077) && !(opts && opts->allow_group_readable)){
-		set_err(err, errlen, "%s: mode %04o: group or others can read it; chmod 600 it "
+		akz_set_err(err, errlen, "%s: mode %04o: group or others can read it; chmod 600 it "
 				"(or set plugin_opt_allow_readable_keys)", path, (unsigned)(sb.st_mode & 07777));
 		return -1;
 	}
 	if(access(path, R_OK) != 0){
-		set_err(err, errlen, "%s: %s", path, strerror(errno));
+		akz_set_err(err, errlen, "%s: %s", path, strerror(errno));
 		return -1;
 	}
 	return 0;
@@ -149,7 +139,7 @@ static enum akz_alg choose_alg(EVP_PKEY *pkey, const char *uri, char *err, size_
 	if(EVP_PKEY_is_a(pkey, "RSA")){
 		int bits = EVP_PKEY_get_bits(pkey);
 		if(bits < 2048){
-			set_err(err, errlen, "%s: RSA key of %d bits: akenza needs at least 2048", uri, bits);
+			akz_set_err(err, errlen, "%s: RSA key of %d bits: akenza needs at least 2048", uri, bits);
 			return AKZ_ALG_NONE;
 		}
 		return AKZ_ALG_RS256;
@@ -158,17 +148,17 @@ static enum akz_alg choose_alg(EVP_PKEY *pkey, const char *uri, char *err, size_
 		char group[64] = "";
 		size_t glen = 0;
 		if(EVP_PKEY_get_utf8_string_param(pkey, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof(group), &glen) != 1){
-			set_err(err, errlen, "%s: EC key with unnamed curve: akenza accepts only P-256 (prime256v1)", uri);
+			akz_set_err(err, errlen, "%s: EC key with unnamed curve: akenza accepts only P-256 (prime256v1)", uri);
 			return AKZ_ALG_NONE;
 		}
 		if(strcmp(group, "prime256v1") != 0 && strcmp(group, "P-256") != 0){
-			set_err(err, errlen, "%s: EC curve %s: akenza accepts only P-256 (prime256v1)", uri, group);
+			akz_set_err(err, errlen, "%s: EC curve %s: akenza accepts only P-256 (prime256v1)", uri, group);
 			return AKZ_ALG_NONE;
 		}
 		return AKZ_ALG_ES256;
 	}
 	const char *type = EVP_PKEY_get0_type_name(pkey);
-	set_err(err, errlen, "%s: %s key: akenza accepts only RSA (2048 bits or more) and EC P-256 keys",
+	akz_set_err(err, errlen, "%s: %s key: akenza accepts only RSA (2048 bits or more) and EC P-256 keys",
 			uri, type ? type : "unknown");
 	return AKZ_ALG_NONE;
 }
@@ -187,7 +177,7 @@ int akz_pkey_kid(EVP_PKEY *pkey, char kid[AKZ_KID_LEN], char *err, size_t errlen
 	int len = i2d_PUBKEY(use, &der);
 	EVP_PKEY_free(pub);
 	if(len <= 0){
-		set_err(err, errlen, "cannot encode the public key");
+		akz_set_err(err, errlen, "cannot encode the public key");
 		return -1;
 	}
 	unsigned char md[32];
@@ -195,11 +185,11 @@ int akz_pkey_kid(EVP_PKEY *pkey, char kid[AKZ_KID_LEN], char *err, size_t errlen
 	int ok = EVP_Digest(der, (size_t)len, md, &mdlen, EVP_sha256(), NULL);
 	OPENSSL_free(der);
 	if(ok != 1 || mdlen != 32){
-		set_err(err, errlen, "SHA-256 failed");
+		akz_set_err(err, errlen, "SHA-256 failed");
 		return -1;
 	}
 	static const char hex[] = "0123456789abcdef";
-	for(int i = 0; i < 32; i++){
+	for(size_t i = 0; i < 32; i++){
 		kid[2*i] = hex[md[i] >> 4];
 		kid[2*i+1] = hex[md[i] & 15];
 	}
@@ -242,14 +232,14 @@ static EVP_PKEY *load_pkey(const char *uri, const struct akz_key_opts *opts, cha
 	struct found f = {0};
 	UI_METHOD *ui = UI_UTIL_wrap_read_pem_callback(passphrase_cb, 0);
 	if(ui == NULL){
-		set_err(err, errlen, "%s: out of memory", uri);
+		akz_set_err(err, errlen, "%s: out of memory", uri);
 		return NULL;
 	}
 	ERR_clear_error();
 	OSSL_STORE_CTX *ctx = OSSL_STORE_open_ex(uri, NULL, NULL, ui, &ps, NULL, NULL, NULL);
 	if(ctx == NULL){
 		unsigned long e = ERR_peek_last_error();
-		set_err(err, errlen, "%s: cannot open: %s", uri, e ? ERR_reason_error_string(e) : "no loader for this URI");
+		akz_set_err(err, errlen, "%s: cannot open: %s", uri, e ? ERR_reason_error_string(e) : "no loader for this URI");
 		goto out;
 	}
 	/* Only keys are wanted; a cap on items keeps a huge bundle from being read to the end. */
@@ -265,23 +255,23 @@ static EVP_PKEY *load_pkey(const char *uri, const struct akz_key_opts *opts, cha
 	OSSL_STORE_close(ctx);
 	if(f.pkey){
 		if(f.two_keys){
-			set_err(err, errlen, "%s: holds more than one private key: keep one key per file", uri);
+			akz_set_err(err, errlen, "%s: holds more than one private key: keep one key per file", uri);
 			EVP_PKEY_free(f.pkey);
 			f.pkey = NULL;
 		}
 		goto out;
 	}
 	if(ps.asked && ps.file == NULL){
-		set_err(err, errlen, "%s: the key is encrypted: set plugin_opt_key_passphrase_file "
+		akz_set_err(err, errlen, "%s: the key is encrypted: set plugin_opt_key_passphrase_file "
 				"(akenzactl: --passphrase-file)", uri);
 	}else if(ps.asked && ps.why[0]){
-		set_err(err, errlen, "%s: %s", uri, ps.why);
+		akz_set_err(err, errlen, "%s: %s", uri, ps.why);
 	}else if(ps.asked){
-		set_err(err, errlen, "%s: cannot decrypt the key: wrong passphrase in %s", uri, ps.file);
+		akz_set_err(err, errlen, "%s: cannot decrypt the key: wrong passphrase in %s", uri, ps.file);
 	}else if(f.pubkey || f.cert){
-		set_err(err, errlen, "%s: holds a %s but no private key", uri, f.cert ? "certificate" : "public key");
+		akz_set_err(err, errlen, "%s: holds a %s but no private key", uri, f.cert ? "certificate" : "public key");
 	}else{
-		set_err(err, errlen, "%s: no private key found (not a PEM or DER key file)", uri);
+		akz_set_err(err, errlen, "%s: no private key found (not a PEM or DER key file)", uri);
 	}
 out:
 	UI_destroy_method(ui);
@@ -297,7 +287,7 @@ static int prepare_signing(struct akz_key *k, char *err, size_t errlen)
 			|| EVP_PKEY_CTX_set_signature_md(k->sign_ctx, EVP_sha256()) != 1
 			|| (k->alg == AKZ_ALG_RS256
 				&& EVP_PKEY_CTX_set_rsa_padding(k->sign_ctx, RSA_PKCS1_PADDING) != 1)){
-		set_err(err, errlen, "%s: cannot prepare signing with this key", k->uri);
+		akz_set_err(err, errlen, "%s: cannot prepare signing with this key", k->uri);
 		return -1;
 	}
 	return 0;
@@ -309,7 +299,7 @@ static struct akz_key *wrap_pkey(EVP_PKEY *pkey, enum akz_alg alg, const char *u
 	struct akz_key *k = calloc(1, sizeof(*k));
 	if(k == NULL){
 		EVP_PKEY_free(pkey);
-		set_err(err, errlen, "%s: out of memory", uri);
+		akz_set_err(err, errlen, "%s: out of memory", uri);
 		return NULL;
 	}
 	atomic_init(&k->refs, 1);
@@ -318,18 +308,18 @@ static struct akz_key *wrap_pkey(EVP_PKEY *pkey, enum akz_alg alg, const char *u
 	pthread_mutex_init(&k->sign_lock, NULL);
 	k->uri = strdup(uri);
 	if(k->uri == NULL){
-		set_err(err, errlen, "%s: out of memory", uri);
+		akz_set_err(err, errlen, "%s: out of memory", uri);
 		akz_key_unref(k);
 		return NULL;
 	}
 	char why[200];
 	if(akz_pkey_kid(pkey, k->kid, why, sizeof(why))){
-		set_err(err, errlen, "%s: %s", uri, why);
+		akz_set_err(err, errlen, "%s: %s", uri, why);
 		akz_key_unref(k);
 		return NULL;
 	}
 	if(akz_jwt_header_b64(alg, k->kid, k->header_b64, sizeof(k->header_b64)) == 0){
-		set_err(err, errlen, "%s: cannot encode the JWT header", uri);
+		akz_set_err(err, errlen, "%s: cannot encode the JWT header", uri);
 		akz_key_unref(k);
 		return NULL;
 	}
@@ -345,7 +335,7 @@ int akz_key_load(const char *uri, const struct akz_key_opts *opts, struct akz_ke
 {
 	*out = NULL;
 	if(uri == NULL || uri[0] == '\0'){
-		set_err(err, errlen, "empty key path");
+		akz_set_err(err, errlen, "empty key path");
 		return -1;
 	}
 	if(check_key_file(uri, opts, err, errlen)) return -1;
@@ -406,14 +396,14 @@ int akz_file_kid(const char *path, const struct akz_key_opts *opts, char kid[AKZ
 	}
 	FILE *f = fopen(path, "r");
 	if(f == NULL){
-		set_err(err, errlen, "%s", why);
+		akz_set_err(err, errlen, "%s", why);
 		return -1;
 	}
 	EVP_PKEY *pub = PEM_read_PUBKEY(f, NULL, NULL, NULL);
 	fclose(f);
 	ERR_clear_error();
 	if(pub == NULL){
-		set_err(err, errlen, "%s", why);
+		akz_set_err(err, errlen, "%s", why);
 		return -1;
 	}
 	int rc = -1;
@@ -447,16 +437,16 @@ int akz_key_generate(enum akz_alg alg, int bits, struct akz_key **out, char *err
 		pkey = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256");
 	}else if(alg == AKZ_ALG_RS256){
 		if(bits != 2048 && bits != 3072 && bits != 4096){
-			set_err(err, errlen, "RSA key size %d: use 2048, 3072 or 4096", bits);
+			akz_set_err(err, errlen, "RSA key size %d: use 2048, 3072 or 4096", bits);
 			return -1;
 		}
 		pkey = EVP_PKEY_Q_keygen(NULL, NULL, "RSA", (size_t)bits);
 	}else{
-		set_err(err, errlen, "unknown key type");
+		akz_set_err(err, errlen, "unknown key type");
 		return -1;
 	}
 	if(pkey == NULL){
-		set_err(err, errlen, "key generation failed");
+		akz_set_err(err, errlen, "key generation failed");
 		return -1;
 	}
 	*out = wrap_pkey(pkey, alg, "(generated)", err, errlen);
@@ -470,12 +460,12 @@ static int write_new_file(const char *path, const char *data, size_t len, mode_t
 {
 	char tmp[4096];
 	if(snprintf(tmp, sizeof(tmp), "%s.tmp.XXXXXX", path) >= (int)sizeof(tmp)){
-		set_err(err, errlen, "%s: path too long", path);
+		akz_set_err(err, errlen, "%s: path too long", path);
 		return -1;
 	}
 	int fd = mkstemp(tmp);
 	if(fd < 0){
-		set_err(err, errlen, "%s: cannot create: %s", path, strerror(errno));
+		akz_set_err(err, errlen, "%s: cannot create: %s", path, strerror(errno));
 		return -1;
 	}
 	int rc = -1;
@@ -494,7 +484,7 @@ static int write_new_file(const char *path, const char *data, size_t len, mode_t
 	if(link(tmp, path) != 0) goto fail;
 	rc = 0;
 fail:
-	if(rc) set_err(err, errlen, "%s: %s", path, errno == EEXIST ? "already exists: refusing to overwrite a key" : strerror(errno));
+	if(rc) akz_set_err(err, errlen, "%s: %s", path, errno == EEXIST ? "already exists: refusing to overwrite a key" : strerror(errno));
 	close(fd);
 	unlink(tmp);
 	return rc;
@@ -506,7 +496,7 @@ int akz_key_write(const struct akz_key *key, const char *priv_path, const char *
 	BIO *bio = BIO_new(BIO_s_mem());
 	if(bio == NULL || PEM_write_bio_PrivateKey(bio, key->pkey, NULL, NULL, 0, NULL, NULL) != 1){
 		BIO_free(bio);
-		set_err(err, errlen, "%s: cannot encode the private key", priv_path);
+		akz_set_err(err, errlen, "%s: cannot encode the private key", priv_path);
 		return -1;
 	}
 	char *data;
@@ -517,7 +507,7 @@ int akz_key_write(const struct akz_key *key, const char *priv_path, const char *
 	if(rc || pub_path == NULL) return rc;
 	char *pem = akz_key_public_pem(key);
 	if(pem == NULL){
-		set_err(err, errlen, "%s: cannot encode the public key", pub_path);
+		akz_set_err(err, errlen, "%s: cannot encode the public key", pub_path);
 		return -1;
 	}
 	rc = write_new_file(pub_path, pem, strlen(pem), 0644, err, errlen);

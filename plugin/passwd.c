@@ -7,20 +7,10 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include "akz_util.h"
 #include "akz_passwd.h"
 
 #define ITERATIONS_MAX 10000000
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-	if(err == NULL || errlen == 0) return;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
 
 /* Decodes exactly `want` bytes of standard base64 (padding allowed) from s[0..len).
  * Returns 0, or -1 if s is not valid base64 of that length. */
@@ -67,7 +57,7 @@ int akz_pw_parse(const char *text, struct akz_pw *out, char *err, size_t errlen)
 
 	memset(out, 0, sizeof(*out));
 	if(text == NULL || text[0] != '$' || (text[1] != '6' && text[1] != '7') || text[2] != '$'){
-		set_err(err, errlen, "not a password hash ($6$ or $7$, as mosquitto_passwd or "
+		akz_set_err(err, errlen, "not a password hash ($6$ or $7$, as mosquitto_passwd or "
 				"'akenzactl passwd' write them): plain-text passwords are refused");
 		return -1;
 	}
@@ -77,7 +67,7 @@ int akz_pw_parse(const char *text, struct akz_pw *out, char *err, size_t errlen)
 		out->iterations = 1;
 		if(n != 2 || decode_b64_exact(f[0], flen[0], out->salt, AKZ_PW_SALT_LEN)
 				|| decode_b64_exact(f[1], flen[1], out->hash, AKZ_PW_HASH_LEN)){
-			set_err(err, errlen, "malformed $6$ hash: expected $6$<base64 salt of 12 bytes>$<base64 hash of 64 bytes>");
+			akz_set_err(err, errlen, "malformed $6$ hash: expected $6$<base64 salt of 12 bytes>$<base64 hash of 64 bytes>");
 			return -1;
 		}
 		return 0;
@@ -85,20 +75,20 @@ int akz_pw_parse(const char *text, struct akz_pw *out, char *err, size_t errlen)
 	out->kind = AKZ_PW_PBKDF2;
 	char num[16];
 	if(n != 3 || flen[0] == 0 || flen[0] >= sizeof(num) || strspn(f[0], "0123456789") < flen[0]){
-		set_err(err, errlen, "malformed $7$ hash: expected $7$<iterations>$<base64 salt>$<base64 hash>");
+		akz_set_err(err, errlen, "malformed $7$ hash: expected $7$<iterations>$<base64 salt>$<base64 hash>");
 		return -1;
 	}
 	memcpy(num, f[0], flen[0]);
 	num[flen[0]] = '\0';
 	long it = strtol(num, NULL, 10);
 	if(it < 1 || it > ITERATIONS_MAX){
-		set_err(err, errlen, "$7$ hash: %ld iterations is outside 1..%d", it, ITERATIONS_MAX);
+		akz_set_err(err, errlen, "$7$ hash: %ld iterations is outside 1..%d", it, ITERATIONS_MAX);
 		return -1;
 	}
 	out->iterations = (int)it;
 	if(decode_b64_exact(f[1], flen[1], out->salt, AKZ_PW_SALT_LEN)
 			|| decode_b64_exact(f[2], flen[2], out->hash, AKZ_PW_HASH_LEN)){
-		set_err(err, errlen, "malformed $7$ hash: salt must be 12 bytes and hash 64 bytes, in base64");
+		akz_set_err(err, errlen, "malformed $7$ hash: salt must be 12 bytes and hash 64 bytes, in base64");
 		return -1;
 	}
 	return 0;
@@ -142,15 +132,15 @@ char *akz_pw_hash(const char *password, int iterations, char *err, size_t errlen
 {
 	struct akz_pw pw = {.kind = AKZ_PW_PBKDF2, .iterations = iterations};
 	if(iterations < 1 || iterations > ITERATIONS_MAX){
-		set_err(err, errlen, "iterations %d outside 1..%d", iterations, ITERATIONS_MAX);
+		akz_set_err(err, errlen, "iterations %d outside 1..%d", iterations, ITERATIONS_MAX);
 		return NULL;
 	}
 	if(password == NULL || password[0] == '\0'){
-		set_err(err, errlen, "empty password");
+		akz_set_err(err, errlen, "empty password");
 		return NULL;
 	}
 	if(RAND_bytes(pw.salt, sizeof(pw.salt)) != 1 || compute(&pw, password, pw.hash)){
-		set_err(err, errlen, "hashing failed");
+		akz_set_err(err, errlen, "hashing failed");
 		return NULL;
 	}
 	char salt[32], hash[96];
@@ -160,7 +150,7 @@ char *akz_pw_hash(const char *password, int iterations, char *err, size_t errlen
 	size_t n = strlen(salt) + strlen(hash) + 32;
 	char *out = malloc(n);
 	if(out == NULL){
-		set_err(err, errlen, "out of memory");
+		akz_set_err(err, errlen, "out of memory");
 		return NULL;
 	}
 	snprintf(out, n, "$7$%d$%s$%s", iterations, salt, hash);

@@ -160,15 +160,15 @@ static int on_reload(int event, void *event_data, void *userdata)
 }
 
 static const struct {
-	int event;
 	MOSQ_FUNC_generic_callback cb;
+	int event;
 	bool needs_bridge;
 } callbacks[] = {
-	{MOSQ_EVT_BASIC_AUTH, on_basic_auth, false},
-	{MOSQ_EVT_ACL_CHECK, on_acl_check, false},
-	{MOSQ_EVT_RELOAD, on_reload, false},
-	{MOSQ_EVT_MESSAGE, on_message, true},
-	{MOSQ_EVT_TICK, on_tick, true},
+	{on_basic_auth, MOSQ_EVT_BASIC_AUTH, false},
+	{on_acl_check, MOSQ_EVT_ACL_CHECK, false},
+	{on_reload, MOSQ_EVT_RELOAD, false},
+	{on_message, MOSQ_EVT_MESSAGE, true},
+	{on_tick, MOSQ_EVT_TICK, true},
 };
 #define NCALLBACKS (sizeof(callbacks)/sizeof(callbacks[0]))
 

@@ -51,9 +51,8 @@ void akz_status_publish_summary(const struct akz_status_summary *s)
 	if(text){
 		snprintf(text, 512, "{\"devices\":%" PRIu64 ",\"connected\":%" PRIu64 ",\"uplinks\":%" PRIu64
 				",\"downlinks\":%" PRIu64 ",\"queued\":%" PRIu64 ",\"refused\":%" PRIu64
-				",\"dropped_qos0\":%" PRIu64 ",\"errors\":%" PRIu64 "}",
-				s->devices, s->connected, s->uplinks, s->downlinks, s->queued, s->refused,
-				s->dropped_qos0, s->errors);
+				",\"errors\":%" PRIu64 "}",
+				s->devices, s->connected, s->uplinks, s->downlinks, s->queued, s->refused, s->errors);
 	}
 	publish_retained(AKZ_STATUS_PREFIX "summary", text);
 }

@@ -1,0 +1,11 @@
+/* akz_util.h - small helpers every module shares. */
+#ifndef AKZ_UTIL_H
+#define AKZ_UTIL_H
+
+#include <stddef.h>
+
+/* Formats a one-line reason into err (size errlen); err NULL or errlen 0 is allowed (nothing is
+ * written). Never fails; long reasons are cut. */
+void akz_set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+#endif
