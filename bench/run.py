@@ -26,7 +26,7 @@ LOADGEN = BUILD / "bench" / "loadgen"
 BENCH_JWT = BUILD / "bench" / "bench_jwt"
 
 from conftest import PKI, Broker, free_port, run, wait_for  # noqa: E402
-from edge import Sensor, password_hash  # noqa: E402
+from edge import Sensor, make_key, password_hash  # noqa: E402
 
 WORK = Path(tempfile.mkdtemp(prefix="akenza-bench-"))
 STARTED = []
@@ -92,13 +92,7 @@ def reference_rate(kind, priv, pub, seconds=3):
 def bench_jwt():
     print("\n== JWT minting, one core (ours: akz_jwt_mint; keys parsed once)")
     for kind, alg, speed in (("ec", "es256", "ecdsap256"), ("rsa", "rs256", "rsa2048")):
-        priv, pub = WORK / f"{kind}.pem", WORK / f"{kind}.pub.pem"
-        if kind == "ec":
-            run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", priv])
-        else:
-            run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", priv])
-        os.chmod(priv, 0o600)
-        run(["openssl", "pkey", "-in", priv, "-pubout", "-out", pub])
+        priv, pub = make_key(WORK / "jwt", kind, kind)
         out = run([str(BENCH_JWT), str(priv), alg, "3"], timeout=60).stdout.split()
         ours, libjwt = float(out[1]), float(out[3])
         raw = openssl_speed(speed)
@@ -117,7 +111,6 @@ def bench_connect():
     keys = WORK / "ckeys"
     keys.mkdir(exist_ok=True)
     n_users = 50
-    from edge import make_key
     cheap = password_hash("pw")              # mosquitto_passwd's own $7$ (101 iterations)
     strong = run([str(BUILD / "akenzactl"), "passwd"], input="pw\n").stdout.strip()  # 210,000
     devices = []
@@ -291,7 +284,7 @@ def bench_bridge():
             "built-in" if name == "ours" else None, lat["builtin"]["p99"] if name == "ours" else None)
     print(" Downlink latency (upstream publish -> sensor at the edge), 200 messages at 100 msg/s:")
     for name, edge, user in (("builtin", builtin, None), ("ours", ours, "d000")):
-        row(f"  p50/p99 {name} (us)", *downlink_latency(edge, user))
+        row(f"  p50 {name} (us)", *downlink_latency(edge, user))
 
 
 def downlink_latency(edge, user):

@@ -11,7 +11,7 @@
 #include "akz_passwd.h"
 #include "akz_registry.h"
 
-#define REGISTRY_MAX_BYTES (64 * 1024 * 1024)
+#define REGISTRY_MAX_BYTES (64L * 1024 * 1024)
 #define ID_MAX 128
 
 /* An open-addressing index from a name to a position in an array. */
@@ -362,7 +362,7 @@ static char *read_file(struct loader *ld)
 		return NULL;
 	}
 	if(sb.st_size > REGISTRY_MAX_BYTES){
-		problem(ld, "larger than %d MiB", REGISTRY_MAX_BYTES / (1024 * 1024));
+		problem(ld, "larger than %ld MiB", REGISTRY_MAX_BYTES / (1024 * 1024));
 		fclose(f);
 		return NULL;
 	}
