@@ -183,7 +183,7 @@ class Rig:
                       f"plugin_opt_devices {self.reg}\nplugin_opt_keystore {self.keys}\n"
                       f"plugin_opt_upstream_host localhost\nplugin_opt_upstream_port {self.up.port}\n"
                       f"plugin_opt_upstream_cafile {self.pki.ca_cert}\nplugin_opt_connect_rate 5000\n"
-                      f"plugin_opt_queue_max 100000\nmax_queued_messages 0\n{extra}", "ours")
+                      f"plugin_opt_queue_max 100000\nplugin_opt_status_interval 100\nmax_queued_messages 0\n{extra}", "ours")
 
     def builtin(self):
         return broker(f"listener PORT 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"

@@ -74,7 +74,9 @@ struct dev {
 	struct akz_key *key;
 	struct mosquitto *mosq;
 	enum dev_state state;
-	int fd;
+	int fd;                      /* the socket registered in epoll, or -1 */
+	int zombie_fd;               /* a socket given up on that libmosquitto has yet to close */
+	bool disconnect_seen;        /* on_disconnect ran during the last libmosquitto call */
 	uint32_t events;
 	int64_t due_ms;              /* next connect attempt, or token refresh when connected */
 	int64_t connect_deadline_ms;
@@ -302,35 +304,73 @@ static void unlink_locked(struct akz_bridge *b, struct dev *d)
 
 /* ---- one device's connection (bridge thread) ------------------------------------------- */
 
+/* Only a connection being made or in use belongs in the epoll set. */
+static bool wants_io(const struct dev *d)
+{
+	return d->state == ST_CONNECTING || d->state == ST_CONNECTED;
+}
+
 /* Keeps epoll's interest in step with libmosquitto's socket, which changes on reconnects.
- * A closed socket has already left the epoll set by itself. */
+ * d->fd is always a socket that is open and registered, or -1: a socket libmosquitto closed
+ * has left the epoll set by itself (see check_socket). */
 static void update_interest(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
-	int fd = d->mosq ? mosquitto_socket(d->mosq) : -1;
-	uint32_t ev = EPOLLIN;
+	int fd = d->mosq && wants_io(d) ? mosquitto_socket(d->mosq) : -1;
+	uint32_t ev = EPOLLIN | EPOLLRDHUP;
 
+	if(fd == d->zombie_fd) fd = -1;
 	if(fd >= 0 && mosquitto_want_write(d->mosq)) ev |= EPOLLOUT;
 	if(fd != d->fd){
-		d->fd = fd;
+		if(d->fd >= 0) epoll_ctl(b->epfd, EPOLL_CTL_DEL, d->fd, NULL);
+		d->fd = -1;
 		d->events = 0;
 		if(fd < 0) return;
 		struct epoll_event e = {.events = ev, .data.ptr = d};
-		if(epoll_ctl(b->epfd, EPOLL_CTL_ADD, fd, &e) == 0) d->events = ev;
-		else blog(b, MOSQ_LOG_ERR, "akenza: device '%s': epoll_ctl: %s", d->id, strerror(errno));
+		if(epoll_ctl(b->epfd, EPOLL_CTL_ADD, fd, &e) == 0){
+			d->fd = fd;
+			d->events = ev;
+		}else{
+			blog(b, MOSQ_LOG_ERR, "akenza: device '%s': epoll_ctl: %s", d->id, strerror(errno));
+		}
 	}else if(fd >= 0 && ev != d->events){
 		struct epoll_event e = {.events = ev, .data.ptr = d};
 		if(epoll_ctl(b->epfd, EPOLL_CTL_MOD, fd, &e) == 0) d->events = ev;
 	}
 }
 
-/* Closes the connection without the protocol's goodbye: used when the peer is unresponsive.
- * libmosquitto sees the shut-down socket on its next read and reports the disconnect. */
-static void force_close(struct dev *d, const char *why)
+static void lost_connection(struct dev *d, int rc);
+
+/* Runs after every libmosquitto call that may close the socket. Some of its paths (a failed
+ * TLS handshake) close it without calling on_disconnect: then the device would wait forever
+ * for a connection that is gone, so the loss is handled here. */
+static void check_socket(struct dev *d, int rc)
+{
+	if(d->fd >= 0 && mosquitto_socket(d->mosq) != d->fd){
+		d->fd = -1;       /* closed, so already out of the epoll set */
+		d->events = 0;
+		if(!d->disconnect_seen && wants_io(d)) lost_connection(d, rc ? rc : MOSQ_ERR_CONN_LOST);
+	}
+	d->disconnect_seen = false;
+	update_interest(d);
+}
+
+/* Gives up on the current connection at once: used when the peer is unresponsive or the
+ * handshake died, cases in which libmosquitto may never report anything. The socket is shut
+ * down (the peer sees the end now) and left to libmosquitto, which closes it at the next
+ * connect. */
+static void drop_connection(struct dev *d, const char *why, int rc)
 {
 	int fd = mosquitto_socket(d->mosq);
+	if(d->fd >= 0) epoll_ctl(d->b->epfd, EPOLL_CTL_DEL, d->fd, NULL);
+	d->fd = -1;
+	d->events = 0;
+	if(fd >= 0){
+		shutdown(fd, SHUT_RDWR);
+		d->zombie_fd = fd;
+	}
 	snprintf(d->last_log, sizeof(d->last_log), "%s", why);
-	if(fd >= 0) shutdown(fd, SHUT_RDWR);
+	lost_connection(d, rc);
 }
 
 static int64_t backoff_ms(int failures, int64_t lo, int64_t hi)
@@ -422,17 +462,13 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc)
 	set_state(d, ST_CONNECTED, NULL);
 }
 
-static void on_disconnect(struct mosquitto *mosq, void *obj, int rc)
+/* The connection is gone (reported by libmosquitto or found by us): reconnect now (token
+ * refresh) or after a backoff. QoS 1 uplinks in flight stay in libmosquitto's session and are
+ * sent again after the reconnect; their window slots stay taken until their PUBACKs. */
+static void lost_connection(struct dev *d, int rc)
 {
-	struct dev *d = obj;
-	(void)mosq;
-
-	/* QoS 1 uplinks in flight stay in libmosquitto's session and are sent again after the
-	 * reconnect; their window slots stay taken until their PUBACKs. */
 	d->refreshing = false;
-	d->fd = -1;
-	d->events = 0;
-	if(d->state == ST_UNAUTHORIZED || d->state == ST_DISABLED) return;
+	if(d->state == ST_UNAUTHORIZED || d->state == ST_DISABLED || d->state == ST_BACKOFF) return;
 	if(d->reconnect_now){
 		d->reconnect_now = false;
 		d->due_ms = mono_ms();
@@ -443,6 +479,17 @@ static void on_disconnect(struct mosquitto *mosq, void *obj, int rc)
 	snprintf(why, sizeof(why), "%s%s%s", mosquitto_strerror(rc),
 			d->last_log[0] ? ": " : "", d->last_log);
 	schedule_retry(d, ST_BACKOFF, why);
+}
+
+static void on_disconnect(struct mosquitto *mosq, void *obj, int rc)
+{
+	struct dev *d = obj;
+	(void)mosq;
+
+	d->disconnect_seen = true;
+	d->fd = -1;         /* libmosquitto closed it: it left the epoll set */
+	d->events = 0;
+	lost_connection(d, rc);
 }
 
 static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto_message *msg)
@@ -534,13 +581,18 @@ static void start_connect(struct dev *d)
 	d->status.token_expires = now + b->lifetime;
 	pthread_mutex_unlock(&b->lock);
 	d->last_log[0] = '\0';
+	/* The connect closes any old socket (a zombie included) and opens a new one, which may
+	 * get the same number: take the old one out of the epoll set first. */
+	if(d->fd >= 0) epoll_ctl(b->epfd, EPOLL_CTL_DEL, d->fd, NULL);
+	d->fd = -1;
+	d->zombie_fd = -1;
 	rc = mosquitto_connect_async(d->mosq, b->host, b->port, b->keepalive);
 	if(rc != MOSQ_ERR_SUCCESS){
 		char why[300];
 		snprintf(why, sizeof(why), "connect to %s:%d: %s", b->host, b->port,
 				rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc));
-		update_interest(d);
 		schedule_retry(d, ST_BACKOFF, why);
+		update_interest(d);
 		return;
 	}
 	d->connect_deadline_ms = mono_ms() + CONNECT_TIMEOUT_MS;
@@ -609,11 +661,9 @@ static void apply_change(struct dev *d)
 	}
 	if(!enabled){
 		if(d->state != ST_DISABLED){
-			bool connected = d->state == ST_CONNECTED;
-			/* First the state, so that on_disconnect leaves the device alone. */
+			/* First the state, so that lost_connection leaves the device alone. */
 			set_state(d, ST_DISABLED, NULL);
-			if(connected) mosquitto_disconnect(d->mosq);
-			else if(d->mosq) force_close(d, "device disabled");
+			if(d->mosq && mosquitto_socket(d->mosq) >= 0) drop_connection(d, "device disabled", MOSQ_ERR_SUCCESS);
 		}
 	}else if(d->state == ST_DISABLED || (nk && d->state != ST_CONNECTED)){
 		d->failures = 0;
@@ -621,7 +671,8 @@ static void apply_change(struct dev *d)
 		set_state(d, ST_CONNECTING, NULL);
 	}else if(nk && d->state == ST_CONNECTED){
 		d->reconnect_now = true;
-		mosquitto_disconnect(d->mosq);
+		check_socket(d, mosquitto_disconnect(d->mosq));
+		if(d->state == ST_CONNECTED) drop_connection(d, "key changed", MOSQ_ERR_SUCCESS);
 	}
 	if(d->mosq) update_interest(d);
 }
@@ -654,7 +705,7 @@ static void check_connected(struct dev *d, int64_t now, int64_t wall_off)
 {
 	struct akz_bridge *b = d->b;
 
-	mosquitto_loop_misc(d->mosq);
+	check_socket(d, mosquitto_loop_misc(d->mosq));
 	if(d->state != ST_CONNECTED) return;   /* loop_misc may have found it dead */
 	if(!d->refreshing){
 		int64_t jump = wall_off - d->minted_wall_offset;
@@ -670,14 +721,15 @@ static void check_connected(struct dev *d, int64_t now, int64_t wall_off)
 	}
 	if(d->refreshing && (d->inflight == 0 || now >= d->drain_deadline_ms)){
 		d->reconnect_now = true;
-		mosquitto_disconnect(d->mosq);
+		check_socket(d, mosquitto_disconnect(d->mosq));
+		if(d->state == ST_CONNECTED) drop_connection(d, "token refresh", MOSQ_ERR_SUCCESS);
 		return;
 	}
 	/* Alive means acknowledged: a socket that takes uplinks and answers nothing is dead. */
 	if(d->inflight > 0 && now - d->waiting_ack_since_ms > (int64_t)b->keepalive * 1000){
 		blog(b, MOSQ_LOG_WARNING, "akenza: device '%s': no PUBACK for %d s: reconnecting",
 				d->id, b->keepalive);
-		force_close(d, "no PUBACK from akenza");
+		drop_connection(d, "no PUBACK from akenza", MOSQ_ERR_KEEPALIVE);
 	}
 }
 
@@ -692,9 +744,8 @@ static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 		pump_uplinks(d);
 		break;
 	case ST_CONNECTING:
-		if(d->mosq && mosquitto_socket(d->mosq) >= 0){
-			if(now >= d->connect_deadline_ms) force_close(d, "no CONNACK within 30 s");
-			else mosquitto_loop_misc(d->mosq);
+		if(d->fd >= 0){
+			if(now >= d->connect_deadline_ms) drop_connection(d, "no CONNACK within 30 s", MOSQ_ERR_TIMEOUT);
 			break;
 		}
 		/* fall through: waiting for the first attempt or a refresh reconnect */
@@ -769,12 +820,20 @@ static void pump_ready(struct akz_bridge *b)
 
 static void handle_io(struct dev *d, uint32_t events)
 {
-	if(d->mosq == NULL || mosquitto_socket(d->mosq) < 0) return;
-	if(events & (EPOLLIN | EPOLLERR | EPOLLHUP)){
-		mosquitto_loop_read(d->mosq, 1);
+	if(d->mosq == NULL || d->fd < 0) return;
+	/* libmosquitto advances a TLS handshake only in loop_read, also when the handshake waits to
+	 * write (loop_write does nothing then): while connecting, a writable socket is read too. */
+	if(d->state == ST_CONNECTING) events |= EPOLLIN;
+	if(events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)){
+		check_socket(d, mosquitto_loop_read(d->mosq, WINDOW));
+		/* During the TLS handshake libmosquitto takes a closed connection for "try again":
+		 * with a level-triggered epoll that would spin, so the end is taken as final here. */
+		if(d->fd >= 0 && d->state == ST_CONNECTING && (events & (EPOLLERR | EPOLLHUP | EPOLLRDHUP))){
+			drop_connection(d, "connection closed during the handshake", MOSQ_ERR_CONN_LOST);
+		}
 	}
-	if((events & EPOLLOUT) && d->mosq && mosquitto_socket(d->mosq) >= 0){
-		mosquitto_loop_write(d->mosq, WINDOW);
+	if((events & EPOLLOUT) && d->fd >= 0){
+		check_socket(d, mosquitto_loop_write(d->mosq, WINDOW));
 	}
 	/* PUBACKs free window slots: refill them at once. */
 	pump_uplinks(d);
@@ -874,6 +933,7 @@ static struct dev *new_dev(struct akz_bridge *b, const struct akz_device *rd)
 	}
 	d->b = b;
 	d->fd = -1;
+	d->zombie_fd = -1;
 	d->enabled = rd->enabled;
 	d->key = akz_key_ref(rd->key);
 	d->state = rd->enabled ? ST_CONNECTING : ST_DISABLED;
