@@ -11,6 +11,8 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <time.h>
 #include <unistd.h>
 #include <openssl/crypto.h>
@@ -607,13 +609,21 @@ static void pump_uplinks(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
 	size_t qos0 = 0;
+	int corked = 0;
 
 	while(d->state == ST_CONNECTED && !d->refreshing && d->inflight < WINDOW
 			&& !mosquitto_want_write(d->mosq)){
 		pthread_mutex_lock(&b->lock);
 		struct akz_msg *m = akz_msgq_peek(&d->pending);
+		bool more = m && m->next;   /* the broker thread links new tails: read it locked */
 		pthread_mutex_unlock(&b->lock);
 		if(m == NULL) break;
+		if(!corked && more && d->fd >= 0){
+			/* Several uplinks at once: let the kernel pack them into full segments (one TLS
+			 * record each still), which saves packets here and wake-ups upstream. */
+			corked = 1;
+			setsockopt(d->fd, IPPROTO_TCP, TCP_CORK, &corked, sizeof(corked));
+		}
 		int mid = 0;
 		int qos = m->qos > 1 ? 1 : m->qos;   /* akenza takes QoS 0 and 1; 2 goes as 1 */
 		int rc = mosquitto_publish(d->mosq, &mid, m->topic, (int)m->payloadlen, m->payload, qos, false);
@@ -636,6 +646,10 @@ static void pump_uplinks(struct dev *d)
 		pthread_mutex_lock(&b->lock);
 		free(akz_msgq_pop(&d->pending));
 		pthread_mutex_unlock(&b->lock);
+	}
+	if(corked && d->fd >= 0){
+		int off = 0;
+		setsockopt(d->fd, IPPROTO_TCP, TCP_CORK, &off, sizeof(off));
 	}
 	if(qos0) count_relayed(d, qos0);
 	update_interest(d);
