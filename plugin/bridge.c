@@ -1,5 +1,6 @@
 /* bridge.c - the upstream side: one thread, one epoll loop, one akenza connection per device. */
 #include <errno.h>
+#include <malloc.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
@@ -39,6 +40,7 @@
 #define CLOCK_JUMP_S 30           /* a wall-clock step larger than this re-mints the token */
 #define DOWN_MAX 10000            /* downlinks waiting for the broker thread */
 #define LOG_MAX 1000              /* log lines waiting for the broker thread */
+#define TRIM_AFTER_MS 5000        /* quiet time after connects before memory is given back */
 
 enum dev_state { ST_DISABLED, ST_CONNECTING, ST_CONNECTED, ST_BACKOFF, ST_UNAUTHORIZED };
 
@@ -140,6 +142,8 @@ struct akz_bridge {
 	double bucket;               /* connect-rate token bucket */
 	int64_t bucket_ms;
 	int64_t next_sweep_ms;
+	int64_t last_connect_ms;     /* when the last connection attempt started */
+	bool trim_due;               /* connects happened since memory was last given back */
 };
 
 /* ---- time ---------------------------------------------------------------------------- */
@@ -598,6 +602,8 @@ static void start_connect(struct dev *d)
 		return;
 	}
 	d->connect_deadline_ms = mono_ms() + CONNECT_TIMEOUT_MS;
+	b->last_connect_ms = mono_ms();
+	b->trim_due = true;
 	set_state(d, ST_CONNECTING, NULL);
 	update_interest(d);
 }
@@ -813,6 +819,12 @@ static void sweep(struct akz_bridge *b, int64_t now)
 		}
 		sweep_device(d, now, wall_off);
 		pp = &d->next;
+	}
+	/* A connect storm leaves tens of KB per handshake in this thread's malloc arena, which
+	 * glibc keeps: give it back once the storm is over, for edge boxes with little memory. */
+	if(b->trim_due && now - b->last_connect_ms > TRIM_AFTER_MS){
+		b->trim_due = false;
+		malloc_trim(0);
 	}
 }
 
