@@ -39,15 +39,6 @@ def make_key(keydir, device_id, kind="ec"):
     return priv, pub
 
 
-def make_keys_fast(keydir, ids):
-    """EC keys for many devices in one openssl process per key but without the pub files' extra
-    process: used for the 200-device tests."""
-    out = {}
-    for i in ids:
-        out[i] = make_key(keydir, i)
-    return out
-
-
 class Sensor:
     """A plain local MQTT client (no crypto), as a sensor would be. Collects what it receives."""
 

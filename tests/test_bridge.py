@@ -3,11 +3,10 @@ import json
 import re
 import time
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from conftest import wait_for
-from edge import Edge, Sensor, make_key
+from edge import Edge
 
 
 
