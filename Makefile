@@ -73,6 +73,7 @@ integration: all $(BUILD)/standin_auth.so
 
 test: deps
 	$(MAKE) all
+	$(MAKE) lint
 	$(MAKE) unit
 	$(MAKE) san-unit
 	$(MAKE) integration
@@ -84,7 +85,7 @@ bench: deps all $(BENCH_BIN)
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) bench/run.py
 
 lint:
-	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
+	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) $(STANDIN_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability --inline-suppr \
 		--suppress=missingIncludeSystem -Iinclude plugin tools tests/standin
 

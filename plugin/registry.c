@@ -362,7 +362,7 @@ static char *read_file(struct loader *ld)
 		return NULL;
 	}
 	if(sb.st_size > REGISTRY_MAX_BYTES){
-		problem(ld, "larger than %ld MiB", REGISTRY_MAX_BYTES / (1024 * 1024));
+		problem(ld, "larger than %ld MiB", REGISTRY_MAX_BYTES / (1024L * 1024L));
 		fclose(f);
 		return NULL;
 	}

@@ -68,7 +68,7 @@ static int kid_of(EVP_PKEY *pkey, char kid[65])
 	int ok = EVP_Digest(der, (size_t)len, md, &mdlen, EVP_sha256(), NULL);
 	OPENSSL_free(der);
 	if(ok != 1) return -1;
-	for(int i = 0; i < 32; i++) snprintf(kid + 2*i, 3, "%02x", md[i]);
+	for(size_t i = 0; i < 32; i++) snprintf(kid + 2*i, 3, "%02x", md[i]);
 	return 0;
 }
 
@@ -234,11 +234,11 @@ static const char *check_token(struct standin *s, const char *id, const char *to
 	const cJSON *alg = cJSON_GetObjectItemCaseSensitive(hdr, "alg");
 	const cJSON *typ = cJSON_GetObjectItemCaseSensitive(hdr, "typ");
 	const cJSON *kid = cJSON_GetObjectItemCaseSensitive(hdr, "kid");
-	if(!cJSON_IsString(alg) || (strcmp(alg->valuestring, "RS256") && strcmp(alg->valuestring, "ES256"))){
+	if(!cJSON_IsString(alg) || (strcmp(alg->valuestring, "RS256") != 0 && strcmp(alg->valuestring, "ES256") != 0)){
 		why = "alg must be RS256 or ES256";
 		goto out;
 	}
-	if(typ && (!cJSON_IsString(typ) || strcmp(typ->valuestring, "JWT"))){
+	if(typ && (!cJSON_IsString(typ) || strcmp(typ->valuestring, "JWT") != 0)){
 		why = "typ is not JWT";
 		goto out;
 	}
@@ -313,6 +313,7 @@ static void drop_session(struct standin *s, size_t i)
 {
 	free(s->sessions[i].id);
 	s->sessions[i] = s->sessions[--s->nsessions];
+	s->sessions[s->nsessions] = (struct session){0};   /* no stale copy left behind */
 }
 
 static struct session *session_of(struct standin *s, const struct mosquitto *client)
@@ -344,7 +345,7 @@ static int on_auth(int event, void *data, void *user)
 		refuse_log(id, why);
 		return MOSQ_ERR_AUTH;
 	}
-	add_session(s, ev->client, id, exp);
+	add_session(s, ev->client, id ? id : "", exp);
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, "standin: accepted client '%s' kid %s alg %s exp %lld",
 			id, k->kid, EVP_PKEY_is_a(k->pkey, "EC") ? "ES256" : "RS256", exp);
 	return MOSQ_ERR_SUCCESS;
@@ -381,10 +382,14 @@ static int on_tick(int event, void *data, void *user)
 	(void)data;
 	for(size_t i = 0; i < s->nsessions;){
 		if(s->sessions[i].exp <= now){
-			mosquitto_log_printf(MOSQ_LOG_NOTICE, "standin: token of '%s' expired: disconnecting",
-					s->sessions[i].id);
-			mosquitto_kick_client_by_clientid(s->sessions[i].id, false);
-			drop_session(s, i);
+			/* Forget the session before the kick: the kick runs the DISCONNECT callback,
+			 * which would otherwise drop (and free) the same session a second time. */
+			char *id = s->sessions[i].id;
+			s->sessions[i] = s->sessions[--s->nsessions];
+			s->sessions[s->nsessions] = (struct session){0};   /* no stale copy left behind */
+			mosquitto_log_printf(MOSQ_LOG_NOTICE, "standin: token of '%s' expired: disconnecting", id);
+			mosquitto_kick_client_by_clientid(id, false);
+			free(id);
 		}else{
 			i++;
 		}
