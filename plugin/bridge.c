@@ -39,7 +39,7 @@
 #define UNAUTH_MAX_MS 900000
 #define CLOCK_JUMP_S 30           /* a wall-clock step larger than this re-mints the token */
 #define DOWN_MAX 10000            /* downlinks waiting for the broker thread */
-#define LOG_MAX 1000              /* log lines waiting for the broker thread */
+#define LOG_MAX 20000             /* log lines waiting for the broker thread (a fleet reconnecting) */
 #define TRIM_AFTER_MS 5000        /* quiet time after connects before memory is given back */
 
 enum dev_state { ST_DISABLED, ST_CONNECTING, ST_CONNECTED, ST_BACKOFF, ST_UNAUTHORIZED };
