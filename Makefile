@@ -34,7 +34,7 @@ STANDIN_SRC := $(wildcard tests/standin/*.c)
 BENCH_SRC := $(wildcard bench/*.c)
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all deps test unit san-unit integration run bench clean lint install
+.PHONY: all deps test unit san-unit integration san-integration run bench clean lint install
 
 all: $(BUILD)/mosquitto_akenza.so $(BUILD)/akenzactl
 
@@ -71,12 +71,22 @@ san-unit:
 integration: all $(BUILD)/standin_auth.so
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -ra tests/
 
+# The plugin built with ASan+UBSan, loaded into real brokers (the runtime preloaded): the
+# edge, bridge and stand-in tests again, failing on any sanitizer report.
+ASAN_RT = $(shell $(CC) -print-file-name=libasan.so)
+san-integration:
+	$(MAKE) BUILD=build/san SAN=1 all build/san/standin_auth.so
+	ASAN_OPTIONS=detect_leaks=0 AKZ_BROKER_PRELOAD=$(ASAN_RT) AKZ_BUILD=$(abspath build/san) \
+		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_edge_auth.py tests/test_standin.py \
+		-k 'not token_refresh'
+
 test: deps
 	$(MAKE) all
 	$(MAKE) lint
 	$(MAKE) unit
 	$(MAKE) san-unit
 	$(MAKE) integration
+	$(MAKE) san-integration
 
 run: deps all $(BUILD)/standin_auth.so
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) tools/demo.py

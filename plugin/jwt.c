@@ -19,10 +19,17 @@ static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
 static EVP_MD *sha256_md;
 
 /* OpenSSL 3 looks an algorithm up on every EVP_sha256() use; fetching it once saves that
- * lookup on each token. Lives until the process exits (OpenSSL frees it at exit). */
+ * lookup on each token. */
 static void fetch_sha256(void)
 {
 	sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
+
+/* The plugin can be unloaded before the process ends: give the digest back then. */
+__attribute__((destructor)) static void free_sha256(void)
+{
+	EVP_MD_free(sha256_md);
+	sha256_md = NULL;
 }
 
 static const EVP_MD *sha256(void)

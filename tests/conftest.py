@@ -95,8 +95,12 @@ class Broker:
     def start(self, expect_start=True, timeout=15):
         self.logfile.touch()
         self.stdout = open(self.dir / f"{self.name}.stdout", "ab")
+        env = dict(os.environ)
+        if os.environ.get("AKZ_BROKER_PRELOAD"):
+            # a sanitizer runtime for a plugin built with SAN=1 (make san-integration)
+            env["LD_PRELOAD"] = os.environ["AKZ_BROKER_PRELOAD"]
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conffile)], stdout=self.stdout,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, env=env)
         if not expect_start:
             try:
                 self.proc.wait(timeout=timeout)
@@ -144,6 +148,10 @@ class Broker:
         if getattr(self, "stdout", None):
             self.stdout.close()
             self.stdout = None
+        if os.environ.get("AKZ_BROKER_PRELOAD"):
+            out = (self.dir / f"{self.name}.stdout").read_text(errors="replace")
+            for needle in ("ERROR: AddressSanitizer", "runtime error:", "ERROR: ThreadSanitizer"):
+                assert needle not in out, f"{self.name}: sanitizer report:\n{out[-4000:]}"
 
 
 @pytest.fixture
