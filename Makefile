@@ -18,6 +18,9 @@ SAN      ?=
 ifeq ($(SAN),1)
 SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 endif
+ifeq ($(SAN),thread)
+SANFLAGS := -fsanitize=thread -fno-omit-frame-pointer
+endif
 ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) $(CFLAGS) $(SANFLAGS) -Iinclude $(PKG_CFLAGS)
 LDLIBS   := $(PKG_LIBS) -lpthread
 
@@ -34,7 +37,7 @@ STANDIN_SRC := $(wildcard tests/standin/*.c)
 BENCH_SRC := $(wildcard bench/*.c)
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all deps test unit san-unit integration san-integration run bench clean lint install
+.PHONY: all deps test unit san-unit integration san-integration tsan-integration run bench clean lint install
 
 all: $(BUILD)/mosquitto_akenza.so $(BUILD)/akenzactl
 
@@ -80,6 +83,13 @@ san-integration:
 		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_edge_auth.py tests/test_standin.py \
 		-k 'not token_refresh'
 
+# ThreadSanitizer on the broker-thread / bridge-thread hand-offs.
+TSAN_RT = $(shell $(CC) -print-file-name=libtsan.so)
+tsan-integration:
+	$(MAKE) BUILD=build/tsan SAN=thread all build/tsan/standin_auth.so
+	AKZ_BROKER_PRELOAD=$(TSAN_RT) AKZ_BUILD=$(abspath build/tsan) \
+		$(PYTHON) -m pytest -q -ra tests/test_bridge.py -k 'not token_refresh'
+
 test: deps
 	$(MAKE) all
 	$(MAKE) lint
@@ -87,6 +97,7 @@ test: deps
 	$(MAKE) san-unit
 	$(MAKE) integration
 	$(MAKE) san-integration
+	$(MAKE) tsan-integration
 
 run: deps all $(BUILD)/standin_auth.so
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) tools/demo.py

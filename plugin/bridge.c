@@ -40,6 +40,7 @@
 #define CLOCK_JUMP_S 30           /* a wall-clock step larger than this re-mints the token */
 #define DOWN_MAX 10000            /* downlinks waiting for the broker thread */
 #define LOG_MAX 20000             /* log lines waiting for the broker thread (a fleet reconnecting) */
+#define READY_BATCH 4096          /* devices pumped per loop turn before sockets get a look */
 #define TRIM_AFTER_MS 5000        /* quiet time after connects before memory is given back */
 
 enum dev_state { ST_DISABLED, ST_CONNECTING, ST_CONNECTED, ST_BACKOFF, ST_UNAUTHORIZED };
@@ -347,6 +348,7 @@ static void update_interest(struct dev *d)
 }
 
 static void lost_connection(struct dev *d, int rc);
+static void wake(struct akz_bridge *b);
 
 /* Runs after every libmosquitto call that may close the socket. Some of its paths (a failed
  * TLS handshake) close it without calling on_disconnect: then the device would wait forever
@@ -761,8 +763,6 @@ static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 		break;
 	case ST_CONNECTED:
 		check_connected(d, now, wall_off);
-		/* A safety net under the event-driven pump: whatever is pending moves within a sweep. */
-		pump_uplinks(d);
 		break;
 	case ST_CONNECTING:
 		if(d->fd >= 0){
@@ -829,20 +829,26 @@ static void sweep(struct akz_bridge *b, int64_t now)
 	}
 }
 
-/* Hands new uplinks of the devices that got some to libmosquitto. */
+/* Hands new uplinks of the devices that got some to libmosquitto. Devices are taken off the
+ * ready list one at a time under the lock: the broker thread may put a device back on it (and
+ * rewrite its ready_next) the moment it is off, so the list is never walked unlocked. */
 static void pump_ready(struct akz_bridge *b)
 {
 	pthread_mutex_lock(&b->lock);
-	struct dev *r = b->ready;
-	b->ready = NULL;
 	b->wake_pending = false;
-	for(struct dev *d = r; d; d = d->ready_next) d->in_ready = false;
-	pthread_mutex_unlock(&b->lock);
-
-	/* The list is detached; no device on it is freed before the next sweep. */
-	for(struct dev *d = r; d; d = d->ready_next){
+	for(size_t n = 0; b->ready && n < READY_BATCH; n++){
+		struct dev *d = b->ready;
+		b->ready = d->ready_next;
+		d->in_ready = false;
+		pthread_mutex_unlock(&b->lock);
+		/* No device on the list is freed before the next sweep, which this thread runs. */
 		if(d->mosq) pump_uplinks(d);
+		pthread_mutex_lock(&b->lock);
 	}
+	bool more = b->ready != NULL;   /* more next turn: do not starve the sockets */
+	if(more) b->wake_pending = true;
+	pthread_mutex_unlock(&b->lock);
+	if(more) wake(b);
 }
 
 static void handle_io(struct dev *d, uint32_t events)

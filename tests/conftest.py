@@ -150,7 +150,7 @@ class Broker:
             self.stdout = None
         if os.environ.get("AKZ_BROKER_PRELOAD"):
             out = (self.dir / f"{self.name}.stdout").read_text(errors="replace")
-            for needle in ("ERROR: AddressSanitizer", "runtime error:", "ERROR: ThreadSanitizer"):
+            for needle in ("ERROR: AddressSanitizer", "runtime error:", "WARNING: ThreadSanitizer"):
                 assert needle not in out, f"{self.name}: sanitizer report:\n{out[-4000:]}"
 
 
