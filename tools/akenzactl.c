@@ -36,6 +36,15 @@ bool ctl_wants_help(int argc, char **argv)
 	return false;
 }
 
+bool ctl_key_option(int c, const char *arg, struct akz_key_opts *ko)
+{
+	switch(c){
+	case CTL_OPT_PASS: ko->passphrase_file = arg; return true;
+	case CTL_OPT_READABLE: ko->allow_group_readable = true; return true;
+	default: return false;
+	}
+}
+
 static void usage(FILE *out)
 {
 	fputs("usage: akenzactl COMMAND [OPTIONS]   (akenzactl COMMAND --help for its options)\n\n", out);

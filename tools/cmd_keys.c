@@ -10,8 +10,7 @@
 #include "akz_jwt.h"
 #include "akz_keystore.h"
 
-/* Options every key-reading command shares. */
-enum { OPT_PASS = 1000, OPT_READABLE, OPT_LIFETIME };
+enum { OPT_LIFETIME = CTL_OPT_FIRST_FREE };
 
 /* Parses a whole number in [lo, hi]. Returns 0, or -1 after printing why. */
 static int parse_long(const char *what, const char *s, long lo, long hi, long *out)
@@ -101,8 +100,7 @@ int cmd_fingerprint(int argc, char **argv)
 		"Prints the kid akenza expects for the key in FILE (private or public key, PEM):\n"
 		"the lowercase hex SHA-256 of its SubjectPublicKeyInfo DER, EC points uncompressed.\n";
 	static const struct option lo[] = {
-		{"passphrase-file", required_argument, NULL, OPT_PASS},
-		{"allow-readable", no_argument, NULL, OPT_READABLE},
+		CTL_KEY_LONGOPTS,
 		{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
 	struct akz_key_opts ko = {0};
 	int c;
@@ -110,10 +108,11 @@ int cmd_fingerprint(int argc, char **argv)
 	optind = 1;
 	while((c = getopt_long(argc, argv, "h", lo, NULL)) != -1){
 		switch(c){
-		case OPT_PASS: ko.passphrase_file = optarg; break;
-		case OPT_READABLE: ko.allow_group_readable = true; break;
 		case 'h': fputs(help, stdout); return 0;
-		default: fputs(help, stderr); return 2;
+		default:
+			if(ctl_key_option(c, optarg, &ko)) break;
+			fputs(help, stderr);
+			return 2;
 		}
 	}
 	if(optind != argc - 1){
@@ -140,8 +139,7 @@ int cmd_token(int argc, char **argv)
 	static const struct option lo[] = {
 		{"device", required_argument, NULL, 'd'}, {"key", required_argument, NULL, 'k'},
 		{"lifetime", required_argument, NULL, OPT_LIFETIME},
-		{"passphrase-file", required_argument, NULL, OPT_PASS},
-		{"allow-readable", no_argument, NULL, OPT_READABLE},
+		CTL_KEY_LONGOPTS,
 		{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
 	struct akz_key_opts ko = {0};
 	const char *id = NULL, *keyfile = NULL;
@@ -156,10 +154,11 @@ int cmd_token(int argc, char **argv)
 		case OPT_LIFETIME:
 			if(parse_long("--lifetime", optarg, AKZ_JWT_LIFETIME_MIN, AKZ_JWT_LIFETIME_MAX, &lifetime)) return 2;
 			break;
-		case OPT_PASS: ko.passphrase_file = optarg; break;
-		case OPT_READABLE: ko.allow_group_readable = true; break;
 		case 'h': fputs(help, stdout); return 0;
-		default: fputs(help, stderr); return 2;
+		default:
+			if(ctl_key_option(c, optarg, &ko)) break;
+			fputs(help, stderr);
+			return 2;
 		}
 	}
 	if(id == NULL || keyfile == NULL || optind != argc){

@@ -102,11 +102,10 @@ int cmd_check_registry(int argc, char **argv)
 		"usage: akenzactl check-registry [--keystore DIR] [--passphrase-file F] [--allow-readable] FILE\n"
 		"Checks a device registry as the plugin would at start: JSON, fields, password hashes,\n"
 		"duplicates, gateways, and every device key. Prints every problem; exits 1 if there is any.\n";
-	enum { OPT_KEYSTORE = 1000, OPT_PASS, OPT_READABLE };
+	enum { OPT_KEYSTORE = CTL_OPT_FIRST_FREE };
 	static const struct option lo[] = {
 		{"keystore", required_argument, NULL, OPT_KEYSTORE},
-		{"passphrase-file", required_argument, NULL, OPT_PASS},
-		{"allow-readable", no_argument, NULL, OPT_READABLE},
+		CTL_KEY_LONGOPTS,
 		{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
 	struct akz_key_opts ko = {0};
 	const char *keystore = NULL;
@@ -116,10 +115,11 @@ int cmd_check_registry(int argc, char **argv)
 	while((c = getopt_long(argc, argv, "h", lo, NULL)) != -1){
 		switch(c){
 		case OPT_KEYSTORE: keystore = optarg; break;
-		case OPT_PASS: ko.passphrase_file = optarg; break;
-		case OPT_READABLE: ko.allow_group_readable = true; break;
 		case 'h': fputs(help, stdout); return 0;
-		default: fputs(help, stderr); return 2;
+		default:
+			if(ctl_key_option(c, optarg, &ko)) break;
+			fputs(help, stderr);
+			return 2;
 		}
 	}
 	if(optind != argc - 1){
