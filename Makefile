@@ -8,7 +8,7 @@
 BUILD    ?= build
 CC       ?= cc
 PYTHON   ?= /usr/bin/python3
-PKGS     := libmosquitto libcjson openssl
+PKGS     := libmosquitto libcjson openssl zlib
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
@@ -25,7 +25,7 @@ ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) $(CFLAGS)
 LDLIBS   := $(PKG_LIBS) -lpthread
 
 # Modules shared by the plugin, akenzactl and the unit tests: no broker calls in them.
-SHARED   := util keystore jwt passwd registry topic config queue tls
+SHARED   := util keystore jwt passwd registry topic config queue tls spool
 SHARED_OBJ := $(SHARED:%=$(BUILD)/obj/plugin/%.o)
 PLUGIN_SRC := $(wildcard plugin/*.c)
 PLUGIN_OBJ := $(PLUGIN_SRC:%.c=$(BUILD)/obj/%.o)

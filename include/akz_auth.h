@@ -29,7 +29,9 @@ int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 		const struct akz_config *cfg, struct mosquitto_evt_basic_auth *ev);
 
 /* The ACL_CHECK decision for registry users: MOSQ_ERR_SUCCESS or MOSQ_ERR_ACL_DENIED;
- * MOSQ_ERR_PLUGIN_DEFER for clients the registry does not know. */
-int akz_acl_check(const struct akz_registry *reg, struct mosquitto_evt_acl_check *ev);
+ * MOSQ_ERR_PLUGIN_DEFER for clients the registry does not know. receipts_prefix (NULL when
+ * receipts are off) lets a device read <prefix><its id>. */
+int akz_acl_check(const struct akz_registry *reg, const char *receipts_prefix,
+		struct mosquitto_evt_acl_check *ev);
 
 #endif

@@ -15,6 +15,8 @@ enum akz_uplink_result {
 	AKZ_UPLINK_FULL = 1,     /* the device's queue is full: the publisher must keep the message */
 	AKZ_UPLINK_UNKNOWN = 2,  /* no enabled device with that id: not relayed */
 	AKZ_UPLINK_NOMEM = 3,
+	AKZ_UPLINK_SPOOL_FULL = 4, /* the device's share of the spool, or the spool, is full */
+	AKZ_UPLINK_SPOOL_IO = 5,   /* the spool could not write it (disk full, I/O error) */
 };
 
 /* Creates the bridge and starts its thread. The bridge copies what it needs from cfg.
@@ -29,10 +31,13 @@ void akz_bridge_stop(struct akz_bridge *bridge);
  * untouched. Broker thread. Returns 0, or -1 when out of memory (nothing changed then). */
 int akz_bridge_sync(struct akz_bridge *bridge, const struct akz_registry *reg);
 
-/* Hands one uplink (topic /up/device/id/<device_id>[/...]) to the bridge. Copies what it keeps.
- * Broker thread. */
+/* Hands one uplink (topic /up/device/id/<device_id>[/...]) to the bridge, and to the spool
+ * first when there is one: AKZ_UPLINK_QUEUED means it is kept until akenza acknowledges it.
+ * corr (may be NULL) is the MQTT v5 correlation data, echoed in the delivery receipt. Copies what
+ * it keeps. Broker thread. */
 enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *bridge, const char *device_id,
-		size_t idlen, const char *topic, const void *payload, uint32_t payloadlen, int qos);
+		size_t idlen, const char *topic, const void *payload, uint32_t payloadlen, int qos,
+		const void *corr, uint16_t corrlen);
 
 /* Broker thread, from the TICK callback: publishes received downlinks locally and the status
  * topics that changed. */

@@ -23,7 +23,19 @@ struct akz_config {
 	int upstream_keepalive;      /* plugin_opt_upstream_keepalive (default 60 s) */
 	long token_lifetime;         /* plugin_opt_token_lifetime (default 1200 s) */
 	int connect_rate;            /* plugin_opt_connect_rate: connection attempts per second (default 200) */
-	int queue_max;               /* plugin_opt_queue_max: queued uplinks per device (default 1000) */
+	int queue_max;               /* plugin_opt_queue_max: uplinks held per device (default 0 = auto:
+	                                1000 in memory, bounded by spool_device_max_bytes with a spool) */
+	long uplink_ttl;             /* plugin_opt_spool_ttl: seconds an uplink may wait (default 7200, 0 = forever) */
+	/* durable spool (off unless spool_dir is set) */
+	char *spool_dir;             /* plugin_opt_spool_dir */
+	char *spool_sync;            /* plugin_opt_spool_sync: always, batch (default) or none */
+	int spool_sync_ms;           /* plugin_opt_spool_sync_ms: batch bound (default 5) */
+	long spool_max_bytes;        /* plugin_opt_spool_max_bytes (default 64 MiB) */
+	long spool_device_max_bytes; /* plugin_opt_spool_device_max_bytes (default 16 MiB) */
+	long spool_segment_bytes;    /* plugin_opt_spool_segment_bytes (default 4 MiB) */
+	bool spool_qos0;             /* plugin_opt_spool_qos0: spool QoS 0 uplinks too (default false) */
+	bool receipts;               /* plugin_opt_receipts: publish delivery receipts (default false) */
+	char *receipts_prefix;       /* plugin_opt_receipts_topic: prefix, the device id follows (default akenza/receipts/) */
 	int status_interval_ms;      /* plugin_opt_status_interval: min ms between status publishes (default 1000) */
 };
 

@@ -5,12 +5,17 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* One message; topic and payload live in the same allocation. */
+/* One message; topic, payload and correlation data live in the same allocation. */
 struct akz_msg {
 	struct akz_msg *next;
 	char *topic;
 	void *payload;
+	void *corr;           /* MQTT v5 correlation data of an uplink, NULL if none */
+	uint64_t seq;         /* per-device spool sequence number, 0 when not spooled */
+	int64_t time;         /* wall-clock second the edge accepted it (for the TTL) */
 	uint32_t payloadlen;
+	uint32_t spooled;     /* bytes it takes in the spool, 0 when not spooled */
+	uint16_t corrlen;
 	uint8_t qos;
 };
 
@@ -20,12 +25,16 @@ struct akz_msgq {
 	size_t bytes;  /* payload bytes */
 };
 
-/* Copies topic (topiclen bytes, need not be NUL-terminated) and payload into one new message.
- * Returns NULL when out of memory. Free with free(). */
+/* Copies topic (topiclen bytes, need not be NUL-terminated), payload and corr (may be NULL)
+ * into one new message stamped with the current time. Returns NULL when out of memory.
+ * Free with free(). */
 struct akz_msg *akz_msg_new(const char *topic, size_t topiclen, const void *payload,
-		uint32_t payloadlen, uint8_t qos);
+		uint32_t payloadlen, uint8_t qos, const void *corr, uint16_t corrlen);
 
 void akz_msgq_push(struct akz_msgq *q, struct akz_msg *m);
+
+/* Puts m in front of the oldest message. */
+void akz_msgq_push_front(struct akz_msgq *q, struct akz_msg *m);
 
 /* The oldest message without removing it, NULL when empty. */
 static inline struct akz_msg *akz_msgq_peek(const struct akz_msgq *q) { return q->head; }

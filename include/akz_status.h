@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <time.h>
 #include "akz_keystore.h"
+#include "akz_spool.h"
 
 #define AKZ_STATUS_ID_MAX 192
 #define AKZ_STATUS_PREFIX "$SYS/broker/akenza/"
@@ -16,6 +17,7 @@ struct akz_status_dev {
 	time_t since;               /* when it entered that state */
 	time_t token_expires;       /* exp of the token last used, 0 if none yet */
 	size_t queued;              /* uplinks accepted and not yet acknowledged by akenza */
+	uint64_t spool_bytes, spool_msgs;  /* of those, in the spool */
 	char kid[AKZ_KID_LEN];
 	char last_error[240];
 };
@@ -25,8 +27,11 @@ struct akz_status_summary {
 	uint64_t devices, connected;
 	uint64_t uplinks, downlinks;   /* relayed (QoS 1 uplinks: acknowledged by akenza) */
 	uint64_t queued;
-	uint64_t refused;              /* uplinks refused because a queue was full */
+	uint64_t refused;              /* uplinks refused: a queue or the spool was full */
+	uint64_t expired;              /* uplinks dropped undelivered by the TTL */
+	uint64_t orphaned;             /* spooled uplinks of devices not (or no longer) in the registry */
 	uint64_t errors;
+	struct akz_spool_stats spool;  /* all zero without a spool */
 };
 
 /* Publishes (retained) the device's status. Broker thread. Logs and returns on failure. */
@@ -37,6 +42,9 @@ void akz_status_publish_summary(const struct akz_status_summary *s);
 
 /* Clears the retained status of a device that left the registry. Broker thread. */
 void akz_status_clear_device(const char *id);
+
+/* Renders the summary as JSON; caller frees with free(). NULL when out of memory. */
+char *akz_status_summary_json(const struct akz_status_summary *s);
 
 /* Renders a device status as JSON; caller frees with free(). NULL when out of memory. */
 char *akz_status_device_json(const struct akz_status_dev *s);

@@ -36,7 +36,20 @@ static bool may_access(const struct akz_registry *reg, const struct principal *w
 	return id != NULL && serves(reg, who, id, idlen);
 }
 
-int akz_acl_check(const struct akz_registry *reg, struct mosquitto_evt_acl_check *ev)
+/* True if topic is exactly <prefix><id> for a device the principal serves: its delivery
+ * receipts. No wildcards: a receipt filter names one device. */
+static bool may_read_receipts(const struct akz_registry *reg, const struct principal *who,
+		const char *topic, const char *prefix)
+{
+	size_t plen = prefix ? strlen(prefix) : 0;
+	if(prefix == NULL || strncmp(topic, prefix, plen) != 0) return false;
+	const char *id = topic + plen;
+	size_t idlen = strlen(id);
+	return idlen > 0 && strpbrk(id, "/+#") == NULL && serves(reg, who, id, idlen);
+}
+
+int akz_acl_check(const struct akz_registry *reg, const char *receipts_prefix,
+		struct mosquitto_evt_acl_check *ev)
 {
 	const char *username = mosquitto_client_username(ev->client);
 	struct principal who = {
@@ -52,7 +65,8 @@ int akz_acl_check(const struct akz_registry *reg, struct mosquitto_evt_acl_check
 		break;
 	case MOSQ_ACL_READ:
 	case MOSQ_ACL_SUBSCRIBE:
-		ok = may_access(reg, &who, ev->topic, AKZ_TOPIC_DOWN);
+		ok = may_access(reg, &who, ev->topic, AKZ_TOPIC_DOWN)
+				|| may_read_receipts(reg, &who, ev->topic, receipts_prefix);
 		break;
 	case MOSQ_ACL_UNSUBSCRIBE:
 		ok = true;   /* giving up a subscription never exposes anything */

@@ -20,11 +20,13 @@
 #include <openssl/rand.h>
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
+#include <mqtt_protocol.h>
 #include "akz_bridge.h"
 #include "akz_config.h"
 #include "akz_jwt.h"
 #include "akz_queue.h"
 #include "akz_registry.h"
+#include "akz_spool.h"
 #include "akz_status.h"
 #include "akz_tls.h"
 #include "akz_topic.h"
@@ -50,9 +52,11 @@ static const char *const state_names[] = {
 	[ST_BACKOFF] = "backoff", [ST_UNAUTHORIZED] = "unauthorized",
 };
 
+/* An uplink handed to libmosquitto and waiting for its PUBACK: kept for the spool's bookkeeping
+ * and the delivery receipt (libmosquitto keeps its own copy to resend). */
 struct inflight {
 	int mid;
-	bool used;
+	struct akz_msg *m;           /* NULL: slot free */
 };
 
 struct dev {
@@ -65,6 +69,7 @@ struct dev {
 	struct dev *dirty_next;      /* on b->dirty: status to publish */
 	struct dev *incoming_next;   /* on b->incoming: new, not yet adopted by the thread */
 	struct akz_msgq pending;     /* accepted, not yet handed to libmosquitto */
+	struct akz_spool_dev *sd;    /* its share of the spool, NULL without one */
 	size_t unacked;              /* pending + handed over and not yet acknowledged */
 	bool enabled;
 	bool removed;
@@ -93,6 +98,8 @@ struct dev {
 	bool ever_connected;
 	int failures;
 	int inflight;
+	uint64_t sent_upto;          /* seq of the last spooled uplink taken off pending */
+	uint64_t expired;            /* dropped by the TTL since the last log line */
 	struct inflight fl[WINDOW];
 	char last_log[200];          /* libmosquitto's last error, e.g. the TLS failure */
 };
@@ -113,8 +120,14 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	long lifetime;
 	int connect_rate;
 	size_t queue_max;
+	int64_t ttl;                 /* seconds; 0: forever */
+	bool spool_qos0;
+	bool receipts;
+	char *receipts_prefix;
 	int status_interval_ms;
 	SSL_CTX *ssl_ctx;
+
+	struct akz_spool *spool;     /* NULL: uplinks wait in memory only */
 
 	pthread_t thread;
 	bool thread_started;
@@ -400,17 +413,71 @@ static void schedule_retry(struct dev *d, enum dev_state st, const char *error)
 	set_state(d, st, error);
 }
 
-/* Frees the window slot of mid. Returns true if it was one of ours (a QoS 1 uplink). */
-static bool forget_inflight(struct dev *d, int mid)
+/* Frees the window slot of mid. Returns its uplink (the caller owns it), or NULL if mid was not
+ * one of ours (QoS 0 uplinks and the subscription also end up in on_publish). */
+static struct akz_msg *take_inflight(struct dev *d, int mid)
 {
 	for(int i = 0; i < WINDOW; i++){
-		if(d->fl[i].used && d->fl[i].mid == mid){
-			d->fl[i].used = false;
+		if(d->fl[i].m && d->fl[i].mid == mid){
+			struct akz_msg *m = d->fl[i].m;
+			d->fl[i].m = NULL;
 			d->inflight--;
-			return true;
+			return m;
 		}
 	}
-	return false;
+	return NULL;
+}
+
+/* The spool seq up to which every uplink of the device is done with: those in the window are
+ * not, nor is anything still pending (which comes after sent_upto). */
+static uint64_t done_upto(const struct dev *d)
+{
+	uint64_t upto = d->sent_upto;
+	for(int i = 0; i < WINDOW; i++){
+		const struct akz_msg *m = d->fl[i].m;
+		if(m && m->seq && m->seq <= upto) upto = m->seq - 1;
+	}
+	return upto;
+}
+
+/* Tells the spool that m (taken off pending or out of the window) is done with. */
+static void settle(struct dev *d, const struct akz_msg *m)
+{
+	if(m->spooled && d->sd) akz_spool_settle(d->b->spool, d->sd, m->spooled, 1, done_upto(d));
+}
+
+/* Queues the delivery receipt of m for the broker thread: on <prefix><id>, the uplink's
+ * correlation data as property when it had some, and {"seq","topic","time"} as payload. */
+static void queue_receipt(struct dev *d, const struct akz_msg *m)
+{
+	struct akz_bridge *b = d->b;
+	char topic[512], body[700];
+
+	snprintf(topic, sizeof(topic), "%s%s", b->receipts_prefix, d->id);
+	int n = snprintf(body, sizeof(body), "{\"seq\":%" PRIu64 ",\"time\":%" PRId64 ",\"topic\":\"",
+			m->seq, m->time);
+	/* Topics come from the device's own uplinks (no quotes or controls pass the topic check,
+	 * but escape anyway: this is JSON). */
+	for(const char *c = m->topic; *c && n < (int)sizeof(body) - 8; c++){
+		if(*c == '"' || *c == '\\') body[n++] = '\\';
+		if((unsigned char)*c >= 0x20) body[n++] = *c;
+	}
+	n += snprintf(body + n, sizeof(body) - (size_t)n, "\"}");
+	struct akz_msg *r = akz_msg_new(topic, strlen(topic), body, (uint32_t)n, 1, m->corr, m->corrlen);
+	bool queued = false;
+	pthread_mutex_lock(&b->lock);
+	if(r && b->down.count < DOWN_MAX){
+		akz_msgq_push(&b->down, r);
+		queued = true;
+	}else{
+		b->sum.errors++;
+	}
+	pthread_mutex_unlock(&b->lock);
+	if(!queued){
+		free(r);
+		blog(b, MOSQ_LOG_ERR, "akenza: device '%s': receipt for uplink %" PRIu64 " dropped: the "
+				"broker is not taking messages fast enough", d->id, m->seq);
+	}
 }
 
 /* Counts uplinks as delivered: acknowledged by akenza (QoS 1) or written (QoS 0). */
@@ -430,8 +497,12 @@ static void on_publish(struct mosquitto *mosq, void *obj, int mid)
 	struct dev *d = obj;
 	(void)mosq;
 
-	if(!forget_inflight(d, mid)) return;
+	struct akz_msg *m = take_inflight(d, mid);
+	if(m == NULL) return;
 	d->waiting_ack_since_ms = mono_ms();
+	settle(d, m);
+	if(d->b->receipts) queue_receipt(d, m);
+	free(m);
 	count_relayed(d, 1);
 }
 
@@ -515,7 +586,7 @@ static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto
 		return;
 	}
 	struct akz_msg *m = akz_msg_new(msg->topic, strlen(msg->topic), msg->payload,
-			(uint32_t)msg->payloadlen, (uint8_t)msg->qos);
+			(uint32_t)msg->payloadlen, (uint8_t)msg->qos, NULL, 0);
 	pthread_mutex_lock(&b->lock);
 	if(m && b->down.count < DOWN_MAX){
 		akz_msgq_push(&b->down, m);
@@ -611,6 +682,46 @@ static void start_connect(struct dev *d)
 	update_interest(d);
 }
 
+/* Takes the oldest pending uplink off the queue. Bridge thread. */
+static struct akz_msg *pop_pending(struct dev *d)
+{
+	pthread_mutex_lock(&d->b->lock);
+	struct akz_msg *m = akz_msgq_pop(&d->pending);
+	pthread_mutex_unlock(&d->b->lock);
+	if(m && m->seq) d->sent_upto = m->seq;
+	return m;
+}
+
+/* Drops pending uplinks older than the TTL, oldest first (they are in arrival order), counting
+ * them; one log line per device and sweep says how many went. Bridge thread. */
+static void expire_pending(struct dev *d, int64_t wall_now)
+{
+	struct akz_bridge *b = d->b;
+	size_t n = 0;
+
+	if(b->ttl == 0) return;
+	for(;;){
+		pthread_mutex_lock(&b->lock);
+		struct akz_msg *m = akz_msgq_peek(&d->pending);
+		bool old = m && wall_now - m->time > b->ttl;
+		pthread_mutex_unlock(&b->lock);
+		if(!old) break;
+		m = pop_pending(d);
+		settle(d, m);
+		free(m);
+		n++;
+	}
+	if(n == 0) return;
+	pthread_mutex_lock(&b->lock);
+	d->unacked -= n;
+	if(!d->removed) b->sum.queued -= n;
+	b->sum.expired += n;
+	b->sum_dirty = true;
+	mark_dirty_locked(b, d);
+	pthread_mutex_unlock(&b->lock);
+	d->expired += n;
+}
+
 /* Hands pending uplinks to libmosquitto while the window has room and the socket takes them:
  * QoS 1 ones wait in the window for their PUBACK, QoS 0 ones count as relayed once handed over.
  * Stopping while libmosquitto still has bytes to write keeps its queue, and our memory, small. */
@@ -627,6 +738,10 @@ static void pump_uplinks(struct dev *d)
 		bool more = m && m->next;   /* the broker thread links new tails: read it locked */
 		pthread_mutex_unlock(&b->lock);
 		if(m == NULL) break;
+		if(b->ttl && (int64_t)time(NULL) - m->time > b->ttl){
+			expire_pending(d, (int64_t)time(NULL));
+			continue;
+		}
 		if(!corked && more && d->fd >= 0){
 			/* Several uplinks at once: let the kernel pack them into full segments (one TLS
 			 * record each still), which saves packets here and wake-ups upstream. */
@@ -641,20 +756,20 @@ static void pump_uplinks(struct dev *d)
 			snprintf(d->last_log, sizeof(d->last_log), "publish: %s", mosquitto_strerror(rc));
 			break;
 		}
+		m = pop_pending(d);
 		if(qos == 1){
 			for(int i = 0; i < WINDOW; i++){
-				if(!d->fl[i].used){
-					d->fl[i] = (struct inflight){.mid = mid, .used = true};
+				if(d->fl[i].m == NULL){
+					d->fl[i] = (struct inflight){.mid = mid, .m = m};
 					break;
 				}
 			}
 			if(d->inflight++ == 0) d->waiting_ack_since_ms = mono_ms();
 		}else{
+			settle(d, m);
+			free(m);
 			qos0++;
 		}
-		pthread_mutex_lock(&b->lock);
-		free(akz_msgq_pop(&d->pending));
-		pthread_mutex_unlock(&b->lock);
 	}
 	if(corked && d->fd >= 0){
 		int off = 0;
@@ -700,6 +815,36 @@ static void apply_change(struct dev *d)
 	if(d->mosq) update_interest(d);
 }
 
+static int cmp_msg_seq(const void *a, const void *b)
+{
+	uint64_t x = (*(struct akz_msg *const *)a)->seq, y = (*(struct akz_msg *const *)b)->seq;
+	return x < y ? -1 : x > y;
+}
+
+/* Hands a leaving device's undelivered spooled uplinks back to the spool, window first (in seq
+ * order) then pending, so that they are sent in order if the device comes back. The rest is freed. */
+static void give_back(struct dev *d)
+{
+	struct akz_msg *win[WINDOW] = {0};
+	struct akz_msgq q = {0};
+	size_t n = 0;
+
+	for(int i = 0; i < WINDOW; i++){
+		if(d->fl[i].m) win[n++] = d->fl[i].m;
+		d->fl[i].m = NULL;
+	}
+	qsort(win, n, sizeof(struct akz_msg *), cmp_msg_seq);
+	for(size_t i = 0; i < n; i++){
+		if(win[i]->seq && d->sd) akz_msgq_push(&q, win[i]);
+		else free(win[i]);
+	}
+	for(struct akz_msg *m; (m = akz_msgq_pop(&d->pending)) != NULL;){
+		if(m->seq && d->sd) akz_msgq_push(&q, m);
+		else free(m);
+	}
+	if(q.count) akz_spool_give_back(d->b->spool, d->sd, &q);
+}
+
 static void destroy_dev(struct dev *d)
 {
 	if(d->mosq){
@@ -707,7 +852,7 @@ static void destroy_dev(struct dev *d)
 	}
 	akz_key_unref(d->key);
 	akz_key_unref(d->next_key);
-	akz_msgq_clear(&d->pending);
+	give_back(d);
 	free(d->id);
 	free(d);
 }
@@ -758,6 +903,12 @@ static void check_connected(struct dev *d, int64_t now, int64_t wall_off)
 
 static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 {
+	if(d->state != ST_CONNECTED) expire_pending(d, (int64_t)time(NULL));
+	if(d->expired){
+		blog(d->b, MOSQ_LOG_WARNING, "akenza: device '%s': %" PRIu64 " uplinks older than "
+				"plugin_opt_spool_ttl (%" PRId64 " s) dropped undelivered", d->id, d->expired, d->b->ttl);
+		d->expired = 0;
+	}
 	switch(d->state){
 	case ST_DISABLED:
 		break;
@@ -918,10 +1069,21 @@ static void wake(struct akz_bridge *b)
 
 /* ---- the broker-thread API ------------------------------------------------------------- */
 
-enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *device_id,
-		size_t idlen, const char *topic, const void *payload, uint32_t payloadlen, int qos)
+/* Counts a refused uplink. */
+static void count_refused(struct akz_bridge *b)
 {
-	struct akz_msg *m = akz_msg_new(topic, strlen(topic), payload, payloadlen, (uint8_t)qos);
+	pthread_mutex_lock(&b->lock);
+	b->sum.refused++;
+	b->sum_dirty = true;
+	pthread_mutex_unlock(&b->lock);
+}
+
+enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *device_id,
+		size_t idlen, const char *topic, const void *payload, uint32_t payloadlen, int qos,
+		const void *corr, uint16_t corrlen)
+{
+	struct akz_msg *m = akz_msg_new(topic, strlen(topic), payload, payloadlen, (uint8_t)qos,
+			corr, corrlen);
 	if(m == NULL) return AKZ_UPLINK_NOMEM;
 
 	pthread_mutex_lock(&b->lock);
@@ -931,13 +1093,25 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *devic
 		free(m);
 		return AKZ_UPLINK_UNKNOWN;
 	}
-	if(d->unacked >= b->queue_max){
-		b->sum.refused++;
-		b->sum_dirty = true;
-		pthread_mutex_unlock(&b->lock);
+	bool full = d->unacked >= b->queue_max;
+	struct akz_spool_dev *sd = d->sd;
+	pthread_mutex_unlock(&b->lock);
+	if(full){
+		count_refused(b);
 		free(m);
 		return AKZ_UPLINK_FULL;
 	}
+	/* On disk before the broker acknowledges it. Only this thread appends and only this thread
+	 * removes devices, so d stays valid and seqs follow the queue order. */
+	if(sd && (qos > 0 || b->spool_qos0)){
+		enum akz_spool_rc rc = akz_spool_append(b->spool, sd, m);
+		if(rc != AKZ_SPOOL_OK){
+			count_refused(b);
+			free(m);
+			return rc == AKZ_SPOOL_IO ? AKZ_UPLINK_SPOOL_IO : AKZ_UPLINK_SPOOL_FULL;
+		}
+	}
+	pthread_mutex_lock(&b->lock);
 	akz_msgq_push(&d->pending, m);
 	d->unacked++;
 	b->sum.queued++;
@@ -969,6 +1143,19 @@ static struct dev *new_dev(struct akz_bridge *b, const struct akz_device *rd)
 	d->zombie_fd = -1;
 	d->enabled = rd->enabled;
 	d->key = akz_key_ref(rd->key);
+	if(b->spool){
+		d->sd = akz_spool_device(b->spool, rd->id, strlen(rd->id));
+		if(d->sd == NULL){
+			akz_key_unref(d->key);
+			free(d->id);
+			free(d);
+			return NULL;
+		}
+		/* What the spool recovered for it goes first, in the order the device sent it. */
+		akz_spool_take_backlog(b->spool, d->sd, &d->pending);
+		d->unacked = d->pending.count;
+		if(d->pending.head) d->sent_upto = d->pending.head->seq - 1;
+	}
 	d->state = rd->enabled ? ST_CONNECTING : ST_DISABLED;
 	d->status.state = state_names[d->state];
 	d->status.since = time(NULL);
@@ -993,6 +1180,25 @@ static void note_change_locked(struct akz_bridge *b, struct dev *d, const struct
 	}
 	d->changed = true;
 	b->changes = true;
+}
+
+struct orphans {
+	const struct akz_registry *reg;
+	uint64_t msgs;
+};
+
+/* Logs a device the spool holds uplinks for that the registry does not have: they are kept (the
+ * device may come back), not deleted behind the operator's back. Runs under the spool's lock:
+ * takes no bridge lock. Broker thread. */
+static void report_orphan(void *ctx, const char *id, uint64_t bytes, uint64_t msgs)
+{
+	struct orphans *o = ctx;
+	const struct akz_device *rd = akz_registry_find_device(o->reg, id);
+	if(rd && rd->enabled) return;
+	o->msgs += msgs;
+	mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: spool holds %" PRIu64 " undelivered uplinks (%"
+			PRIu64 " bytes) of device '%s', which is %s: kept until it is back", msgs, bytes, id,
+			rd ? "disabled" : "not in the registry");
 }
 
 int akz_bridge_sync(struct akz_bridge *b, const struct akz_registry *reg)
@@ -1033,7 +1239,8 @@ int akz_bridge_sync(struct akz_bridge *b, const struct akz_registry *reg)
 				if(d->status.state && strcmp(d->status.state, "connected") == 0) b->sum.connected--;
 				if(dropped){
 					mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: device '%s' removed with %zu "
-							"uplinks not yet acknowledged by akenza: they are discarded", d->id, dropped);
+							"uplinks not yet acknowledged by akenza: %s", d->id, dropped, b->spool
+							? "the spool keeps them until it comes back" : "they are discarded");
 				}
 				akz_status_clear_device(d->id);
 			}
@@ -1051,10 +1258,18 @@ int akz_bridge_sync(struct akz_bridge *b, const struct akz_registry *reg)
 		d->incoming_next = b->incoming;
 		b->incoming = d;
 		b->sum.devices++;
+		b->sum.queued += d->unacked;
 		mark_dirty_locked(b, d);
 	}
 	pthread_mutex_unlock(&b->lock);
 	wake(b);
+	if(b->spool){
+		struct orphans o = {.reg = reg};
+		akz_spool_each_backlog(b->spool, report_orphan, &o);
+		pthread_mutex_lock(&b->lock);
+		b->sum.orphaned = o.msgs;
+		pthread_mutex_unlock(&b->lock);
+	}
 	return 0;
 
 nomem:
@@ -1086,11 +1301,13 @@ static void publish_statuses(struct akz_bridge *b, int64_t now)
 		d->status_published_ms = now;
 		snaps[nsnap] = d->status;
 		snaps[nsnap].queued = d->unacked;
+		if(d->sd) akz_spool_device_usage(b->spool, d->sd, &snaps[nsnap].spool_bytes, &snaps[nsnap].spool_msgs);
 		snprintf(ids[nsnap], sizeof(ids[nsnap]), "%s", d->id);
 		nsnap++;
 	}
 	bool sum = b->sum_dirty && now - b->sum_published_ms >= b->status_interval_ms;
 	struct akz_status_summary s = b->sum;
+	if(b->spool) akz_spool_get_stats(b->spool, &s.spool);
 	if(sum){
 		b->sum_dirty = false;
 		b->sum_published_ms = now;
@@ -1133,11 +1350,20 @@ void akz_bridge_tick(struct akz_bridge *b)
 
 	size_t relayed = 0;
 	for(struct akz_msg *m; (m = akz_msgq_pop(&down)) != NULL; free(m)){
+		mosquitto_property *props = NULL;
+		if(m->corrlen && mosquitto_property_add_binary(&props, MQTT_PROP_CORRELATION_DATA, m->corr,
+				m->corrlen) != MOSQ_ERR_SUCCESS){
+			mosquitto_property_free_all(&props);
+		}
 		int rc = mosquitto_broker_publish_copy(NULL, m->topic, (int)m->payloadlen, m->payload,
-				m->qos, false, NULL);
-		if(rc == MOSQ_ERR_SUCCESS) relayed++;
-		else mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: downlink on '%s' not published: %s",
-				m->topic, mosquitto_strerror(rc));
+				m->qos, false, props);
+		if(rc == MOSQ_ERR_SUCCESS){
+			relayed++;   /* the broker owns props now */
+		}else{
+			mosquitto_property_free_all(&props);
+			mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: message on '%s' not published: %s",
+					m->topic, mosquitto_strerror(rc));
+		}
 	}
 	if(relayed){
 		pthread_mutex_lock(&b->lock);
@@ -1165,6 +1391,7 @@ static void free_bridge(struct akz_bridge *b)
 	}
 	/* Removed devices the thread had not yet freed are still on b->devs; nothing else holds one. */
 	akz_msgq_clear(&b->down);
+	akz_spool_close(b->spool);
 	flush_log(b);
 	if(b->epfd >= 0) close(b->epfd);
 	if(b->wakefd >= 0) close(b->wakefd);
@@ -1173,7 +1400,38 @@ static void free_bridge(struct akz_bridge *b)
 	free(b->buckets);
 	free(b->host);
 	free(b->username);
+	free(b->receipts_prefix);
 	free(b);
+}
+
+/* The spool's log lines go through the bridge's queue: the flusher thread must not call the
+ * broker's logger. At open (broker thread) the queue is flushed right after. */
+static void spool_log(void *ctx, int level, const char *msg)
+{
+	blog(ctx, level, "%s", msg);
+}
+
+static int open_spool(struct akz_bridge *b, const struct akz_config *cfg, char *err, size_t errlen)
+{
+	struct akz_spool_opts o = {
+		.dir = cfg->spool_dir,
+		.sync = AKZ_SYNC_BATCH,
+		.sync_ms = cfg->spool_sync_ms,
+		.max_bytes = (uint64_t)cfg->spool_max_bytes,
+		.device_max_bytes = (uint64_t)cfg->spool_device_max_bytes,
+		.segment_bytes = (uint64_t)cfg->spool_segment_bytes,
+	};
+	if(cfg->spool_sync) akz_spool_sync_parse(cfg->spool_sync, &o.sync);
+	int rc = akz_spool_open(&o, spool_log, b, &b->spool, err, errlen);
+	flush_log(b);
+	if(rc == 0){
+		struct akz_spool_stats st;
+		akz_spool_get_stats(b->spool, &st);
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: spool %s (sync %s): %" PRIu64 " undelivered "
+				"uplinks (%" PRIu64 " bytes) recovered in %" PRIu64 " segments", cfg->spool_dir,
+				cfg->spool_sync, st.msgs, st.bytes, st.segments);
+	}
+	return rc;
 }
 
 int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char *err, size_t errlen)
@@ -1192,12 +1450,17 @@ int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char
 	b->keepalive = cfg->upstream_keepalive;
 	b->lifetime = cfg->token_lifetime;
 	b->connect_rate = cfg->connect_rate;
-	b->queue_max = (size_t)cfg->queue_max;
+	b->queue_max = cfg->queue_max ? (size_t)cfg->queue_max : cfg->spool_dir ? SIZE_MAX : 1000;
+	b->ttl = cfg->uplink_ttl;
+	b->spool_qos0 = cfg->spool_qos0;
+	b->receipts = cfg->receipts;
+	b->receipts_prefix = strdup(cfg->receipts_prefix ? cfg->receipts_prefix : "akenza/receipts/");
 	b->status_interval_ms = cfg->status_interval_ms;
-	if(b->host == NULL || b->username == NULL){
+	if(b->host == NULL || b->username == NULL || b->receipts_prefix == NULL){
 		snprintf(err, errlen, "out of memory");
 		goto fail;
 	}
+	if(cfg->spool_dir && open_spool(b, cfg, err, errlen)) goto fail;
 	mosquitto_lib_init();
 	b->ssl_ctx = akz_tls_client_ctx(cfg->upstream_host, cfg->upstream_cafile, cfg->upstream_capath,
 			cfg->upstream_tls_version, err, errlen);
@@ -1241,7 +1504,10 @@ void akz_bridge_stop(struct akz_bridge *b)
 	}
 	size_t unacked = 0;
 	for(struct dev *d = b->devs; d; d = d->next) unacked += d->unacked;
-	if(unacked){
+	if(unacked && b->spool){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: stopping with %zu uplinks not yet "
+				"acknowledged by akenza: they stay in the spool and go out after the restart", unacked);
+	}else if(unacked){
 		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: stopping with %zu uplinks not yet "
 				"acknowledged by akenza (in-memory queue: they are lost)", unacked);
 	}

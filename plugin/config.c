@@ -9,6 +9,7 @@
 #include <mosquitto_plugin.h>
 #include "akz_config.h"
 #include "akz_jwt.h"
+#include "akz_spool.h"
 
 typedef void (*report_fn)(void *ctx, const char *msg);
 
@@ -40,7 +41,17 @@ static const struct opt_spec specs[] = {
 	{"upstream_keepalive", OPT_INT, OFF(upstream_keepalive), "60", 5, 65535},
 	{"token_lifetime", OPT_LONG, OFF(token_lifetime), "1200", AKZ_JWT_LIFETIME_MIN, AKZ_JWT_LIFETIME_MAX},
 	{"connect_rate", OPT_INT, OFF(connect_rate), "200", 1, 100000},
-	{"queue_max", OPT_INT, OFF(queue_max), "1000", 1, 10000000},
+	{"queue_max", OPT_INT, OFF(queue_max), "0", 0, 100000000},
+	{"spool_ttl", OPT_LONG, OFF(uplink_ttl), "7200", 0, 31536000},
+	{"spool_dir", OPT_STRING, OFF(spool_dir), NULL, 0, 0},
+	{"spool_sync", OPT_STRING, OFF(spool_sync), "batch", 0, 0},
+	{"spool_sync_ms", OPT_INT, OFF(spool_sync_ms), "5", 1, 1000},
+	{"spool_max_bytes", OPT_LONG, OFF(spool_max_bytes), "67108864", 65536, 1L << 40},
+	{"spool_device_max_bytes", OPT_LONG, OFF(spool_device_max_bytes), "16777216", 4096, 1L << 40},
+	{"spool_segment_bytes", OPT_LONG, OFF(spool_segment_bytes), "4194304", 4096, 1L << 30},
+	{"spool_qos0", OPT_BOOL, OFF(spool_qos0), "false", 0, 0},
+	{"receipts", OPT_BOOL, OFF(receipts), "false", 0, 0},
+	{"receipts_topic", OPT_STRING, OFF(receipts_prefix), "akenza/receipts/", 0, 0},
 	{"status_interval", OPT_INT, OFF(status_interval_ms), "1000", 0, 3600000},
 };
 #undef OFF
@@ -160,6 +171,16 @@ int akz_config_parse(struct akz_config *cfg, const struct mosquitto_opt *opts, i
 			&& strcmp(cfg->upstream_tls_version, "tlsv1.3") != 0){
 		reportf(report, ctx, "plugin_opt_upstream_tls_version: '%s' is not tlsv1.2 or tlsv1.3",
 				cfg->upstream_tls_version);
+		bad++;
+	}
+	enum akz_spool_sync sync;
+	if(cfg->spool_sync && akz_spool_sync_parse(cfg->spool_sync, &sync)){
+		reportf(report, ctx, "plugin_opt_spool_sync: '%s' is not always, batch or none", cfg->spool_sync);
+		bad++;
+	}
+	if(cfg->receipts_prefix && (strpbrk(cfg->receipts_prefix, "+#") || cfg->receipts_prefix[0] == '$')){
+		reportf(report, ctx, "plugin_opt_receipts_topic: '%s': a topic prefix may not contain + or # "
+				"nor start with $", cfg->receipts_prefix);
 		bad++;
 	}
 	if(bad){

@@ -6,6 +6,7 @@
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
 #include <mosquitto_plugin.h>
+#include <mqtt_protocol.h>
 #include "akz_auth.h"
 #include "akz_bridge.h"
 #include "akz_plugin.h"
@@ -52,7 +53,7 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 {
 	struct akz_plugin *p = userdata;
 	(void)event;
-	return akz_acl_check(p->reg, event_data);
+	return akz_acl_check(p->reg, p->cfg.receipts ? p->cfg.receipts_prefix : NULL, event_data);
 }
 
 /* Uplinks: runs before the broker stores the message and acknowledges it, so a refusal here
@@ -68,13 +69,25 @@ static int on_message(int event, void *event_data, void *userdata)
 	const char *id = akz_topic_device(ev->topic, AKZ_TOPIC_UP, &idlen);
 	if(id == NULL) return MOSQ_ERR_SUCCESS;
 
-	switch(akz_bridge_uplink(p->bridge, id, idlen, ev->topic, ev->payload, ev->payloadlen, ev->qos)){
+	void *corr = NULL;
+	uint16_t corrlen = 0;
+	const char *why = NULL;
+	if(ev->properties){
+		/* Read, not removed: the local subscribers see the message as the device sent it. */
+		mosquitto_property_read_binary(ev->properties, MQTT_PROP_CORRELATION_DATA, &corr, &corrlen, false);
+	}
+	enum akz_uplink_result r = akz_bridge_uplink(p->bridge, id, idlen, ev->topic, ev->payload,
+			ev->payloadlen, ev->qos, corr, corrlen);
+	free(corr);
+	switch(r){
 	case AKZ_UPLINK_QUEUED:
 	case AKZ_UPLINK_UNKNOWN:
 		return MOSQ_ERR_SUCCESS;
-	case AKZ_UPLINK_FULL:
-	case AKZ_UPLINK_NOMEM:
-		break;
+	case AKZ_UPLINK_FULL: why = "its uplink queue is full (plugin_opt_queue_max)"; break;
+	case AKZ_UPLINK_SPOOL_FULL: why = "its share of the spool, or the spool, is full "
+			"(plugin_opt_spool_device_max_bytes, plugin_opt_spool_max_bytes)"; break;
+	case AKZ_UPLINK_SPOOL_IO: why = "the spool cannot write (disk full or I/O error, see above)"; break;
+	case AKZ_UPLINK_NOMEM: why = "out of memory"; break;
 	}
 	/* Full: an MQTT v5 client gets a failure reason code in its PUBACK (0x97 "quota exceeded"
 	 * where the broker passes ours on; 2.0 sends 0x87) and knows the message was not taken. A 3.1.1 client
@@ -82,8 +95,8 @@ static int on_message(int event, void *event_data, void *userdata)
 	 * sends the message again when it reconnects (see DESIGN.md). */
 	const char *cid = mosquitto_client_id(ev->client);
 	mosquitto_log_printf(MOSQ_LOG_WARNING,
-			"akenza: uplink queue of device '%.*s' is full: refusing message from client '%s'",
-			(int)idlen, id, cid ? cid : "?");
+			"akenza: device '%.*s': refusing uplink from client '%s': %s; the client keeps it",
+			(int)idlen, id, cid ? cid : "?", why);
 	if(mosquitto_client_protocol_version(ev->client) == 5){
 		ev->reason_code = 0x97; /* quota exceeded */
 		return MOSQ_ERR_ACL_DENIED;

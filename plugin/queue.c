@@ -1,22 +1,30 @@
 /* queue.c - FIFO message queues used for uplink and downlink hand-offs. */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include "akz_queue.h"
 
 struct akz_msg *akz_msg_new(const char *topic, size_t topiclen, const void *payload,
-		uint32_t payloadlen, uint8_t qos)
+		uint32_t payloadlen, uint8_t qos, const void *corr, uint16_t corrlen)
 {
+	if(corr == NULL) corrlen = 0;
 	/* One allocation per message: the hot path pays one malloc and one free. */
-	struct akz_msg *m = malloc(sizeof(*m) + topiclen + 1 + payloadlen);
+	struct akz_msg *m = malloc(sizeof(*m) + topiclen + 1 + (size_t)payloadlen + corrlen);
 	if(m == NULL) return NULL;
-	m->next = NULL;
+	memset(m, 0, sizeof(*m));
 	m->topic = (char *)(m + 1);
 	memcpy(m->topic, topic, topiclen);
 	m->topic[topiclen] = '\0';
 	m->payload = m->topic + topiclen + 1;
 	if(payloadlen) memcpy(m->payload, payload, payloadlen);
 	m->payloadlen = payloadlen;
+	if(corrlen){
+		m->corr = (char *)m->payload + payloadlen;
+		memcpy(m->corr, corr, corrlen);
+		m->corrlen = corrlen;
+	}
 	m->qos = qos;
+	m->time = (int64_t)time(NULL);
 	return m;
 }
 
@@ -26,6 +34,15 @@ void akz_msgq_push(struct akz_msgq *q, struct akz_msg *m)
 	if(q->tail) q->tail->next = m;
 	else q->head = m;
 	q->tail = m;
+	q->count++;
+	q->bytes += m->payloadlen;
+}
+
+void akz_msgq_push_front(struct akz_msgq *q, struct akz_msg *m)
+{
+	m->next = q->head;
+	q->head = m;
+	if(q->tail == NULL) q->tail = m;
 	q->count++;
 	q->bytes += m->payloadlen;
 }

@@ -16,6 +16,8 @@ char *akz_status_device_json(const struct akz_status_dev *s)
 	if(cJSON_AddStringToObject(o, "state", s->state) && cJSON_AddNumberToObject(o, "since", (double)s->since)
 			&& cJSON_AddNumberToObject(o, "token_expires", (double)s->token_expires)
 			&& cJSON_AddNumberToObject(o, "queued", (double)s->queued)
+			&& cJSON_AddNumberToObject(o, "spool_bytes", (double)s->spool_bytes)
+			&& cJSON_AddNumberToObject(o, "spool_msgs", (double)s->spool_msgs)
 			&& cJSON_AddStringToObject(o, "kid", s->kid)
 			&& cJSON_AddStringToObject(o, "last_error", s->last_error)){
 		out = cJSON_PrintUnformatted(o);
@@ -45,16 +47,32 @@ void akz_status_publish_device(const char *id, const struct akz_status_dev *s)
 	publish_retained(topic, akz_status_device_json(s));
 }
 
+char *akz_status_summary_json(const struct akz_status_summary *s)
+{
+	const struct { const char *name; uint64_t v; } f[] = {
+		{"devices", s->devices}, {"connected", s->connected}, {"uplinks", s->uplinks},
+		{"downlinks", s->downlinks}, {"queued", s->queued}, {"refused", s->refused},
+		{"expired", s->expired}, {"orphaned", s->orphaned}, {"errors", s->errors},
+		{"spool_bytes", s->spool.bytes}, {"spool_msgs", s->spool.msgs},
+		{"spool_disk_bytes", s->spool.disk_bytes}, {"spool_segments", s->spool.segments},
+		{"spool_replayed", s->spool.replayed}, {"spool_io_errors", s->spool.io_errors},
+	};
+	cJSON *o = cJSON_CreateObject();
+	if(o == NULL) return NULL;
+	for(size_t i = 0; i < sizeof(f)/sizeof(f[0]); i++){
+		if(cJSON_AddNumberToObject(o, f[i].name, (double)f[i].v) == NULL){
+			cJSON_Delete(o);
+			return NULL;
+		}
+	}
+	char *out = cJSON_PrintUnformatted(o);
+	cJSON_Delete(o);
+	return out;
+}
+
 void akz_status_publish_summary(const struct akz_status_summary *s)
 {
-	char *text = malloc(512);
-	if(text){
-		snprintf(text, 512, "{\"devices\":%" PRIu64 ",\"connected\":%" PRIu64 ",\"uplinks\":%" PRIu64
-				",\"downlinks\":%" PRIu64 ",\"queued\":%" PRIu64 ",\"refused\":%" PRIu64
-				",\"errors\":%" PRIu64 "}",
-				s->devices, s->connected, s->uplinks, s->downlinks, s->queued, s->refused, s->errors);
-	}
-	publish_retained(AKZ_STATUS_PREFIX "summary", text);
+	publish_retained(AKZ_STATUS_PREFIX "summary", akz_status_summary_json(s));
 }
 
 void akz_status_clear_device(const char *id)

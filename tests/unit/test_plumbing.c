@@ -132,7 +132,7 @@ static void test_queue_fifo(void **state)
 	for(int i = 0; i < 5; i++){
 		char payload[8];
 		snprintf(payload, sizeof(payload), "m%d", i);
-		struct akz_msg *m = akz_msg_new("/up/device/id/a/xyz", 15, payload, (uint32_t)strlen(payload), 1);
+		struct akz_msg *m = akz_msg_new("/up/device/id/a/xyz", 15, payload, (uint32_t)strlen(payload), 1, NULL, 0);
 		assert_non_null(m);
 		assert_string_equal(m->topic, "/up/device/id/a");  /* topiclen is honoured */
 		akz_msgq_push(i < 3 ? &q : &other, m);
@@ -152,7 +152,7 @@ static void test_queue_fifo(void **state)
 	}
 	assert_int_equal(akz_msgq_clear(&q), 2);
 	assert_null(akz_msgq_pop(&q));
-	struct akz_msg *empty = akz_msg_new("t", 1, NULL, 0, 0);
+	struct akz_msg *empty = akz_msg_new("t", 1, NULL, 0, 0, NULL, 0);
 	assert_non_null(empty);
 	assert_int_equal(empty->payloadlen, 0);
 	free(empty);
