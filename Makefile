@@ -81,14 +81,15 @@ san-integration:
 	$(MAKE) BUILD=build/san SAN=1 all build/san/standin_auth.so
 	ASAN_OPTIONS=detect_leaks=0 AKZ_BROKER_PRELOAD=$(ASAN_RT) AKZ_BUILD=$(abspath build/san) \
 		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_edge_auth.py tests/test_standin.py \
-		-k 'not token_refresh'
+		tests/test_spool.py -k 'not token_refresh and not fifty_devices'
 
-# ThreadSanitizer on the broker-thread / bridge-thread hand-offs.
+# ThreadSanitizer on the broker-thread / bridge-thread / spool-flusher hand-offs.
 TSAN_RT = $(shell $(CC) -print-file-name=libtsan.so)
 tsan-integration:
 	$(MAKE) BUILD=build/tsan SAN=thread all build/tsan/standin_auth.so
 	AKZ_BROKER_PRELOAD=$(TSAN_RT) AKZ_BUILD=$(abspath build/tsan) \
-		$(PYTHON) -m pytest -q -ra tests/test_bridge.py -k 'not token_refresh'
+		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_spool.py \
+		-k 'not token_refresh and not fifty_devices'
 
 test: deps
 	$(MAKE) all
