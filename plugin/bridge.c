@@ -1305,12 +1305,17 @@ static void publish_statuses(struct akz_bridge *b, int64_t now)
 		snprintf(ids[nsnap], sizeof(ids[nsnap]), "%s", d->id);
 		nsnap++;
 	}
-	bool sum = b->sum_dirty && now - b->sum_published_ms >= b->status_interval_ms;
 	struct akz_status_summary s = b->sum;
-	if(b->spool) akz_spool_get_stats(b->spool, &s.spool);
+	if(b->spool){
+		/* The spool changes on its own too (the flusher reclaims space): publish that as well. */
+		akz_spool_get_stats(b->spool, &s.spool);
+		if(memcmp(&s.spool, &b->sum.spool, sizeof(s.spool)) != 0) b->sum_dirty = true;
+	}
+	bool sum = b->sum_dirty && now - b->sum_published_ms >= b->status_interval_ms;
 	if(sum){
 		b->sum_dirty = false;
 		b->sum_published_ms = now;
+		b->sum.spool = s.spool;
 	}
 	pthread_mutex_unlock(&b->lock);
 

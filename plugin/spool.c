@@ -94,6 +94,7 @@ struct akz_spool { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	bool dirty;                  /* appended since the last sync */
 	bool stop;
 	int64_t last_io_log;
+	bool io_failed;              /* a write failed since the active segment was last recycled */
 	struct akz_spool_stats st;
 
 	pthread_t flusher;
@@ -160,6 +161,7 @@ int akz_spool_sync_parse(const char *str, enum akz_spool_sync *out)
 static void io_failed_locked(struct akz_spool *s, const char *what, int err)
 {
 	s->st.io_errors++;
+	s->io_failed = true;
 	int64_t now = mono_ms() / 1000;
 	if(s->last_io_log && now - s->last_io_log < IO_LOG_GAP_S) return;
 	s->last_io_log = now;
@@ -594,6 +596,34 @@ static int compact_oldest_locked(struct akz_spool *s)
 	return 0;
 }
 
+/* Empties or retires the active segment once everything in it is delivered and it has grown
+ * large (or a write failed: the disk may be full), so that a quiet spool does not keep megabytes
+ * of delivered uplinks and a full disk gets its space back. The only segment is emptied in place
+ * (nothing older needs its done markers); otherwise a new one is started and the loop in
+ * reclaim_locked deletes the old one with the rest of the delivered prefix. Locked. */
+static void recycle_active_locked(struct akz_spool *s)
+{
+	struct segment *seg = s->active;
+	uint64_t big = s->o.segment_bytes / 2 < (1u << 20) ? s->o.segment_bytes / 2 : (1u << 20);
+
+	if(seg->size <= SEG_HDR || (!s->io_failed && seg->size < big) || !segment_done_locked(seg)) return;
+	s->io_failed = false;
+	if(s->oldest == seg){
+		if(ftruncate(s->fd, SEG_HDR) != 0){
+			io_failed_locked(s, "emptying a delivered segment", errno);
+			return;
+		}
+		for(size_t i = 0; i < seg->nmarks; i++){
+			if(seg->marks[i].sd->mark_seg == seg) seg->marks[i].sd->mark_seg = NULL;
+		}
+		seg->nmarks = 0;
+		s->st.disk_bytes -= seg->size - SEG_HDR;
+		seg->size = SEG_HDR;
+	}else if(rotate_locked(s) != 0){
+		io_failed_locked(s, "starting a new segment", errno);
+	}
+}
+
 /* Deletes segments whose uplinks are all done with, oldest first (a done marker in a newer
  * segment can only speak for older records, so only a prefix may go), and compacts when the
  * files have grown past twice the backlog. Locked. */
@@ -601,6 +631,7 @@ static void reclaim_locked(struct akz_spool *s)
 {
 	char path[4200];
 
+	recycle_active_locked(s);
 	/* Each compaction empties the oldest segment, after which the next ones may be done: the
 	 * pass ends when nothing more can go. Bounded by the number of segments at the start. */
 	for(uint64_t budget = s->st.segments; budget > 0; budget--){

@@ -414,3 +414,50 @@ def test_fifty_devices_at_1000_msgs_per_second_through_a_30_s_outage(edge, stand
     assert total >= 45000
     for s in sensors.values():
         s.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 192 KiB tmpfs for the spool: a disk that fills up. Skipped where mounting is not allowed."""
+    import subprocess
+    d = tmp_path / "smalldisk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k,mode=0700", "tmpfs", str(d)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_a_full_disk_refuses_uplinks_and_loses_nothing_spooled(edge, standin, small_disk):
+    edge.options["spool_dir"] = str(small_disk / "spool")
+    edge.options["spool_max_bytes"] = str(64 << 20)      # the disk, not the limit, runs out
+    edge.spool = small_disk / "spool"
+    register(edge, standin, ["sp-disk"])
+    standin.stop()
+    edge.start()
+    admin = edge.admin()
+    s = edge.sensor("sp-disk", clean=False, client_id="sp-disk-1")
+    accepted = []
+    for i in range(2000):
+        info = s.c.publish(up("sp-disk"), f"{i:05d}".encode() + b"#" * 400, qos=1)
+        info.wait_for_publish(3)
+        if not info.is_published():
+            break                        # 3.1.1: disconnected without a PUBACK: the client keeps it
+        accepted.append(i)
+    s.c.loop_stop()
+    assert 100 < len(accepted) < 2000
+    edge.broker.wait_log("No space left on device")
+    edge.broker.wait_log("the spool cannot write")
+    st = summary(edge, admin, lambda s: s["spool_io_errors"] > 0)
+    assert st["spool_msgs"] == len(accepted)
+    # upstream back: everything accepted arrives in order, and the disk has room again
+    standin.start()
+    obs = standin.observer()
+    wait_for(lambda: len(payloads(obs, up("sp-disk"))) >= len(accepted), 60, what="the spooled uplinks")
+    assert [int(p[:5]) for p in firsts(payloads(obs, up("sp-disk")))][:len(accepted)] == accepted
+    summary(edge, admin, lambda s: s["spool_msgs"] == 0 and s["spool_disk_bytes"] < 64 * 1024, timeout=30)
+    again = edge.sensor("sp-disk")
+    again.publish(up("sp-disk"), b"after the disk emptied", qos=1)
+    wait_for(lambda: b"after the disk emptied" in payloads(obs, up("sp-disk")), 20, what="a new uplink")
