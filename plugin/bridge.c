@@ -1285,9 +1285,14 @@ nomem:
 static void publish_statuses(struct akz_bridge *b, int64_t now)
 {
 	struct akz_status_dev snaps[64];
+	struct akz_spool_dev *sds[64];
 	char ids[64][AKZ_STATUS_ID_MAX];
 	size_t nsnap = 0;
+	struct akz_spool_stats spool = {0};
 
+	/* Lock order: the spool's lock is never taken under the bridge's (the spool logs through
+	 * blog, which takes the bridge's lock, while holding its own). */
+	if(b->spool) akz_spool_get_stats(b->spool, &spool);
 	pthread_mutex_lock(&b->lock);
 	for(struct dev **pp = &b->dirty; *pp && nsnap < 64;){
 		struct dev *d = *pp;
@@ -1301,16 +1306,14 @@ static void publish_statuses(struct akz_bridge *b, int64_t now)
 		d->status_published_ms = now;
 		snaps[nsnap] = d->status;
 		snaps[nsnap].queued = d->unacked;
-		if(d->sd) akz_spool_device_usage(b->spool, d->sd, &snaps[nsnap].spool_bytes, &snaps[nsnap].spool_msgs);
+		sds[nsnap] = d->sd;   /* spool shares live as long as the spool */
 		snprintf(ids[nsnap], sizeof(ids[nsnap]), "%s", d->id);
 		nsnap++;
 	}
 	struct akz_status_summary s = b->sum;
-	if(b->spool){
-		/* The spool changes on its own too (the flusher reclaims space): publish that as well. */
-		akz_spool_get_stats(b->spool, &s.spool);
-		if(memcmp(&s.spool, &b->sum.spool, sizeof(s.spool)) != 0) b->sum_dirty = true;
-	}
+	s.spool = spool;
+	/* The spool changes on its own too (the flusher reclaims space): publish that as well. */
+	if(memcmp(&s.spool, &b->sum.spool, sizeof(s.spool)) != 0) b->sum_dirty = true;
 	bool sum = b->sum_dirty && now - b->sum_published_ms >= b->status_interval_ms;
 	if(sum){
 		b->sum_dirty = false;
@@ -1319,7 +1322,10 @@ static void publish_statuses(struct akz_bridge *b, int64_t now)
 	}
 	pthread_mutex_unlock(&b->lock);
 
-	for(size_t i = 0; i < nsnap; i++) akz_status_publish_device(ids[i], &snaps[i]);
+	for(size_t i = 0; i < nsnap; i++){
+		if(sds[i]) akz_spool_device_usage(b->spool, sds[i], &snaps[i].spool_bytes, &snaps[i].spool_msgs);
+		akz_status_publish_device(ids[i], &snaps[i]);
+	}
 	if(sum) akz_status_publish_summary(&s);
 }
 
