@@ -8,6 +8,7 @@
 #include <mosquitto_plugin.h>
 #include "akz_auth.h"
 #include "akz_bridge.h"
+#include "akz_control.h"
 #include "akz_plugin.h"
 #include "akz_registry.h"
 #include "akz_topic.h"
@@ -128,6 +129,20 @@ static void kick_removed(const struct akz_registry *old, const struct akz_regist
 	}
 }
 
+int akz_plugin_apply_registry(struct akz_plugin *p, struct akz_registry *reg)
+{
+	if(p->bridge && akz_bridge_sync(p->bridge, reg)){
+		akz_registry_free(reg);
+		return -1;
+	}
+	struct akz_registry *old = p->reg;
+	p->reg = reg;
+	akz_auth_invalidate(p->auth);
+	kick_removed(old, reg);
+	akz_registry_free(old);
+	return 0;
+}
+
 /* SIGHUP: a registry that fails to load leaves the one in force untouched. */
 static int on_reload(int event, void *event_data, void *userdata)
 {
@@ -142,20 +157,15 @@ static int on_reload(int event, void *event_data, void *userdata)
 				p->cfg.devices_path, akz_registry_device_count(p->reg));
 		return MOSQ_ERR_SUCCESS;
 	}
-	if(p->bridge && akz_bridge_sync(p->bridge, reg)){
+	size_t ndev = akz_registry_device_count(reg), ngw = akz_registry_gateway_count(reg);
+	if(akz_plugin_apply_registry(p, reg)){
 		mosquitto_log_printf(MOSQ_LOG_ERR,
 				"akenza: reload of %s: out of memory updating the bridge: keeping the previous registry",
 				p->cfg.devices_path);
-		akz_registry_free(reg);
 		return MOSQ_ERR_SUCCESS;
 	}
-	struct akz_registry *old = p->reg;
-	p->reg = reg;
-	akz_auth_invalidate(p->auth);
-	kick_removed(old, reg);
-	akz_registry_free(old);
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: reloaded %s: %zu devices, %zu gateways",
-			p->cfg.devices_path, akz_registry_device_count(reg), akz_registry_gateway_count(reg));
+			p->cfg.devices_path, ndev, ngw);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -175,6 +185,9 @@ static const struct {
 static void destroy(struct akz_plugin *p)
 {
 	if(p == NULL) return;
+	if(p->control_registered){
+		mosquitto_callback_unregister(p->id, MOSQ_EVT_CONTROL, akz_control_callback, AKZ_CONTROL_TOPIC);
+	}
 	for(size_t i = 0; i < NCALLBACKS; i++){
 		if(p->bridge || !callbacks[i].needs_bridge){
 			mosquitto_callback_unregister(p->id, callbacks[i].event, callbacks[i].cb, NULL);
@@ -236,6 +249,16 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 			destroy(p);
 			return rc;
 		}
+	}
+	/* The control API: the broker's ACL on $CONTROL/akenza/# decides who may use it. A second
+	 * instance in the same security scope finds the topic taken and goes without. */
+	int crc = mosquitto_callback_register(identifier, MOSQ_EVT_CONTROL, akz_control_callback,
+			AKZ_CONTROL_TOPIC, p);
+	if(crc == MOSQ_ERR_SUCCESS){
+		p->control_registered = true;
+	}else{
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: no control API on %s for this instance: %s",
+				AKZ_CONTROL_TOPIC, mosquitto_strerror(crc));
 	}
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: %zu devices, %zu gateways from %s; bridge %s",
 			akz_registry_device_count(p->reg), akz_registry_gateway_count(p->reg),

@@ -100,7 +100,7 @@ static int index_build(const struct akz_registry *reg, struct index *idx, key_fn
 /* ---- field checks ---------------------------------------------------------------------- */
 
 /* Why an id is not usable as an akenza device id and an MQTT topic level, or NULL. */
-static const char *bad_id_reason(const char *id)
+const char *akz_registry_bad_id_reason(const char *id)
 {
 	size_t n = strlen(id);
 	if(n == 0) return "is empty";
@@ -185,21 +185,45 @@ static void dir_of(const char *path, char *out, size_t outlen)
 	}
 }
 
+/* The key store directory: <keystore> (relative ones against the registry's directory) or
+ * keys/ beside the registry. Writes into out (size outlen). */
+static void keystore_of(const char *regdir, const char *keystore, char *out, size_t outlen)
+{
+	if(keystore && keystore[0] == '/') snprintf(out, outlen, "%s", keystore);
+	else if(keystore) snprintf(out, outlen, "%s/%s", regdir, keystore);
+	else snprintf(out, outlen, "%s/keys", regdir);
+}
+
 /* The key location of a device: its "key" (relative paths against the registry's directory)
  * or <keystore>/<id>.pem. Returns a new string, or NULL when out of memory. */
 static char *resolve_key(const char *regdir, const char *keystore, const char *key, const char *id)
 {
-	char buf[PATH_MAX * 2];
+	char buf[PATH_MAX * 2], dir[PATH_MAX];
 	if(key){
 		if(is_uri(key) || key[0] == '/') snprintf(buf, sizeof(buf), "%s", key);
 		else snprintf(buf, sizeof(buf), "%s/%s", regdir, key);
-	}else if(keystore){
-		if(keystore[0] == '/') snprintf(buf, sizeof(buf), "%s/%s.pem", keystore, id);
-		else snprintf(buf, sizeof(buf), "%s/%s/%s.pem", regdir, keystore, id);
 	}else{
-		snprintf(buf, sizeof(buf), "%s/keys/%s.pem", regdir, id);
+		keystore_of(regdir, keystore, dir, sizeof(dir));
+		snprintf(buf, sizeof(buf), "%s/%s.pem", dir, id);
 	}
 	return strdup(buf);
+}
+
+char *akz_registry_keystore_path(const char *registry_path, const char *keystore_dir,
+		const char *id, const char *suffix)
+{
+	char regdir[PATH_MAX], dir[PATH_MAX], buf[PATH_MAX];
+	dir_of(registry_path, regdir, sizeof(regdir));
+	keystore_of(regdir, keystore_dir, dir, sizeof(dir));
+	if(snprintf(buf, sizeof(buf), "%s/%s%s", dir, id, suffix) >= (int)sizeof(buf)) return NULL;
+	return strdup(buf);
+}
+
+char *akz_registry_resolve_key(const char *registry_path, const char *key)
+{
+	char regdir[PATH_MAX];
+	dir_of(registry_path, regdir, sizeof(regdir));
+	return resolve_key(regdir, NULL, key, "");
 }
 
 /* ---- parsing ------------------------------------------------------------------------------ */
@@ -210,7 +234,9 @@ static void free_device(struct akz_device *d)
 	free(d->username);
 	free(d->password);
 	free(d->key_uri);
+	free(d->next_key_uri);
 	akz_key_unref(d->key);
+	akz_key_unref(d->next_key);
 }
 
 static void free_gateway(struct akz_gateway *g)
@@ -237,7 +263,8 @@ void akz_registry_free(struct akz_registry *reg)
 static void parse_device(struct loader *ld, const cJSON *o, size_t i, struct akz_device *d,
 		const char *regdir, const char *keystore, const struct akz_key_opts *kopts)
 {
-	static const char *const known[] = {"id", "username", "password", "key", "enabled", "name", "description", NULL};
+	static const char *const known[] = {"id", "username", "password", "key", "next_key", "enabled", "name",
+		"description", NULL};
 	char where[48];
 	bool bad = false;
 
@@ -251,13 +278,14 @@ static void parse_device(struct loader *ld, const cJSON *o, size_t i, struct akz
 	d->username = take_string(ld, o, "username", where, false, &bad);
 	d->password = take_string(ld, o, "password", where, true, &bad);
 	char *key = take_string(ld, o, "key", where, false, &bad);
+	char *next = take_string(ld, o, "next_key", where, false, &bad);
 	const cJSON *en = cJSON_GetObjectItemCaseSensitive(o, "enabled");
 	d->enabled = true;
 	if(en && !cJSON_IsBool(en)) problem(ld, "%s.enabled: must be true or false", where);
 	else if(en) d->enabled = cJSON_IsTrue(en);
 
 	const char *why;
-	if(d->id && (why = bad_id_reason(d->id)) != NULL){
+	if(d->id && (why = akz_registry_bad_id_reason(d->id)) != NULL){
 		problem(ld, "%s.id: '%s' %s", where, d->id, why);
 		bad = true;
 	}
@@ -272,8 +300,19 @@ static void parse_device(struct loader *ld, const cJSON *o, size_t i, struct akz
 		}else if(akz_key_load(d->key_uri, kopts, &d->key, err, sizeof(err))){
 			problem(ld, "%s (id '%s'): key: %s", where, d->id, err);
 		}
+		/* A pending key (rotateKey) is checked like the key in use: committing it must not
+		 * be the first time anyone finds out it does not load. */
+		if(next){
+			d->next_key_uri = resolve_key(regdir, keystore, next, d->id);
+			if(d->next_key_uri == NULL){
+				problem(ld, "%s: out of memory", where);
+			}else if(akz_key_load(d->next_key_uri, kopts, &d->next_key, err, sizeof(err))){
+				problem(ld, "%s (id '%s'): next_key: %s", where, d->id, err);
+			}
+		}
 	}
 	free(key);
+	free(next);
 }
 
 static void parse_gateway(struct loader *ld, const cJSON *o, size_t i, struct akz_gateway *g)
