@@ -429,7 +429,7 @@ def test_mosquitto_rr(local):
 
 
 def ctl_cmd(local, *args, user="admin", password="adminpw", input=None, check=True):
-    cmd = [str(AKENZACTL), *args[:2], "-p", str(local.port), "-u", user, "-P", password, *args[2:]]
+    cmd = [str(AKENZACTL), *args, "-p", str(local.port), "-u", user, "-P", password]
     r = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=60)
     if check:
         assert r.returncode == 0, f"{args}: {r.returncode}\n{r.stdout}\n{r.stderr}"
@@ -445,7 +445,7 @@ def test_akenzactl(local):
     d = json.loads(r.stdout)
     assert d["kid"] == kid_of_pem(d["public_key"])
     assert local.login("cli-1", "clipw") == 0
-    ctl_cmd(local, "device", "create", "cli-2", "--password", "pw2", "--key", str(local.keys / "seed.pem"),
+    ctl_cmd(local, "device", "create", "cli-2", "--password", "pw2", "--key-uri", str(local.keys / "seed.pem"),
             "--username", "c2", "--disabled")
     r = ctl_cmd(local, "device", "list")
     lines = r.stdout.strip().splitlines()
