@@ -259,7 +259,7 @@ static int parse_keyspec(struct req *r, const cJSON *key, struct keyspec *ks)
 	const cJSON *type = cJSON_GetObjectItemCaseSensitive(key, "type");
 	const cJSON *bits = cJSON_GetObjectItemCaseSensitive(key, "bits");
 	for(const cJSON *f = key->child; f; f = f->next){
-		if(strcmp(f->string, "uri") && strcmp(f->string, "type") && strcmp(f->string, "bits")){
+		if(strcmp(f->string, "uri") != 0 && strcmp(f->string, "type") != 0 && strcmp(f->string, "bits") != 0){
 			fail(r, "unknown field 'key.%s'", f->string);
 			return -1;
 		}
@@ -821,7 +821,7 @@ static void cmd_delete_device(struct req *r)
 	for(cJSON *g = tree_array(root, "gateways") ? tree_array(root, "gateways")->child : NULL; g; g = g->next){
 		cJSON *devs = cJSON_GetObjectItemCaseSensitive(g, "devices");
 		int k = 0;
-		for(cJSON *v = cJSON_IsArray(devs) ? devs->child : NULL; v; k++){
+		for(cJSON *v = devs && cJSON_IsArray(devs) ? devs->child : NULL; v; k++){
 			cJSON *next = v->next;
 			if(cJSON_IsString(v) && strcmp(v->valuestring, id) == 0){
 				cJSON_DeleteItemFromArray(devs, k--);

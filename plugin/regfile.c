@@ -74,8 +74,7 @@ char *akz_regfile_write_tmp(const char *path, const cJSON *tree, char *err, size
 		free(text);
 		return NULL;
 	}
-	memcpy(tmp, path, plen);
-	memcpy(tmp + plen, ".tmp", 5);
+	snprintf(tmp, plen + 5, "%s.tmp", path);
 
 	/* The registry holds password hashes: keep the file as closed as it was, 0600 by default. */
 	mode_t mode = 0600;

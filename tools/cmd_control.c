@@ -274,7 +274,7 @@ static void print_data(const struct sub *s, const cJSON *data)
 	if(data == NULL) return;
 	if(strcmp(s->command, "listDevices") == 0){
 		const cJSON *devs = cJSON_GetObjectItemCaseSensitive(data, "devices");
-		for(const cJSON *d = cJSON_IsArray(devs) ? devs->child : NULL; d; d = d->next){
+		for(const cJSON *d = devs && cJSON_IsArray(devs) ? devs->child : NULL; d; d = d->next){
 			printf("%-32s %-32s %-8s %s\n", str_of(d, "id"), str_of(d, "username"),
 					cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(d, "enabled")) ? "enabled" : "disabled",
 					str_of(d, "kid"));
@@ -283,11 +283,11 @@ static void print_data(const struct sub *s, const cJSON *data)
 	}
 	if(strcmp(s->command, "listGateways") == 0){
 		const cJSON *gws = cJSON_GetObjectItemCaseSensitive(data, "gateways");
-		for(const cJSON *g = cJSON_IsArray(gws) ? gws->child : NULL; g; g = g->next){
+		for(const cJSON *g = gws && cJSON_IsArray(gws) ? gws->child : NULL; g; g = g->next){
 			printf("%-32s", str_of(g, "username"));
 			const cJSON *devs = cJSON_GetObjectItemCaseSensitive(g, "devices");
 			const char *sep = " ";
-			for(const cJSON *d = cJSON_IsArray(devs) ? devs->child : NULL; d; d = d->next){
+			for(const cJSON *d = devs && cJSON_IsArray(devs) ? devs->child : NULL; d; d = d->next){
 				printf("%s%s", sep, cJSON_IsString(d) ? d->valuestring : "?");
 				sep = ",";
 			}

@@ -92,7 +92,7 @@ static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto
 	cJSON *doc = cJSON_ParseWithLength(msg->payload, (size_t)msg->payloadlen);
 	const cJSON *rs = doc ? cJSON_GetObjectItemCaseSensitive(doc, "responses") : NULL;
 	/* Other clients' answers arrive here too: only ours counts. */
-	for(cJSON *r = cJSON_IsArray(rs) ? rs->child : NULL; r; r = r->next){
+	for(cJSON *r = rs && cJSON_IsArray(rs) ? rs->child : NULL; r; r = r->next){
 		const cJSON *c = cJSON_GetObjectItemCaseSensitive(r, "correlationData");
 		if(cJSON_IsString(c) && strcmp(c->valuestring, ex->corr) == 0){
 			ex->answer = cJSON_DetachItemViaPointer((cJSON *)rs, r);
