@@ -167,8 +167,9 @@ static int parse_args(int argc, char **argv, const char *group, const struct sub
 			return 2;
 		}
 		if(flag && !(s->opts & flag)){
-			ctl_error("%s%s%s: option '%s' does not apply", group ? group : "", group ? " " : "", s->name,
-					argv[optind - 1]);
+			const char *name = "?";
+			for(const struct option *o = longopts; o->name; o++) if(o->val == c) name = o->name;
+			ctl_error("%s%s%s: option '--%s' does not apply", group ? group : "", group ? " " : "", s->name, name);
 			return 2;
 		}
 		a->given |= flag;
