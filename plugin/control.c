@@ -555,8 +555,8 @@ static cJSON *describe_device(const struct akz_plugin *p, const struct akz_devic
 static cJSON *describe_gateway(const struct akz_gateway *g)
 {
 	cJSON *o = cJSON_CreateObject();
-	cJSON *devs = o ? cJSON_AddArrayToObject(o, "devices") : NULL;
-	bool ok = devs && cJSON_AddStringToObject(o, "username", g->username);
+	cJSON *devs = o && cJSON_AddStringToObject(o, "username", g->username) ? cJSON_AddArrayToObject(o, "devices") : NULL;
+	bool ok = devs != NULL;
 	if(ok && g->all_devices) ok = cJSON_AddItemToArray(devs, cJSON_CreateString("*"));
 	for(size_t i = 0; ok && i < g->ndevices; i++) ok = cJSON_AddItemToArray(devs, cJSON_CreateString(g->devices[i]));
 	if(!ok){
