@@ -82,6 +82,8 @@ san-integration:
 	ASAN_OPTIONS=detect_leaks=0 AKZ_BROKER_PRELOAD=$(ASAN_RT) AKZ_BUILD=$(abspath build/san) \
 		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_edge_auth.py tests/test_standin.py \
 		-k 'not token_refresh'
+	ASAN_OPTIONS=detect_leaks=0 AKZ_BROKER_PRELOAD=$(ASAN_RT) AKZ_BUILD=$(abspath build/san) \
+		$(PYTHON) -m pytest -q -ra tests/test_control.py
 
 # ThreadSanitizer on the broker-thread / bridge-thread hand-offs.
 TSAN_RT = $(shell $(CC) -print-file-name=libtsan.so)

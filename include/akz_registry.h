@@ -40,6 +40,13 @@ typedef void (*akz_report_fn)(void *ctx, const char *problem);
 int akz_registry_load(const char *path, const char *keystore_dir, const struct akz_key_opts *kopts,
 		akz_report_fn report, void *report_ctx, struct akz_registry **out);
 
+/* As akz_registry_load, but a key file that is unchanged since prev (may be NULL) loaded it, for
+ * the same device, is taken over from prev instead of being parsed again (same path, inode, size,
+ * owner, mode, mtime and ctime). prev stays the caller's. Keys are immutable and reference
+ * counted, so both registries may hold one. */
+int akz_registry_reload(const char *path, const char *keystore_dir, const struct akz_key_opts *kopts,
+		const struct akz_registry *prev, akz_report_fn report, void *report_ctx, struct akz_registry **out);
+
 /* Frees the registry and drops its key references. NULL is ignored. */
 void akz_registry_free(struct akz_registry *reg);
 

@@ -413,7 +413,7 @@ static int save_tree(struct req *r, cJSON *root, bool quiet)
 	};
 	struct problems pr = {.prefix = tmp, .prefixlen = strlen(tmp)};
 	struct akz_registry *reg = NULL;
-	if(akz_registry_load(tmp, p->cfg.keystore_dir, &ko, collect_problem, &pr, &reg)){
+	if(akz_registry_reload(tmp, p->cfg.keystore_dir, &ko, p->reg, collect_problem, &pr, &reg)){
 		unlink(tmp);
 		free(tmp);
 		if(!quiet) fail(r, "the registry would be invalid: %s%s", pr.text, pr.n > 3 ? "; ..." : "");

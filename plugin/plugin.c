@@ -30,13 +30,14 @@ static struct akz_key_opts key_opts(const struct akz_config *cfg)
 	return o;
 }
 
-/* Loads the registry named in cfg. Returns it, or NULL after logging every problem. */
-static struct akz_registry *load_registry(const struct akz_config *cfg)
+/* Loads the registry named in cfg, taking unchanged keys over from prev (NULL at start).
+ * Returns it, or NULL after logging every problem. */
+static struct akz_registry *load_registry(const struct akz_config *cfg, const struct akz_registry *prev)
 {
 	struct akz_key_opts ko = key_opts(cfg);
 	struct akz_registry *reg = NULL;
 
-	if(akz_registry_load(cfg->devices_path, cfg->keystore_dir, &ko, log_problem, NULL, &reg)){
+	if(akz_registry_reload(cfg->devices_path, cfg->keystore_dir, &ko, prev, log_problem, NULL, &reg)){
 		return NULL;
 	}
 	return reg;
@@ -150,7 +151,7 @@ static int on_reload(int event, void *event_data, void *userdata)
 	(void)event;
 	(void)event_data;
 
-	struct akz_registry *reg = load_registry(&p->cfg);
+	struct akz_registry *reg = load_registry(&p->cfg, p->reg);
 	if(reg == NULL){
 		mosquitto_log_printf(MOSQ_LOG_ERR,
 				"akenza: reload of %s failed: keeping the previous registry (%zu devices) in force",
@@ -224,7 +225,7 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 	}
 	p->auth = akz_auth_new();
 	if(p->auth == NULL) goto nomem;
-	p->reg = load_registry(&p->cfg);
+	p->reg = load_registry(&p->cfg, NULL);
 	if(p->reg == NULL){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: refusing to start: registry %s has the problems above",
 				p->cfg.devices_path);

@@ -182,6 +182,26 @@ static void test_next_key(void **state)
 	assert_string_equal(akz_key_kid(d->key), akz_key_kid(k1));
 	assert_string_equal(akz_key_kid(d->next_key), akz_key_kid(k2));
 	assert_string_equal(d->next_key_uri, next);
+	/* a reload takes unchanged keys over (the very same key object) ... */
+	struct akz_registry *r2, *r3;
+	assert_int_equal(akz_registry_reload(reg, NULL, NULL, r, NULL, NULL, &r2), 0);
+	assert_ptr_equal(akz_registry_find_device(r2, "d")->key, d->key);
+	assert_ptr_equal(akz_registry_find_device(r2, "d")->next_key, d->next_key);
+	/* ... and the pending key becomes the key without being parsed again (commitKey) */
+	snprintf(text, sizeof(text), "{\"devices\":[{\"id\":\"d\",\"password\":\"%s\",\"key\":\"%s\"}]}", hash, next);
+	write_text(reg, text, 0600);
+	assert_int_equal(akz_registry_reload(reg, NULL, NULL, r2, NULL, NULL, &r3), 0);
+	assert_ptr_equal(akz_registry_find_device(r3, "d")->key, d->next_key);
+	akz_registry_free(r3);
+	/* a changed file (here: its mode) is loaded again, and checked again */
+	chmod(next, 0644);
+	assert_int_equal(akz_registry_reload(reg, NULL, NULL, r2, NULL, NULL, &r3), -1);
+	chmod(next, 0600);
+	assert_int_equal(akz_registry_reload(reg, NULL, NULL, r2, NULL, NULL, &r3), 0);
+	assert_ptr_not_equal(akz_registry_find_device(r3, "d")->key, d->next_key);
+	assert_string_equal(akz_key_kid(akz_registry_find_device(r3, "d")->key), akz_key_kid(k2));
+	akz_registry_free(r3);
+	akz_registry_free(r2);
 	akz_registry_free(r);
 	/* a pending key that does not load makes the registry invalid */
 	snprintf(text, sizeof(text), "{\"devices\":[{\"id\":\"d\",\"password\":\"%s\",\"next_key\":\"%s/none.pem\"}]}", hash, keys);
