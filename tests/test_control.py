@@ -108,7 +108,7 @@ ACL = ("user admin\ntopic readwrite $CONTROL/akenza/#\ntopic read $SYS/#\n"
 class Local:
     """An edge broker with the plugin (no bridge), admin users in a password_file and an acl_file."""
 
-    def __init__(self, brokers, d, bridge=False):
+    def __init__(self, brokers, d, extra=""):
         self.brokers, self.dir = brokers, Path(d)
         self.keys = self.dir / "keys"
         self.keys.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ class Local:
         self.conf = "\n".join([f"listener {self.port} 127.0.0.1", "allow_anonymous false",
                                f"password_file {pw}", f"acl_file {acl}", f"plugin {PLUGIN}",
                                f"plugin_opt_devices {self.registry}", f"plugin_opt_keystore {self.keys}",
-                               "plugin_opt_bridge false", "plugin_opt_auth_cache_seconds 0"])
+                               "plugin_opt_bridge false", "plugin_opt_auth_cache_seconds 0", extra])
         self.broker = self.brokers(self.conf, self.port, name="local")
 
     def login(self, user, password):
@@ -537,3 +537,63 @@ def test_rotation_through_the_bridge(edge, standin):
     c.ok("disableDevice", id="rot-1")
     wait_for(lambda: c.ok("getDevice", id="rot-1")["device"]["state"] == "disabled", 10, what="disabled")
     c.close()
+
+
+def test_akenzactl_tls(brokers, tmp_path, pki):
+    """TLS to the broker: the server's certificate is verified against --cafile, always."""
+    tls_port = free_port()
+    l = Local(brokers, tmp_path / "tls", extra="\n".join([
+        f"listener {tls_port} 127.0.0.1", f"cafile {pki.ca_cert}", f"certfile {pki.server_cert}",
+        f"keyfile {pki.server_key}"]))
+    base = [str(AKENZACTL), "status", "-u", "admin", "-P", "adminpw", "-p", str(tls_port), "-W", "5"]
+    r = subprocess.run(base + ["-h", "localhost", "--cafile", str(pki.ca_cert)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["devices"] == 1
+    rogue_key, rogue_ca = pki.other_ca("rogue-ctl")
+    r = subprocess.run(base + ["-h", "localhost", "--cafile", str(rogue_ca)], capture_output=True, text=True)
+    assert r.returncode == 1 and "akenzactl:" in r.stderr and r.stdout == ""
+    # a name the certificate does not carry
+    r = subprocess.run(base + ["-h", "127.0.0.2", "--cafile", str(pki.ca_cert)], capture_output=True, text=True)
+    assert r.returncode == 1
+    r = subprocess.run(base + ["--insecure"], capture_output=True, text=True)
+    assert r.returncode == 2, "there is no option to skip verification"
+
+
+def test_garbage_never_hurts(local, ctl):
+    """Random requests of every shape: each gets an answer, nothing changes, the broker lives on."""
+    import random
+    rnd = random.Random(1234)
+    before = local.registry.read_bytes()
+    names = ["listDevices", "getDevice", "createDevice", "modifyDevice", "enableDevice", "disableDevice",
+             "deleteDevice", "rotateKey", "commitKey", "reconnectDevice", "getStatus", "listGateways",
+             "getGateway", "createGateway", "modifyGateway", "deleteGateway", "", "x" * 300]
+    fields = ["id", "username", "password", "key", "enabled", "devices", "type", "bits", "uri", "command"]
+
+    def value(depth=0):
+        k = rnd.randrange(9 if depth < 2 else 6)
+        return [lambda: None, lambda: True, lambda: rnd.randint(-2**40, 2**40), lambda: rnd.random() * 1e300,
+                lambda: "", lambda: "".join(chr(rnd.randrange(1, 0x2FF)) for _ in range(rnd.randrange(1, 20))),
+                lambda: "/../" * 10,
+                lambda: [value(depth + 1) for _ in range(rnd.randrange(4))],
+                lambda: {rnd.choice(fields): value(depth + 1) for _ in range(rnd.randrange(4))}][k]()
+    n = len(ctl.raw)
+    sent = 0
+    for _ in range(150):
+        cmd = {f: value() for f in rnd.sample(fields, rnd.randrange(4))}
+        cmd["command"] = rnd.choice(names) if rnd.random() < 0.9 else value()
+        if cmd["command"] in ("modifyDevice", "deleteDevice", "disableDevice", "enableDevice",
+                              "rotateKey", "commitKey", "deleteGateway", "modifyGateway"):
+            cmd.pop("id", None)   # never touch the seed device by chance
+            cmd.pop("username", None)
+        ctl.send_raw(json.dumps({"commands": [cmd]}))
+        sent += 1
+    ctl.send_raw(bytes(rnd.randrange(256) for _ in range(500)))
+    sent += 1
+    with ctl.cond:
+        assert ctl.cond.wait_for(lambda: len(ctl.raw) >= n + sent, 30), f"{len(ctl.raw) - n} of {sent} answered"
+    for raw in ctl.raw[n:]:
+        doc = json.loads(raw)
+        assert len(doc["responses"]) == 1
+    assert local.registry.read_bytes() == before
+    assert local.broker.proc.poll() is None
+    assert ctl.ok("getStatus")["devices"] == 1
