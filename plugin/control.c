@@ -393,8 +393,10 @@ static void collect_problem(void *ctx, const char *msg)
 }
 
 /* Saves root (freed here) as the registry and puts it in force. Returns 0, or -1 after
- * answering; on -1 the file and the registry in force are as they were, except in the one
- * case said in the answer (saved but the bridge ran out of memory applying it). */
+ * answering (quiet: without answering, for a best-effort step whose caller has answered already);
+ * on -1 the file and the registry in force are as they were, except in the one case said in the
+ * answer (saved, but the bridge ran out of memory applying it). Unchanged key files are taken over
+ * from the registry in force rather than parsed again (see akz_registry_reload). */
 static int save_tree(struct req *r, cJSON *root, bool quiet)
 {
 	struct akz_plugin *p = r->p;
