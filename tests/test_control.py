@@ -597,3 +597,47 @@ def test_garbage_never_hurts(local, ctl):
     assert local.registry.read_bytes() == before
     assert local.broker.proc.poll() is None
     assert ctl.ok("getStatus")["devices"] == 1
+
+
+def test_dynamic_security_role(brokers, tmp_path):
+    """The README's dynamic-security role gives a user the control API; a user without it gets nothing."""
+    d = tmp_path / "dynsec"
+    d.mkdir()
+    keys = d / "keys"
+    make_key(keys, "seed")
+    reg = d / "devices.json"
+    reg.write_text(json.dumps({"devices": [{"id": "seed", "password": password_hash("pw")}]}))
+    dyn = d / "dynsec.json"
+    run(["mosquitto_ctrl", "dynsec", "init", str(dyn), "admin", "adminpw"])
+    port = free_port()
+    conf = "\n".join([f"listener {port} 127.0.0.1", "allow_anonymous false",
+                      "plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+                      f"plugin_opt_config_file {dyn}",
+                      f"plugin {PLUGIN}", f"plugin_opt_devices {reg}", f"plugin_opt_keystore {keys}",
+                      "plugin_opt_bridge false"])
+    b = brokers(conf, port, name="dynsec")
+
+    def ctrl(*args):
+        run(["mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(port), "-u", "admin", "-P", "adminpw", "dynsec", *args])
+    ctrl("createRole", "akenza-admin")
+    ctrl("addRoleACL", "akenza-admin", "publishClientSend", "$CONTROL/akenza/v1", "allow")
+    ctrl("addRoleACL", "akenza-admin", "subscribePattern", "$CONTROL/akenza/v1/response", "allow")
+    ctrl("addRoleACL", "akenza-admin", "publishClientReceive", "$CONTROL/akenza/v1/response", "allow")
+    ctrl("createClient", "ops", "-p", "opspw")
+    ctrl("addClientRole", "ops", "akenza-admin")
+    ctrl("createClient", "nobody", "-p", "nopw")
+    ops = Control(port, "ops", "opspw")
+    assert ops.ok("getStatus")["devices"] == 1
+    ops.ok("createDevice", id="via-dynsec", password="pw", key={"type": "ec"})
+    s = Sensor(port, "via-dynsec", "pw")
+    assert s.connect() == 0    # the plugin still decides registry users
+    s.close()
+    n = len(ops.raw)
+    nobody = Control(port, "nobody", "nopw", protocol=mqtt.MQTTv5)
+    assert nobody.granted == [0x87]
+    nobody.send_raw(json.dumps({"commands": [{"command": "deleteDevice", "id": "seed"}]}))
+    time.sleep(1.0)
+    assert len(ops.raw) == n, "a request without the role is not answered"
+    assert "seed" in [x["id"] for x in ops.ok("listDevices")["devices"]]
+    ops.close()
+    nobody.close()
