@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <cJSON.h>
 #include <openssl/crypto.h>
 #include "akenzactl.h"
@@ -224,6 +225,17 @@ static cJSON *build_command(const struct sub *s, const struct args *a, const cha
 			ctl_error("no password given (--password or standard input)");
 			cJSON_Delete(cmd);
 			return NULL;
+		}
+		if(isatty(STDIN_FILENO)){
+			/* Typed blind: ask twice, as mosquitto_passwd does. */
+			char again[1024];
+			bool same = ctl_read_secret("Again: ", again, sizeof(again)) == 0 && strcmp(again, pwbuf) == 0;
+			OPENSSL_cleanse(again, sizeof(again));
+			if(!same){
+				ctl_error("the passwords do not match");
+				cJSON_Delete(cmd);
+				return NULL;
+			}
 		}
 		password = pwbuf;
 	}
