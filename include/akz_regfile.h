@@ -13,7 +13,8 @@ cJSON *akz_regfile_read(const char *path, char *err, size_t errlen);
  * path atomically and relative key paths mean the same), with the mode of the existing file
  * (0600 if there is none), and fsyncs it. A stale temporary file is replaced.
  * Returns the temporary file's name (caller frees; the caller also unlinks or renames the file),
- * or NULL with a reason in err (nothing left on disk then). */
+ * or NULL with a reason in err (nothing left on disk then), also when path is a symbolic link
+ * (a rename would replace the link, not its target). */
 char *akz_regfile_write_tmp(const char *path, const cJSON *tree, char *err, size_t errlen);
 
 /* Renames tmp over path and fsyncs the directory, so that the new content survives a crash.

@@ -79,7 +79,17 @@ char *akz_regfile_write_tmp(const char *path, const cJSON *tree, char *err, size
 	/* The registry holds password hashes: keep the file as closed as it was, 0600 by default. */
 	mode_t mode = 0600;
 	struct stat sb;
-	if(stat(path, &sb) == 0) mode = sb.st_mode & 0777;
+	if(lstat(path, &sb) == 0){
+		/* A rename would replace the link itself (and leave its target stale): refuse. */
+		if(S_ISLNK(sb.st_mode)){
+			akz_set_err(err, errlen, "%s is a symbolic link: it cannot be replaced atomically; point "
+					"plugin_opt_devices at the file itself", path);
+			free(tmp);
+			free(text);
+			return NULL;
+		}
+		mode = sb.st_mode & 0777;
+	}
 	unlink(tmp);   /* a leftover of a crash; O_EXCL below refuses anything placed meanwhile */
 	int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
 	int rc = -1;

@@ -120,6 +120,16 @@ static void test_read_errors(void **state)
 	assert_non_null(strstr(err, "cannot create"));
 	cJSON_Delete(root);
 	assert_int_equal(akz_regfile_replace("/nonexistent/x.tmp", "/nonexistent/x", err, sizeof(err)), -1);
+	/* a symbolic link is refused: a rename would replace the link */
+	char target[512], link_path[512];
+	path_in(target, sizeof(target), "target.json");
+	path_in(link_path, sizeof(link_path), "link.json");
+	write_text(target, "{}", 0600);
+	assert_int_equal(symlink(target, link_path), 0);
+	root = cJSON_CreateObject();
+	assert_null(akz_regfile_write_tmp(link_path, root, err, sizeof(err)));
+	assert_non_null(strstr(err, "symbolic link"));
+	cJSON_Delete(root);
 }
 
 static void test_ids_and_paths(void **state)
