@@ -590,7 +590,7 @@ static void reply_device(struct req *r, const char *id, cJSON *extra)
 		cJSON *next = f->next;
 		cJSON *item = cJSON_DetachItemViaPointer(extra, f);
 		cJSON_DeleteItemFromObjectCaseSensitive(o, item->string);
-		cJSON_AddItemToObject(o, item->string, item);
+		if(!cJSON_AddItemToObject(o, item->string, item)) cJSON_Delete(item);
 		f = next;
 	}
 	cJSON_Delete(extra);
