@@ -513,13 +513,19 @@ static const char *alg_type(enum akz_alg alg)
 	return alg == AKZ_ALG_ES256 ? "ec" : alg == AKZ_ALG_RS256 ? "rsa" : "none";
 }
 
-/* Adds name: {"uri","kid","algorithm"} of key to o. Returns false when out of memory. */
+/* Adds name: {"uri","kid","algorithm","type","public_key"} of key to o. Returns false when out
+ * of memory. */
 static bool add_key(cJSON *o, const char *name, const char *uri, const struct akz_key *key)
 {
-	cJSON *k = cJSON_AddObjectToObject(o, name);
-	return k && cJSON_AddStringToObject(k, "uri", uri) && cJSON_AddStringToObject(k, "kid", akz_key_kid(key))
+	/* The public key goes along, so that it can be uploaded to akenza again at any time. */
+	char *pem = akz_key_public_pem(key);
+	cJSON *k = pem ? cJSON_AddObjectToObject(o, name) : NULL;
+	bool ok = k && cJSON_AddStringToObject(k, "uri", uri) && cJSON_AddStringToObject(k, "kid", akz_key_kid(key))
 			&& cJSON_AddStringToObject(k, "algorithm", akz_alg_name(akz_key_alg(key)))
-			&& cJSON_AddStringToObject(k, "type", alg_type(akz_key_alg(key)));
+			&& cJSON_AddStringToObject(k, "type", alg_type(akz_key_alg(key)))
+			&& cJSON_AddStringToObject(k, "public_key", pem);
+	free(pem);
+	return ok;
 }
 
 /* A device as getDevice shows it: registry fields (never the password hash) and, with live,

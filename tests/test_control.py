@@ -219,7 +219,8 @@ def test_device_commands(local, ctl):
     rk = ctl.ok("rotateKey", id="seed")
     assert rk["kid"] == old_kid and rk["next_kid"] == kid_of_pem(rk["public_key"]) != old_kid
     assert stat.S_IMODE((local.keys / "seed.next.pem").stat().st_mode) == 0o600
-    assert ctl.ok("getDevice", id="seed")["device"]["next_key"]["kid"] == rk["next_kid"]
+    nk = ctl.ok("getDevice", id="seed")["device"]["next_key"]
+    assert nk["kid"] == rk["next_kid"] and nk["public_key"] == rk["public_key"]
     assert "pending key" in ctl.err("rotateKey", id="seed")
     ck = ctl.ok("commitKey", id="seed")
     assert ck["kid"] == rk["next_kid"] and ck["previous_kid"] == old_kid and "next_key" not in ck
