@@ -605,6 +605,11 @@ static void reply_device(struct req *r, const char *id, cJSON *extra)
 
 /* ---- device commands ------------------------------------------------------------------------ */
 
+/* Each cmd_* handles one command object (r->cmd): it answers exactly once, with data or with an
+ * error, and when it answers an error the registry file, the key store and the registry in force
+ * are as they were. The device or registry pointers it reads before a save_tree are stale after
+ * it (the registry in force is replaced), so it looks them up again. */
+
 static void cmd_list_devices(struct req *r)
 {
 	static const char *const known[] = {NULL};
