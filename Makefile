@@ -25,7 +25,7 @@ ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) $(CFLAGS)
 LDLIBS   := $(PKG_LIBS) -lpthread
 
 # Modules shared by the plugin, akenzactl and the unit tests: no broker calls in them.
-SHARED   := util keystore jwt passwd registry topic config queue tls spool
+SHARED   := util keystore jwt passwd registry topic config queue tls spool regfile
 SHARED_OBJ := $(SHARED:%=$(BUILD)/obj/plugin/%.o)
 PLUGIN_SRC := $(wildcard plugin/*.c)
 PLUGIN_OBJ := $(PLUGIN_SRC:%.c=$(BUILD)/obj/%.o)
@@ -81,7 +81,7 @@ san-integration:
 	$(MAKE) BUILD=build/san SAN=1 all build/san/standin_auth.so
 	ASAN_OPTIONS=detect_leaks=0 AKZ_BROKER_PRELOAD=$(ASAN_RT) AKZ_BUILD=$(abspath build/san) \
 		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_edge_auth.py tests/test_standin.py \
-		tests/test_spool.py -k 'not token_refresh and not fifty_devices'
+		tests/test_spool.py tests/test_control.py -k 'not token_refresh and not fifty_devices'
 
 # ThreadSanitizer on the broker-thread / bridge-thread / spool-flusher hand-offs.
 TSAN_RT = $(shell $(CC) -print-file-name=libtsan.so)

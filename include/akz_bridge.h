@@ -43,4 +43,19 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *bridge, const char *
  * topics that changed. */
 void akz_bridge_tick(struct akz_bridge *bridge);
 
+/* ---- control API hooks ---- */
+struct akz_status_dev;
+struct akz_status_summary;
+
+/* Copies the live state of device id (state, since, token_expires, queued, kid, last_error)
+ * into out. Broker thread. Returns 0, or -1 if the bridge has no such device. */
+int akz_bridge_device_status(struct akz_bridge *bridge, const char *id, struct akz_status_dev *out);
+
+/* Asks the bridge thread to drop device id's connection and connect again at once (a device in
+ * backoff tries again now). Broker thread. Returns 0, or -1 if there is no such enabled device. */
+int akz_bridge_reconnect(struct akz_bridge *bridge, const char *id);
+
+/* Copies the bridge's totals into out. Broker thread. Never fails. */
+void akz_bridge_summary(struct akz_bridge *bridge, struct akz_status_summary *out);
+
 #endif

@@ -14,6 +14,8 @@ struct akz_device {
 	char *key_uri;       /* path or OSSL_STORE URI of the private key */
 	bool enabled;
 	struct akz_key *key; /* loaded key (one reference held by the registry) */
+	char *next_key_uri;  /* "next_key": a pending key made by rotateKey, or NULL */
+	struct akz_key *next_key; /* loaded pending key, or NULL */
 };
 
 /* A local program that publishes for several devices. Owned by its registry. */
@@ -38,6 +40,13 @@ typedef void (*akz_report_fn)(void *ctx, const char *problem);
 int akz_registry_load(const char *path, const char *keystore_dir, const struct akz_key_opts *kopts,
 		akz_report_fn report, void *report_ctx, struct akz_registry **out);
 
+/* As akz_registry_load, but a key file that is unchanged since prev (may be NULL) loaded it, for
+ * the same device, is taken over from prev instead of being parsed again (same path, inode, size,
+ * owner, mode, mtime and ctime). prev stays the caller's. Keys are immutable and reference
+ * counted, so both registries may hold one. */
+int akz_registry_reload(const char *path, const char *keystore_dir, const struct akz_key_opts *kopts,
+		const struct akz_registry *prev, akz_report_fn report, void *report_ctx, struct akz_registry **out);
+
 /* Frees the registry and drops its key references. NULL is ignored. */
 void akz_registry_free(struct akz_registry *reg);
 
@@ -52,6 +61,21 @@ const struct akz_device *akz_registry_find_device_by_username(const struct akz_r
 		const char *username);
 const struct akz_gateway *akz_registry_find_gateway(const struct akz_registry *reg,
 		const char *username);
+
+/* Why `id` cannot be a device id (an akenza deviceId, an MQTT topic level and a file name in
+ * the key store), as a phrase such as "is empty"; NULL if it is fine. Never fails. */
+const char *akz_registry_bad_id_reason(const char *id);
+
+/* The path of a file in the key store of the registry at registry_path (keystore_dir as in
+ * akz_registry_load): <keystore>/<id><suffix>, e.g. suffix ".pem" gives a device's default key.
+ * Returns a new string (caller frees), or NULL when out of memory or too long. */
+char *akz_registry_keystore_path(const char *registry_path, const char *keystore_dir,
+		const char *id, const char *suffix);
+
+/* Where a device's "key" value (a path relative to the registry's directory, an absolute path
+ * or an OSSL_STORE URI) points to, as akz_registry_load resolves it. Returns a new string
+ * (caller frees), or NULL when out of memory. */
+char *akz_registry_resolve_key(const char *registry_path, const char *key);
 
 /* True if the gateway may speak for device `id`. */
 bool akz_gateway_serves(const struct akz_gateway *gw, const char *id);

@@ -43,6 +43,10 @@ void akz_status_publish_summary(const struct akz_status_summary *s);
 /* Clears the retained status of a device that left the registry. Broker thread. */
 void akz_status_clear_device(const char *id);
 
+/* The summary as a cJSON object (caller frees with cJSON_Delete), NULL when out of memory. */
+struct cJSON;
+struct cJSON *akz_status_summary_object(const struct akz_status_summary *s);
+
 /* Renders the summary as JSON; caller frees with free(). NULL when out of memory. */
 char *akz_status_summary_json(const struct akz_status_summary *s);
 

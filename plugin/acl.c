@@ -56,6 +56,9 @@ int akz_acl_check(const struct akz_registry *reg, const char *receipts_prefix,
 		.dev = akz_registry_find_device_by_username(reg, username),
 		.gw = akz_registry_find_gateway(reg, username),
 	};
+	/* Everyone else, $CONTROL/akenza/... included, is for the acl_file or dynamic-security to
+	 * decide: this plugin never grants the control API. Registry users fall through to the rule
+	 * below, which denies them anything outside their device topics, $CONTROL too. */
 	if(who.dev == NULL && who.gw == NULL) return MOSQ_ERR_PLUGIN_DEFER;
 
 	bool ok;

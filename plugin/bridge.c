@@ -74,6 +74,7 @@ struct dev {
 	bool enabled;
 	bool removed;
 	bool changed;                /* enabled or next_key changed by a sync */
+	bool reconnect_requested;    /* akz_bridge_reconnect: drop the connection and connect again */
 	bool in_ready, in_dirty;
 	struct akz_key *next_key;    /* key to switch to after a sync, or NULL */
 	struct akz_status_dev status;
@@ -783,6 +784,20 @@ static void pump_uplinks(struct dev *d)
 static void apply_change(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
+	/* A reconnect asked for through the control API: connected devices reconnect as for a key
+	 * change, waiting ones try again now with a fresh backoff. */
+	pthread_mutex_lock(&b->lock);
+	bool reconnect = d->reconnect_requested;
+	d->reconnect_requested = false;
+	pthread_mutex_unlock(&b->lock);
+	if(reconnect && d->state == ST_CONNECTED){
+		d->reconnect_now = true;
+		check_socket(d, mosquitto_disconnect(d->mosq));
+		if(d->state == ST_CONNECTED) drop_connection(d, "reconnect requested", MOSQ_ERR_SUCCESS);
+	}else if(reconnect && (d->state == ST_BACKOFF || d->state == ST_UNAUTHORIZED)){
+		d->failures = 0;
+		d->due_ms = mono_ms();
+	}
 
 	pthread_mutex_lock(&b->lock);
 	bool enabled = d->enabled;
@@ -1384,6 +1399,48 @@ void akz_bridge_tick(struct akz_bridge *b)
 	}
 	flush_log(b);
 	publish_statuses(b, mono_ms());
+}
+
+/* ---- control API hooks (broker thread) ---------------------------------------------------- */
+
+int akz_bridge_device_status(struct akz_bridge *b, const char *id, struct akz_status_dev *out)
+{
+	struct akz_spool_dev *sd = NULL;
+	pthread_mutex_lock(&b->lock);
+	struct dev *d = find_locked(b, id, strlen(id));
+	if(d){
+		*out = d->status;
+		out->queued = d->unacked;
+		sd = d->sd;
+	}
+	pthread_mutex_unlock(&b->lock);
+	/* After the bridge's lock: see publish_statuses on lock order. */
+	if(sd) akz_spool_device_usage(b->spool, sd, &out->spool_bytes, &out->spool_msgs);
+	return d ? 0 : -1;
+}
+
+int akz_bridge_reconnect(struct akz_bridge *b, const char *id)
+{
+	pthread_mutex_lock(&b->lock);
+	struct dev *d = find_locked(b, id, strlen(id));
+	bool ok = d && d->enabled;
+	if(ok){
+		/* The bridge thread acts on it in its next sweep, as on any registry change. */
+		d->reconnect_requested = true;
+		d->changed = true;
+		b->changes = true;
+	}
+	pthread_mutex_unlock(&b->lock);
+	if(ok) wake(b);
+	return ok ? 0 : -1;
+}
+
+void akz_bridge_summary(struct akz_bridge *b, struct akz_status_summary *out)
+{
+	pthread_mutex_lock(&b->lock);
+	*out = b->sum;
+	pthread_mutex_unlock(&b->lock);
+	if(b->spool) akz_spool_get_stats(b->spool, &out->spool);
 }
 
 /* ---- start and stop ------------------------------------------------------------------------- */

@@ -9,6 +9,7 @@
 #include <mqtt_protocol.h>
 #include "akz_auth.h"
 #include "akz_bridge.h"
+#include "akz_control.h"
 #include "akz_plugin.h"
 #include "akz_registry.h"
 #include "akz_topic.h"
@@ -30,13 +31,14 @@ static struct akz_key_opts key_opts(const struct akz_config *cfg)
 	return o;
 }
 
-/* Loads the registry named in cfg. Returns it, or NULL after logging every problem. */
-static struct akz_registry *load_registry(const struct akz_config *cfg)
+/* Loads the registry named in cfg, taking unchanged keys over from prev (NULL at start).
+ * Returns it, or NULL after logging every problem. */
+static struct akz_registry *load_registry(const struct akz_config *cfg, const struct akz_registry *prev)
 {
 	struct akz_key_opts ko = key_opts(cfg);
 	struct akz_registry *reg = NULL;
 
-	if(akz_registry_load(cfg->devices_path, cfg->keystore_dir, &ko, log_problem, NULL, &reg)){
+	if(akz_registry_reload(cfg->devices_path, cfg->keystore_dir, &ko, prev, log_problem, NULL, &reg)){
 		return NULL;
 	}
 	return reg;
@@ -141,6 +143,20 @@ static void kick_removed(const struct akz_registry *old, const struct akz_regist
 	}
 }
 
+int akz_plugin_apply_registry(struct akz_plugin *p, struct akz_registry *reg)
+{
+	if(p->bridge && akz_bridge_sync(p->bridge, reg)){
+		akz_registry_free(reg);
+		return -1;
+	}
+	struct akz_registry *old = p->reg;
+	p->reg = reg;
+	akz_auth_invalidate(p->auth);
+	kick_removed(old, reg);
+	akz_registry_free(old);
+	return 0;
+}
+
 /* SIGHUP: a registry that fails to load leaves the one in force untouched. */
 static int on_reload(int event, void *event_data, void *userdata)
 {
@@ -148,27 +164,22 @@ static int on_reload(int event, void *event_data, void *userdata)
 	(void)event;
 	(void)event_data;
 
-	struct akz_registry *reg = load_registry(&p->cfg);
+	struct akz_registry *reg = load_registry(&p->cfg, p->reg);
 	if(reg == NULL){
 		mosquitto_log_printf(MOSQ_LOG_ERR,
 				"akenza: reload of %s failed: keeping the previous registry (%zu devices) in force",
 				p->cfg.devices_path, akz_registry_device_count(p->reg));
 		return MOSQ_ERR_SUCCESS;
 	}
-	if(p->bridge && akz_bridge_sync(p->bridge, reg)){
+	size_t ndev = akz_registry_device_count(reg), ngw = akz_registry_gateway_count(reg);
+	if(akz_plugin_apply_registry(p, reg)){
 		mosquitto_log_printf(MOSQ_LOG_ERR,
 				"akenza: reload of %s: out of memory updating the bridge: keeping the previous registry",
 				p->cfg.devices_path);
-		akz_registry_free(reg);
 		return MOSQ_ERR_SUCCESS;
 	}
-	struct akz_registry *old = p->reg;
-	p->reg = reg;
-	akz_auth_invalidate(p->auth);
-	kick_removed(old, reg);
-	akz_registry_free(old);
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: reloaded %s: %zu devices, %zu gateways",
-			p->cfg.devices_path, akz_registry_device_count(reg), akz_registry_gateway_count(reg));
+			p->cfg.devices_path, ndev, ngw);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -188,6 +199,9 @@ static const struct {
 static void destroy(struct akz_plugin *p)
 {
 	if(p == NULL) return;
+	if(p->control_registered){
+		mosquitto_callback_unregister(p->id, MOSQ_EVT_CONTROL, akz_control_callback, AKZ_CONTROL_TOPIC);
+	}
 	for(size_t i = 0; i < NCALLBACKS; i++){
 		if(p->bridge || !callbacks[i].needs_bridge){
 			mosquitto_callback_unregister(p->id, callbacks[i].event, callbacks[i].cb, NULL);
@@ -224,7 +238,7 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 	}
 	p->auth = akz_auth_new();
 	if(p->auth == NULL) goto nomem;
-	p->reg = load_registry(&p->cfg);
+	p->reg = load_registry(&p->cfg, NULL);
 	if(p->reg == NULL){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: refusing to start: registry %s has the problems above",
 				p->cfg.devices_path);
@@ -249,6 +263,16 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 			destroy(p);
 			return rc;
 		}
+	}
+	/* The control API: the broker's ACL on $CONTROL/akenza/# decides who may use it. A second
+	 * instance in the same security scope finds the topic taken and goes without. */
+	int crc = mosquitto_callback_register(identifier, MOSQ_EVT_CONTROL, akz_control_callback,
+			AKZ_CONTROL_TOPIC, p);
+	if(crc == MOSQ_ERR_SUCCESS){
+		p->control_registered = true;
+	}else{
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: no control API on %s for this instance: %s",
+				AKZ_CONTROL_TOPIC, mosquitto_strerror(crc));
 	}
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: %zu devices, %zu gateways from %s; bridge %s",
 			akz_registry_device_count(p->reg), akz_registry_gateway_count(p->reg),

@@ -47,7 +47,7 @@ void akz_status_publish_device(const char *id, const struct akz_status_dev *s)
 	publish_retained(topic, akz_status_device_json(s));
 }
 
-char *akz_status_summary_json(const struct akz_status_summary *s)
+cJSON *akz_status_summary_object(const struct akz_status_summary *s)
 {
 	const struct { const char *name; uint64_t v; } f[] = {
 		{"devices", s->devices}, {"connected", s->connected}, {"uplinks", s->uplinks},
@@ -65,6 +65,13 @@ char *akz_status_summary_json(const struct akz_status_summary *s)
 			return NULL;
 		}
 	}
+	return o;
+}
+
+char *akz_status_summary_json(const struct akz_status_summary *s)
+{
+	cJSON *o = akz_status_summary_object(s);
+	if(o == NULL) return NULL;
 	char *out = cJSON_PrintUnformatted(o);
 	cJSON_Delete(o);
 	return out;

@@ -1,4 +1,5 @@
-/* akenzactl.c - command-line tool for mosquitto-akenza: keys, tokens, passwords, registry checks. */
+/* akenzactl.c - command-line tool for mosquitto-akenza: keys, tokens, passwords, registry checks,
+ * and the control API of a running broker. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -14,6 +15,9 @@ static const struct command {
 	{"token", cmd_token, "mint a device JWT as the plugin would"},
 	{"passwd", cmd_passwd, "hash a local password for the device registry"},
 	{"check-registry", cmd_check_registry, "validate a device registry and its keys"},
+	{"device", cmd_device, "list, create, change, rotate keys of devices in a running broker (control API)"},
+	{"gateway", cmd_gateway, "list, create, change gateways in a running broker (control API)"},
+	{"status", cmd_status, "totals of a running broker's plugin (control API)"},
 };
 #define NCOMMANDS (sizeof(commands)/sizeof(commands[0]))
 

@@ -3,6 +3,7 @@
 #define AKENZACTL_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include "akz_keystore.h"
 
 /* Long options shared by every command that reads keys (ids from 1000 up, clear of letters). */
@@ -21,6 +22,33 @@ int cmd_fingerprint(int argc, char **argv);
 int cmd_token(int argc, char **argv);
 int cmd_passwd(int argc, char **argv);
 int cmd_check_registry(int argc, char **argv);
+
+/* The control API commands (cmd_control.c): akenzactl device|gateway|status ... */
+int cmd_device(int argc, char **argv);
+int cmd_gateway(int argc, char **argv);
+int cmd_status(int argc, char **argv);
+
+/* How akenzactl reaches a broker's control API (ctl_mqtt.c). */
+struct ctl_conn {
+	const char *host;        /* default localhost */
+	int port;                /* 0: 1883, or 8883 with TLS */
+	const char *user, *password;
+	const char *cafile, *capath;   /* either turns TLS on; the server's certificate is always verified */
+	const char *cert, *key;        /* client certificate */
+	int timeout_s;           /* how long to wait for the answer */
+};
+
+struct cJSON;
+
+/* Sends one control command (taken, freed here) to $CONTROL/akenza/v1 and waits for its answer
+ * on the response topic, matched by a fresh correlationData. Returns 0 and *data (the answer's
+ * "data", caller frees with cJSON_Delete; NULL if there was none); 1 after printing the reason on
+ * stderr (error answer, refused connection or subscription, not authorised, no answer in time). */
+int ctl_request(const struct ctl_conn *conn, struct cJSON *command, struct cJSON **data);
+
+/* Reads one line into buf without its newline; no echo when stdin is a terminal (the prompt
+ * goes to stderr then). Returns 0, or -1 at end of input. (cmd_registry.c) */
+int ctl_read_secret(const char *prompt, char *buf, size_t size);
 
 /* Prints "akenzactl: <message>" on stderr. */
 void ctl_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

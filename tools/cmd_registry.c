@@ -11,9 +11,7 @@
 #include "akz_passwd.h"
 #include "akz_registry.h"
 
-/* Reads one line into buf without its newline; no echo when stdin is a terminal.
- * Returns 0, or -1 at end of input. */
-static int read_secret(const char *prompt, char *buf, size_t size)
+int ctl_read_secret(const char *prompt, char *buf, size_t size)
 {
 	struct termios old, quiet;
 	bool tty = isatty(STDIN_FILENO) && tcgetattr(STDIN_FILENO, &old) == 0;
@@ -67,12 +65,12 @@ int cmd_passwd(int argc, char **argv)
 		return 2;
 	}
 	char pw[1024], again[1024], err[256];
-	if(read_secret("Password: ", pw, sizeof(pw))){
+	if(ctl_read_secret("Password: ", pw, sizeof(pw))){
 		ctl_error("no password on standard input");
 		return 1;
 	}
 	if(isatty(STDIN_FILENO)){
-		if(read_secret("Again: ", again, sizeof(again)) || strcmp(pw, again) != 0){
+		if(ctl_read_secret("Again: ", again, sizeof(again)) || strcmp(pw, again) != 0){
 			OPENSSL_cleanse(pw, sizeof(pw));
 			ctl_error("the passwords do not match");
 			return 1;
