@@ -31,6 +31,8 @@ struct akz_status_summary {
 	uint64_t expired;              /* uplinks dropped undelivered by the TTL */
 	uint64_t orphaned;             /* spooled uplinks of devices not (or no longer) in the registry */
 	uint64_t errors;
+	uint64_t connects;             /* upstream connections made (CONNACK accepted) */
+	uint64_t tls_resumed;          /* of those, on a resumed TLS session */
 	struct akz_spool_stats spool;  /* all zero without a spool */
 };
 

@@ -2,6 +2,7 @@
 #ifndef AKZ_TLS_H
 #define AKZ_TLS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <openssl/ssl.h>
 
@@ -11,5 +12,8 @@
  * Returns the context (free with SSL_CTX_free), or NULL with a reason in err. */
 SSL_CTX *akz_tls_client_ctx(const char *host, const char *cafile, const char *capath,
 		const char *tls_version, char *err, size_t errlen);
+
+/* True once a connection made with ctx has left a TLS session that the next ones resume. */
+bool akz_tls_has_session(SSL_CTX *ctx);
 
 #endif

@@ -44,6 +44,7 @@
 #define LOG_MAX 20000             /* log lines waiting for the broker thread (a fleet reconnecting) */
 #define READY_BATCH 4096          /* devices pumped per loop turn before sockets get a look */
 #define TRIM_AFTER_MS 5000        /* quiet time after connects before memory is given back */
+#define PILOT_MS 2000             /* longest wait for the first TLS session before the others */
 
 enum dev_state { ST_DISABLED, ST_CONNECTING, ST_CONNECTED, ST_BACKOFF, ST_UNAUTHORIZED };
 
@@ -160,6 +161,8 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	int64_t next_sweep_ms;
 	int64_t last_connect_ms;     /* when the last connection attempt started */
 	bool trim_due;               /* connects happened since memory was last given back */
+	int64_t pilot_until;         /* 0: no connect yet; else the end of the wait for a session */
+	bool pilot_done;             /* a TLS session exists (or the wait is over) */
 };
 
 /* ---- time ---------------------------------------------------------------------------- */
@@ -528,6 +531,12 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc)
 	}
 	d->failures = 0;
 	d->ever_connected = true;
+	SSL *ssl = mosquitto_ssl_get(mosq);
+	bool resumed = ssl && SSL_session_reused(ssl);
+	pthread_mutex_lock(&b->lock);
+	b->sum.connects++;
+	if(resumed) b->sum.tls_resumed++;
+	pthread_mutex_unlock(&b->lock);
 	d->waiting_ack_since_ms = mono_ms();
 	snprintf(topic, sizeof(topic), AKZ_DOWN_PREFIX "%s/#", d->id);
 	int src = mosquitto_subscribe(mosq, NULL, topic, 1);
@@ -872,6 +881,20 @@ static void destroy_dev(struct dev *d)
 	free(d);
 }
 
+/* A fleet starting together would make every device do a full TLS handshake, since none has a
+ * session to resume yet: the first connection goes alone, and the others follow once it has
+ * left a session (or after PILOT_MS). True while the others must wait. */
+static bool pilot_holds(struct akz_bridge *b, int64_t now)
+{
+	if(b->pilot_done) return false;
+	if(b->pilot_until == 0) return false;   /* nobody is connecting yet: this one is the pilot */
+	if(akz_tls_has_session(b->ssl_ctx) || now >= b->pilot_until){
+		b->pilot_done = true;
+		return false;
+	}
+	return true;
+}
+
 /* Takes one connect permit from the token bucket; false when the rate is used up. */
 static bool take_connect_permit(struct akz_bridge *b, int64_t now)
 {
@@ -939,7 +962,10 @@ static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 		/* FALLTHROUGH */
 	case ST_BACKOFF:
 	case ST_UNAUTHORIZED:
-		if(now >= d->due_ms && take_connect_permit(d->b, now)) start_connect(d);
+		if(now >= d->due_ms && !pilot_holds(d->b, now) && take_connect_permit(d->b, now)){
+			if(d->b->pilot_until == 0) d->b->pilot_until = now + PILOT_MS;
+			start_connect(d);
+		}
 		break;
 	}
 	if(d->mosq) update_interest(d);

@@ -1,4 +1,5 @@
 /* tls.c - the shared, verifying TLS client context for upstream connections. */
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <arpa/inet.h>
@@ -44,6 +45,69 @@ static int pin_host(SSL_CTX *ctx, const char *host, char *err, size_t errlen)
 	return 0;
 }
 
+/* ---- session resumption across devices --------------------------------------------------
+ * Every device connects to the same server with the same context, so a TLS session one
+ * connection made can resume the next one: an abbreviated handshake, without the key exchange
+ * and the certificate signatures, for a fleet coming online or refreshing its tokens. The device
+ * still proves itself with its own JWT inside the connection; the server proved itself in the
+ * full handshake that made the session, and a server that does not know the session answers with
+ * a full, fully verified handshake. libmosquitto creates and starts the SSL objects itself, so the
+ * session is offered from the info callback, which runs before the ClientHello is built. */
+
+static int newest_idx = -1;   /* SSL_CTX ex_data: the newest session, one reference */
+static pthread_once_t newest_once = PTHREAD_ONCE_INIT;
+
+static void free_newest(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+	(void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+	SSL_SESSION_free(ptr);
+}
+
+static void make_newest_idx(void)
+{
+	newest_idx = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, free_newest);
+}
+
+/* A connection got a (new) session: keep it for the next ones. Returns 1: the reference is ours. */
+static int keep_session(SSL *ssl, SSL_SESSION *sess)
+{
+	SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+	SSL_SESSION_free(SSL_CTX_get_ex_data(ctx, newest_idx));
+	if(SSL_CTX_set_ex_data(ctx, newest_idx, sess) != 1){
+		SSL_SESSION_free(sess);
+	}
+	return 1;
+}
+
+static void offer_session(const SSL *cssl, int where, int ret)
+{
+	(void)ret;
+	if(!(where & SSL_CB_HANDSHAKE_START)) return;
+	/* OpenSSL hands the callback a const pointer to the very SSL it is driving. */
+	SSL *ssl = (SSL *)cssl; /* NOLINT(cppcoreguidelines-pro-type-const-cast) */
+	SSL_SESSION *sess = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), newest_idx);
+	if(sess && SSL_get0_session(ssl) == NULL && SSL_SESSION_is_resumable(sess)){
+		SSL_set_session(ssl, sess);   /* failure only means a full handshake */
+	}
+}
+
+static int enable_resumption(SSL_CTX *ctx, char *err, size_t errlen)
+{
+	if(pthread_once(&newest_once, make_newest_idx) != 0 || newest_idx < 0){
+		snprintf(err, errlen, "cannot set up TLS session resumption");
+		return -1;
+	}
+	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+	SSL_CTX_sess_set_new_cb(ctx, keep_session);
+	SSL_CTX_set_info_callback(ctx, offer_session);
+	return 0;
+}
+
+bool akz_tls_has_session(SSL_CTX *ctx)
+{
+	return newest_idx >= 0 && SSL_CTX_get_ex_data(ctx, newest_idx) != NULL;
+}
+
 static int load_trust(SSL_CTX *ctx, const char *cafile, const char *capath, char *err, size_t errlen)
 {
 	if(cafile == NULL && capath == NULL){
@@ -79,7 +143,8 @@ SSL_CTX *akz_tls_client_ctx(const char *host, const char *cafile, const char *ca
 	}
 	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
 	SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
-	if(load_trust(ctx, cafile, capath, err, errlen) || pin_host(ctx, host, err, errlen)) goto fail;
+	if(load_trust(ctx, cafile, capath, err, errlen) || pin_host(ctx, host, err, errlen)
+			|| enable_resumption(ctx, err, errlen)) goto fail;
 	return ctx;
 fail:
 	SSL_CTX_free(ctx);

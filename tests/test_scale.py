@@ -60,6 +60,7 @@ def test_a_thousand_devices_through_a_token_refresh_cycle(brokers, tmp_path, sta
         return False
     wait_for(connected, 120, interval=0.1, what=f"{N} devices connected")
     ramp = time.monotonic() - t0
+    resumed = next(json.loads(p) for t, p in reversed(admin.received()) if t.endswith("summary") and p)["tls_resumed"]
     cpu0, rss_online = cpu_seconds(pid), rss_kb(pid)
 
     # Now and then: every device publishes once every ~10 s, through one gateway connection,
@@ -106,7 +107,8 @@ def test_a_thousand_devices_through_a_token_refresh_cycle(brokers, tmp_path, sta
     wait_for(lambda: want <= arrived(), 60, what="every uplink upstream")
     assert "expired: disconnecting" not in standin.log()
     per_device_kb = rss_online / N
-    print(f"\n  scale: {N} devices online in {ramp:.1f} s ({N / ramp:.0f}/s); token refresh of all "
+    print(f"\n  scale: {N} devices online in {ramp:.1f} s ({N / ramp:.0f}/s, {resumed} on resumed TLS "
+          f"sessions); token refresh of all "
           f"spread over {spread} s; {len(want)} uplinks relayed, none lost; edge CPU {cpu:.1f} s over "
           f"{rnd} rounds; edge RSS {rss_online / 1024:.1f} MiB ({per_device_kb:.1f} KB per device, "
           f"broker included)")
