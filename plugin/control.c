@@ -605,6 +605,15 @@ static void reply_device(struct req *r, const char *id, cJSON *extra)
 	reply(r, o, NULL);
 }
 
+/* Saves the edited tree (taking it, as save_tree does) and logs the change as `what`.
+ * Returns 0, or -1 after the error was answered (nothing changed then). */
+static int commit(struct req *r, cJSON *root, const char *what)
+{
+	if(save_tree(r, root, false)) return -1;
+	done(r, what);
+	return 0;
+}
+
 /* ---- device commands ------------------------------------------------------------------------ */
 
 /* Each cmd_* handles one command object (r->cmd): it answers exactly once, with data or with an
@@ -706,10 +715,9 @@ static void cmd_create_device(struct req *r)
 		nomem(r);
 		goto out;
 	}
-	int rc = save_tree(r, root, false);
+	int rc = commit(r, root, id);
 	root = NULL;
 	if(rc) goto out;
-	done(r, id);
 	const struct akz_device *d = akz_registry_find_device(r->p->reg, id);
 	char *pem = d ? akz_key_public_pem(d->key) : NULL;
 	cJSON *extra = cJSON_CreateObject();
@@ -774,10 +782,9 @@ static void cmd_modify_device(struct req *r)
 		nomem(r);
 		goto out;
 	}
-	int rc = save_tree(r, root, false);
+	int rc = commit(r, root, id);
 	root = NULL;
 	if(rc) goto out;
-	done(r, id);
 	reply_device(r, id, NULL);
 out:
 	free(hash);
@@ -851,10 +858,9 @@ static void cmd_delete_device(struct req *r)
 		cJSON_AddItemToArray(files, cJSON_CreateString(d->key_uri));
 		if(d->next_key_uri) cJSON_AddItemToArray(files, cJSON_CreateString(d->next_key_uri));
 	}
-	int rc = save_tree(r, root, false);
+	int rc = commit(r, root, id);
 	root = NULL;
 	if(rc) goto out;
-	done(r, id);
 	if(!cJSON_AddStringToObject(extra, "id", id)
 			|| !cJSON_AddStringToObject(extra, "note", "the device's key files were left in place: "
 				"delete them when nothing needs them any more")){
@@ -912,10 +918,9 @@ static void cmd_rotate_key(struct req *r)
 		nomem(r);
 		goto out;
 	}
-	int rc = save_tree(r, root, false);
+	int rc = commit(r, root, id);
 	root = NULL;
 	if(rc) goto out;
-	done(r, id);
 	char *pem = akz_key_public_pem(key);
 	cJSON *data = cJSON_CreateObject();
 	if(pem == NULL || data == NULL || !cJSON_AddStringToObject(data, "id", id)
@@ -1126,6 +1131,14 @@ static cJSON *gateway_data(struct req *r, const char *username)
 	return data;
 }
 
+/* Answers with the gateway as the registry in force has it. */
+static void reply_gateway(struct req *r, const char *username)
+{
+	cJSON *data = gateway_data(r, username);
+	if(data == NULL) nomem(r);
+	else reply(r, data, NULL);
+}
+
 /* The "devices" field of a gateway: an array of known device ids or ["*"]. Returns a copy for
  * the tree, or NULL after answering. */
 static cJSON *gateway_devices(struct req *r, cJSON *root, bool required)
@@ -1185,9 +1198,7 @@ static void cmd_get_gateway(struct req *r)
 		fail(r, "unknown gateway '%s'", u);
 		return;
 	}
-	cJSON *data = gateway_data(r, u);
-	if(data == NULL) nomem(r);
-	else reply(r, data, NULL);
+	reply_gateway(r, u);
 }
 
 static void cmd_create_gateway(struct req *r)
@@ -1228,13 +1239,10 @@ static void cmd_create_gateway(struct req *r)
 		goto out;
 	}
 	devs = NULL;
-	int rc = save_tree(r, root, false);
+	int rc = commit(r, root, u);
 	root = NULL;
 	if(rc) goto out;
-	done(r, u);
-	cJSON *data = gateway_data(r, u);
-	if(data == NULL) nomem(r);
-	else reply(r, data, NULL);
+	reply_gateway(r, u);
 out:
 	cJSON_Delete(devs);
 	free(hash);
@@ -1276,13 +1284,10 @@ static void cmd_modify_gateway(struct req *r)
 			goto out;
 		}
 	}
-	int rc = save_tree(r, root, false);
+	int rc = commit(r, root, u);
 	root = NULL;
 	if(rc) goto out;
-	done(r, u);
-	cJSON *data = gateway_data(r, u);
-	if(data == NULL) nomem(r);
-	else reply(r, data, NULL);
+	reply_gateway(r, u);
 out:
 	cJSON_Delete(devs);
 	free(hash);

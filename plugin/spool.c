@@ -23,6 +23,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1027,8 +1028,14 @@ int akz_spool_open(const struct akz_spool_opts *opts, akz_spool_log_fn log, void
 	if(rc == 0) reclaim_locked(s);
 	pthread_mutex_unlock(&s->lock);
 	if(rc) goto fail;
-	if(pthread_create(&s->flusher, NULL, flusher_main, s) != 0){
-		snprintf(err, errlen, "cannot start the spool flusher thread");
+	/* The broker's signals (SIGHUP reload, SIGINT) belong to the broker thread. */
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	int prc = pthread_create(&s->flusher, NULL, flusher_main, s);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if(prc != 0){
+		snprintf(err, errlen, "cannot start the spool flusher thread: %s", strerror(prc));
 		goto fail;
 	}
 	s->flusher_started = true;
