@@ -543,6 +543,14 @@ static enum rec_check check_record(const unsigned char *buf, size_t size, size_t
 		*why = "unknown record type or bad field lengths";
 		return REC_CORRUPT;
 	}
+	/* The spool only writes ids that were C strings and QoS 0..2. A NUL inside an id made
+	 * device_locked() keep a strndup'ed copy shorter than its idlen, which later lookups and
+	 * done markers read idlen bytes of (a heap over-read the spool fuzzer hit); a QoS above 2
+	 * is one libmosquitto refuses to publish. Either is damage, not a record. */
+	if(memchr(h + REC_HDR, '\0', get16(h + 10)) != NULL || (h[8] == REC_UPLINK && h[9] > 2)){
+		*why = "device id with a NUL byte or QoS above 2";
+		return REC_CORRUPT;
+	}
 	return REC_OK;
 }
 
