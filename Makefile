@@ -101,7 +101,7 @@ san-integration:
 	$(MAKE) BUILD=build/san SAN=1 all build/san/standin_auth.so
 	ASAN_OPTIONS=detect_leaks=0 AKZ_BROKER_PRELOAD=$(ASAN_RT) AKZ_BUILD=$(abspath build/san) \
 		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_edge_auth.py tests/test_standin.py \
-		tests/test_spool.py -k 'not token_refresh and not fifty_devices'
+		tests/test_spool.py tests/test_reload_storm.py -k 'not token_refresh and not fifty_devices'
 
 # ThreadSanitizer on the broker-thread / bridge-thread / spool-flusher hand-offs.
 TSAN_RT = $(shell $(CC) -print-file-name=libtsan.so)
