@@ -114,7 +114,8 @@ tsan-integration:
 # The plugin from the normal build inside a broker run under valgrind memcheck: start, traffic,
 # a reload that adds, removes and disables devices, a clean stop; no errors, nothing definitely lost.
 valgrind-integration: all $(BUILD)/standin_auth.so
-	AKZ_VALGRIND=1 AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -ra tests/test_valgrind.py
+	AKZ_VALGRIND=1 AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -ra --basetemp=$(abspath $(BUILD))/pytest-valgrind \
+		tests/test_valgrind.py
 
 test: deps
 	$(MAKE) all

@@ -1025,6 +1025,14 @@ int akz_spool_open(const struct akz_spool_opts *opts, akz_spool_log_fn log, void
 		snprintf(err, errlen, "cannot open spool directory %s: %s", s->dir, strerror(errno));
 		goto fail;
 	}
+	/* The segments hold every sensor's uplinks (0600 each); a directory that others may list or
+	 * enter is a deployment mistake worth a line, not a reason to refuse starting (an existing
+	 * volume may be shared on purpose). */
+	struct stat dsb;
+	if(fstat(s->dirfd, &dsb) == 0 && (dsb.st_mode & 077)){
+		slog(s, MOSQ_LOG_WARNING, "akenza: spool directory %s: mode %04o: group or others can "
+				"access it; chmod 700 it", s->dir, (unsigned)(dsb.st_mode & 07777));
+	}
 	if(access(s->dir, W_OK) != 0){
 		snprintf(err, errlen, "spool directory %s is not writable by this user: %s", s->dir,
 				strerror(errno));

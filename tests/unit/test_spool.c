@@ -258,6 +258,35 @@ static void test_nul_in_device_id_is_corrupt(void **state)
 	remove_dir(dir);
 }
 
+/* The spool keeps its files private: a directory it creates is 0700, segments are 0600, and an
+ * existing directory that group or others can access is reported (SECURITY.md). */
+static void test_spool_files_are_private(void **state)
+{
+	(void)state;
+	char *parent = make_dir();
+	char dir[256];
+	snprintf(dir, sizeof(dir), "%s/spool", parent);
+	struct logbook log = {0};
+	struct akz_spool *s = open_spool(dir, 1 << 20, &log);
+	append_n(s, "p", 0, 1);
+	akz_spool_close(s);
+	struct stat sb;
+	assert_int_equal(stat(dir, &sb), 0);
+	assert_int_equal(sb.st_mode & 0777, 0700);
+	char path[512];
+	snprintf(path, sizeof(path), "%s/%016x.seg", dir, 1);
+	assert_int_equal(stat(path, &sb), 0);
+	assert_int_equal(sb.st_mode & 0777, 0600);
+	assert_int_equal(log.n, 0);
+
+	assert_int_equal(chmod(dir, 0755), 0);
+	s = open_spool(dir, 1 << 20, &log);
+	akz_spool_close(s);
+	assert_non_null(strstr(log.all, "mode 0755: group or others can access it"));
+	remove_dir(strdup(dir));
+	remove_dir(parent);
+}
+
 static void test_limits_refuse_without_writing(void **state)
 {
 	(void)state;
@@ -345,6 +374,7 @@ int main(void)
 		cmocka_unit_test(test_torn_tail_is_cut_off),
 		cmocka_unit_test(test_corrupt_segment_is_set_aside_after_saving_what_reads),
 		cmocka_unit_test(test_nul_in_device_id_is_corrupt),
+		cmocka_unit_test(test_spool_files_are_private),
 		cmocka_unit_test(test_limits_refuse_without_writing),
 		cmocka_unit_test(test_delivered_segments_are_deleted_and_backlog_compacted),
 		cmocka_unit_test(test_sync_modes_parse),
