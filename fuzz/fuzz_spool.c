@@ -1,12 +1,14 @@
 /* fuzz_spool.c - libFuzzer target: spool recovery (akz_spool_open on damaged segment files).
- * Each input is tried twice, each time in a fresh temporary directory: written as it is as the
- * only segment file, and behind a valid segment header (so that the fuzzer reaches the records
- * without having to find the magic). The spool is opened (recovery), every device's backlog is
+ * Each input is tried three times, each time in a fresh temporary directory: written as it is as
+ * the only segment file; behind a valid segment header (so that the fuzzer reaches the records
+ * without having to find the magic); and behind the header with every record's CRC made right
+ * (so that mutations reach what lies behind the checksum: ids, lengths, seqs, markers). The spool is opened (recovery), every device's backlog is
  * taken and settled, and the spool closed; then opened again: everything settled must stay
  * delivered, which checks that recovery reads back what the spool itself wrote. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <zlib.h>
 #include "akz_spool.h"
 #include "fuzz_common.h"
 
@@ -105,10 +107,36 @@ static void one(const uint8_t *hdr, size_t hlen, const uint8_t *data, size_t siz
 	fuzz_clear_dir(d, 1);
 }
 
+/* Little-endian 32-bit field at p. */
+static uint32_t le32(const uint8_t *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* Sets the CRC of every whole record in buf (the layout of spool.c: u32 crc over the rest of the
+ * 32-byte header and the body, u32 body length); a record running past the end is left as is. */
+static void fix_crcs(uint8_t *buf, size_t size)
+{
+	for(size_t off = 0; size - off >= 32;){
+		uint32_t len = le32(buf + off + 4);
+		if(len > size - off - 32) break;
+		uLong crc = crc32_z(0L, buf + off + 4, 28 + (size_t)len);
+		for(int k = 0; k < 4; k++) buf[off + (size_t)k] = (uint8_t)(crc >> (8 * k));
+		off += 32 + (size_t)len;
+	}
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	static const uint8_t header[16] = {'A', 'K', 'Z', 'S', 'P', 'O', 'O', 'L', 1, 0, 0, 0, 0, 0, 0, 0};
 	one(NULL, 0, data, size);
 	one(header, sizeof(header), data, size);
+	uint8_t *fixed = malloc(size + 1);
+	if(fixed){
+		if(size) memcpy(fixed, data, size);
+		fix_crcs(fixed, size);
+		one(header, sizeof(header), fixed, size);
+		free(fixed);
+	}
 	return 0;
 }

@@ -1,5 +1,6 @@
 """Claims of SECURITY.md that no other test proves: secrets never reach the broker log, devices
 cannot reach $CONTROL topics, the upstream TLS version is pinned (no fallback)."""
+import json
 import re
 import time
 
@@ -41,6 +42,8 @@ def test_no_password_token_or_key_in_the_broker_log(brokers, tmp_path, standin, 
     for n in range(20):
         s.publish(up("sec-a"), f"{n}".encode())
     wait_for(lambda: len([1 for t, _ in obs.received() if t == up("sec-a")]) >= 20, 20, what="uplinks")
+    st = e.status(admin, "sec-a")
+    assert st["kid"] and st["token_expires"] and not JWT.search(json.dumps(st)), st   # kid, never the token
     s.close()
     admin.close()
     e.broker.stop()
@@ -92,3 +95,20 @@ def test_upstream_tls_version_is_pinned(brokers, tmp_path, standin_factory, pki)
     admin = e.admin()
     e.wait_state(admin, "tls-a", "connected", timeout=20)
     admin.close()
+
+
+def test_broker_refuses_a_key_others_can_read(brokers, tmp_path, pki):
+    """The plugin (not only akenzactl) refuses a key file with group or other bits, unless
+    plugin_opt_allow_readable_keys is set."""
+    e = Edge(brokers, tmp_path / "edge", 1, pki.ca_cert)
+    e.options["bridge"] = "false"
+    e.add_device("perm-a")
+    (e.keys / "perm-a.pem").chmod(0o644)
+    b = e.start(expect_start=False)
+    log = b.log()
+    assert b.proc.returncode != 0 and "mode 0644: group or others can read it" in log, log[-2000:]
+    assert "refusing to start" in log
+    e.options["allow_readable_keys"] = "true"
+    b.conffile.write_text(e.conf() + f"\nlog_dest file {b.logfile}\nlog_type all\nuser root\n")
+    b.start()
+    assert b.proc.poll() is None
