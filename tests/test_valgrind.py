@@ -84,6 +84,7 @@ def test_memcheck_start_traffic_reload_stop(brokers, tmp_path, standin, pki):
     e.broker.wait_log("akenza: reloaded", timeout=60)
     e.wait_state(admin, "vg-d", "connected", timeout=90)
     e.broker.wait_log("device 'vg-c' left the bridge", timeout=60)
+    e.broker.wait_log("device 'vg-b': disabled", timeout=60)
     d = e.sensor("vg-d")
     for n in range(20):
         d.publish(up("vg-d"), f"{n}".encode(), qos=1)
