@@ -222,6 +222,17 @@ static void test_generate_and_write(void **state)
 	assert_string_equal(kid, akz_key_kid(k));
 	akz_key_unref(k);
 	assert_int_equal(akz_key_generate(AKZ_ALG_RS256, 1024, &k, err, sizeof(err)), -1);
+	/* a "key" larger than any key file is refused before OpenSSL reads it */
+	char big[512];
+	path_in(big, sizeof(big), "big.pem");
+	FILE *f = fopen(big, "w");
+	assert_non_null(f);
+	assert_int_equal(fseek(f, 2L * 1024 * 1024, SEEK_SET), 0);
+	fputc('x', f);
+	fclose(f);
+	chmod(big, 0600);
+	assert_int_equal(akz_key_load(big, NULL, &k, err, sizeof(err)), -1);
+	assert_non_null(strstr(err, "larger than any key file"));
 }
 
 static void test_passwords(void **state)
