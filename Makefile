@@ -21,6 +21,10 @@ endif
 ifeq ($(SAN),thread)
 SANFLAGS := -fsanitize=thread -fno-omit-frame-pointer
 endif
+# libFuzzer instrumentation (clang only): make fuzz builds with CC=clang BUILD=build/fuzz SAN=fuzz.
+ifeq ($(SAN),fuzz)
+SANFLAGS := -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+endif
 ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) $(CFLAGS) $(SANFLAGS) -Iinclude $(PKG_CFLAGS)
 LDLIBS   := $(PKG_LIBS) -lpthread
 
@@ -36,8 +40,13 @@ UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 STANDIN_SRC := $(wildcard tests/standin/*.c)
 BENCH_SRC := $(wildcard bench/*.c)
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+FUZZ_SRC := $(wildcard fuzz/fuzz_*.c)
+FUZZ_BIN := $(FUZZ_SRC:fuzz/%.c=$(BUILD)/%)
+# Seconds each fuzz target runs in make fuzz: five targets, about a minute in all.
+FUZZ_SECONDS ?= 12
 
-.PHONY: all deps test unit san-unit integration san-integration tsan-integration run bench clean lint install
+.PHONY: all deps test unit san-unit integration san-integration tsan-integration run bench clean lint install \
+	fuzz fuzz-bins valgrind-integration
 
 all: $(BUILD)/mosquitto_akenza.so $(BUILD)/akenzactl
 
@@ -62,8 +71,19 @@ $(BUILD)/bench/%: bench/%.c $(SHARED_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS) -ljwt
 
+$(BUILD)/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_common.h $(SHARED_OBJ)
+	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer -o $@ $< $(SHARED_OBJ) $(LDLIBS)
+
 deps:
 	@tools/install-deps.sh
+
+# libFuzzer targets (fuzz/), built with clang, ASan and UBSan: replays fuzz/regressions/<target>/*
+# first, then fuzzes each target for FUZZ_SECONDS. Any crash, leak or sanitizer report fails.
+fuzz-bins: $(FUZZ_BIN)
+
+fuzz:
+	$(MAKE) BUILD=build/fuzz SAN=fuzz CC=clang fuzz-bins
+	FUZZ_SECONDS=$(FUZZ_SECONDS) tools/fuzz.sh build/fuzz
 
 unit: $(UNIT_BIN)
 	@set -e; for t in $(UNIT_BIN); do echo "== $$t"; $$t; done
@@ -92,8 +112,8 @@ san-integration:
 	$(MAKE) BUILD=build/san SAN=1 all build/san/standin_auth.so
 	ASAN_OPTIONS=detect_leaks=0 AKZ_BROKER_PRELOAD=$(ASAN_RT) AKZ_BUILD=$(abspath build/san) \
 		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_edge_auth.py tests/test_standin.py \
-		tests/test_spool.py tests/test_control.py -k 'not token_refresh and not fifty_devices' \
-		--basetemp=$(abspath build/san)/pytest
+		tests/test_spool.py tests/test_control.py tests/test_reload_storm.py \
+		-k 'not token_refresh and not fifty_devices' --basetemp=$(abspath build/san)/pytest
 
 # ThreadSanitizer on the broker-thread / bridge-thread / spool-flusher hand-offs.
 TSAN_RT = $(shell $(CC) -print-file-name=libtsan.so)
@@ -103,6 +123,12 @@ tsan-integration:
 		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_spool.py \
 		-k 'not token_refresh and not fifty_devices' --basetemp=$(abspath build/tsan)/pytest
 
+# The plugin from the normal build inside a broker run under valgrind memcheck: start, traffic,
+# a reload that adds, removes and disables devices, a clean stop; no errors, nothing definitely lost.
+valgrind-integration: all $(BUILD)/standin_auth.so
+	AKZ_VALGRIND=1 AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -ra --basetemp=$(abspath $(BUILD))/pytest-valgrind \
+		tests/test_valgrind.py
+
 test: deps
 	$(MAKE) all
 	$(MAKE) lint
@@ -111,6 +137,7 @@ test: deps
 	$(MAKE) integration
 	$(MAKE) san-integration
 	$(MAKE) tsan-integration
+	$(MAKE) valgrind-integration
 
 run: deps all $(BUILD)/standin_auth.so
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) tools/demo.py
@@ -119,9 +146,9 @@ bench: deps all $(BENCH_BIN)
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) bench/run.py
 
 lint:
-	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) $(STANDIN_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
+	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) $(STANDIN_SRC) $(FUZZ_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability --inline-suppr \
-		--suppress=missingIncludeSystem -Iinclude plugin tools tests/standin
+		--suppress=missingIncludeSystem -Iinclude plugin tools tests/standin fuzz
 
 PREFIX ?= /usr/local
 install: all

@@ -6,6 +6,7 @@
 #include <stddef.h>
 
 #define AKZ_PW_ITERATIONS_DEFAULT 210000   /* OWASP's 2023 figure for PBKDF2-HMAC-SHA512 */
+#define AKZ_PW_ITERATIONS_MAX 1000000     /* bounds the broker-thread stall per login (passwd.c) */
 #define AKZ_PW_SALT_LEN 12                 /* as mosquitto_passwd, so hashes move between the two */
 #define AKZ_PW_HASH_LEN 64
 
@@ -23,7 +24,7 @@ struct akz_pw {
 };
 
 /* Parses text as a $6$ or $7$ hash. Returns 0, or -1 with a reason in err (plain text,
- * unknown scheme, bad base64, wrong lengths, iterations out of 1..10,000,000). Never crashes
+ * unknown scheme, bad base64, wrong lengths, iterations out of 1..AKZ_PW_ITERATIONS_MAX). Never crashes
  * on any input. */
 int akz_pw_parse(const char *text, struct akz_pw *out, char *err, size_t errlen);
 

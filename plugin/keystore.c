@@ -21,6 +21,9 @@
 #include "akz_keystore_int.h"
 
 #define PASSPHRASE_MAX 1024
+/* A PEM RSA-4096 key is ~3.3 KB and a key with a certificate chain tens of KB: a larger "key"
+ * is a wrong path (a log, a device file in /proc), which OSSL_STORE would read whole. */
+#define KEY_FILE_MAX (1024L * 1024L)
 
 struct akz_key {
 	atomic_int refs;
@@ -119,6 +122,11 @@ static int check_key_file(const char *uri, const struct akz_key_opts *opts, char
 	}
 	if(sb.st_size == 0){
 		akz_set_err(err, errlen, "%s: empty file", path);
+		return -1;
+	}
+	if(sb.st_size > KEY_FILE_MAX){
+		akz_set_err(err, errlen, "%s: %lld bytes: larger than any key file (1 MiB at most)", path,
+				(long long)sb.st_size);
 		return -1;
 	}
 	if((sb.st_mode & 077) && !(opts && opts->allow_group_readable)){

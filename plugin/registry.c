@@ -58,6 +58,9 @@ static void problem(struct loader *ld, const char *fmt, ...)
 	char msg[1024];
 	va_list ap;
 	int n = snprintf(msg, sizeof(msg), "%s: ", ld->path);
+	/* A registry path of 1022 bytes or more (PATH_MAX allows 4095) made n pass the end of msg,
+	 * and the size below wrap around: vsnprintf then wrote past the stack buffer. Truncate. */
+	if(n < 0 || (size_t)n >= sizeof(msg)) n = (int)sizeof(msg) - 1;
 	va_start(ap, fmt);
 	vsnprintf(msg + n, sizeof(msg) - (size_t)n, fmt, ap);
 	va_end(ap);

@@ -544,6 +544,14 @@ static enum rec_check check_record(const unsigned char *buf, size_t size, size_t
 		*why = "unknown record type or bad field lengths";
 		return REC_CORRUPT;
 	}
+	/* The spool only writes ids that were C strings and QoS 0..2. A NUL inside an id made
+	 * device_locked() keep a strndup'ed copy shorter than its idlen, which later lookups and
+	 * done markers read idlen bytes of (a heap over-read the spool fuzzer hit); a QoS above 2
+	 * is one libmosquitto refuses to publish. Either is damage, not a record. */
+	if(memchr(h + REC_HDR, '\0', get16(h + 10)) != NULL || (h[8] == REC_UPLINK && h[9] > 2)){
+		*why = "device id with a NUL byte or QoS above 2";
+		return REC_CORRUPT;
+	}
 	return REC_OK;
 }
 
@@ -1017,6 +1025,14 @@ int akz_spool_open(const struct akz_spool_opts *opts, akz_spool_log_fn log, void
 	if(s->dirfd < 0){
 		snprintf(err, errlen, "cannot open spool directory %s: %s", s->dir, strerror(errno));
 		goto fail;
+	}
+	/* The segments hold every sensor's uplinks (0600 each); a directory that others may list or
+	 * enter is a deployment mistake worth a line, not a reason to refuse starting (an existing
+	 * volume may be shared on purpose). */
+	struct stat dsb;
+	if(fstat(s->dirfd, &dsb) == 0 && (dsb.st_mode & 077)){
+		slog(s, MOSQ_LOG_WARNING, "akenza: spool directory %s: mode %04o: group or others can "
+				"access it; chmod 700 it", s->dir, (unsigned)(dsb.st_mode & 07777));
 	}
 	if(access(s->dir, W_OK) != 0){
 		snprintf(err, errlen, "spool directory %s is not writable by this user: %s", s->dir,

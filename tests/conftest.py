@@ -1,5 +1,6 @@
 """Shared fixtures: free ports, a test PKI made with openssl, real Mosquitto brokers."""
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -83,8 +84,14 @@ def pki(tmp_path_factory):
 class Broker:
     """A real mosquitto process started from a config text; stopped by PID at teardown."""
 
-    def __init__(self, d: Path, conf: str, port: int, name="broker", expect_start=True, timeout=15):
+    def __init__(self, d: Path, conf: str, port: int, name="broker", expect_start=True, timeout=15,
+                 wrapper=None, stop_timeout=10):
+        """wrapper: a command to run mosquitto under (e.g. valgrind ...), as a list; default: the
+        words of env AKZ_BROKER_WRAPPER, if set. The wrapper must exec the broker in the same
+        process (as valgrind does) so that signals sent to proc.pid reach it."""
         self.dir, self.port, self.name = d, port, name
+        self.wrapper = list(wrapper) if wrapper is not None else shlex.split(os.environ.get("AKZ_BROKER_WRAPPER", ""))
+        self.stop_timeout = stop_timeout
         d.mkdir(parents=True, exist_ok=True)
         self.logfile = d / f"{name}.log"
         self.conffile = d / f"{name}.conf"
@@ -99,7 +106,7 @@ class Broker:
         if os.environ.get("AKZ_BROKER_PRELOAD"):
             # a sanitizer runtime for a plugin built with SAN=1 (make san-integration)
             env["LD_PRELOAD"] = os.environ["AKZ_BROKER_PRELOAD"]
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conffile)], stdout=self.stdout,
+        self.proc = subprocess.Popen(self.wrapper + [MOSQUITTO, "-c", str(self.conffile)], stdout=self.stdout,
                                      stderr=subprocess.STDOUT, env=env)
         if not expect_start:
             try:
@@ -141,7 +148,7 @@ class Broker:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)

@@ -50,8 +50,8 @@ int cmd_passwd(int argc, char **argv)
 			char *end;
 			errno = 0;
 			it = strtol(optarg, &end, 10);
-			if(errno || *end || it < 1000 || it > 10000000){
-				ctl_error("--iterations: '%s' is not a number from 1000 to 10000000", optarg);
+			if(errno || *end || it < 1000 || it > AKZ_PW_ITERATIONS_MAX){
+				ctl_error("--iterations: '%s' is not a number from 1000 to %d", optarg, AKZ_PW_ITERATIONS_MAX);
 				return 2;
 			}
 			break;

@@ -222,6 +222,17 @@ static void test_generate_and_write(void **state)
 	assert_string_equal(kid, akz_key_kid(k));
 	akz_key_unref(k);
 	assert_int_equal(akz_key_generate(AKZ_ALG_RS256, 1024, &k, err, sizeof(err)), -1);
+	/* a "key" larger than any key file is refused before OpenSSL reads it */
+	char big[512];
+	path_in(big, sizeof(big), "big.pem");
+	FILE *f = fopen(big, "w");
+	assert_non_null(f);
+	assert_int_equal(fseek(f, 2L * 1024 * 1024, SEEK_SET), 0);
+	fputc('x', f);
+	fclose(f);
+	chmod(big, 0600);
+	assert_int_equal(akz_key_load(big, NULL, &k, err, sizeof(err)), -1);
+	assert_non_null(strstr(err, "larger than any key file"));
 }
 
 static void test_passwords(void **state)
@@ -249,6 +260,16 @@ static void test_passwords(void **state)
 		if(akz_pw_parse(bad[i], &pw, err, sizeof(err)) != -1) fail_msg("accepted '%s'", bad[i]);
 	}
 	assert_int_equal(akz_pw_parse(NULL, &pw, err, sizeof(err)), -1);
+	/* the iteration bound (the fuzzer's first finding): 10,000,000 stalled the broker ~4 s */
+	char big[160];
+	snprintf(big, sizeof(big), "$7$%d$NwjylbCRZwEpqPIK$Yv03m6CKOpvWy5oKIJCqIWgwpCfD+x/3KP5bEDDwkS9jLeIjdCRHcOqU4kT2+VB9/ObqWA0buPl5uARhIC6OiQ==",
+			AKZ_PW_ITERATIONS_MAX + 1);
+	assert_int_equal(akz_pw_parse(big, &pw, err, sizeof(err)), -1);
+	assert_non_null(strstr(err, "iterations"));
+	snprintf(big, sizeof(big), "$7$%d$NwjylbCRZwEpqPIK$Yv03m6CKOpvWy5oKIJCqIWgwpCfD+x/3KP5bEDDwkS9jLeIjdCRHcOqU4kT2+VB9/ObqWA0buPl5uARhIC6OiQ==",
+			AKZ_PW_ITERATIONS_MAX);
+	assert_int_equal(akz_pw_parse(big, &pw, err, sizeof(err)), 0);
+	assert_null(akz_pw_hash("pw", AKZ_PW_ITERATIONS_MAX + 1, err, sizeof(err)));
 }
 
 struct problems {

@@ -3,6 +3,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
@@ -10,6 +11,7 @@
 #include <mosquitto_plugin.h>
 #include "akz_config.h"
 #include "akz_queue.h"
+#include "akz_registry.h"
 #include "akz_tls.h"
 #include "akz_topic.h"
 
@@ -102,6 +104,43 @@ static void test_config_refusals(void **state)
 	assert_int_equal(p.n, 4);
 }
 
+/* Hardening: a receipts prefix long enough to cut a device id short in bridge.c's topic buffer
+ * is refused; one of 256 bytes is fine. */
+static void test_config_long_receipts_prefix(void **state)
+{
+	(void)state;
+	struct akz_config cfg;
+	struct problems p;
+	char prefix[300];
+	memset(prefix, 'r', sizeof(prefix) - 1);
+	prefix[sizeof(prefix) - 1] = '\0';
+	const char *kv[] = {"devices", "/d.json", "receipts_topic", prefix};
+	assert_int_equal(parse(&cfg, &p, kv, 2), -1);
+	assert_non_null(strstr(p.last, "plugin_opt_receipts_topic: longer than 256 bytes"));
+	prefix[256] = '\0';
+	assert_int_equal(parse(&cfg, &p, kv, 2), 0);
+	akz_config_free(&cfg);
+}
+
+/* Hardening: a problem report for a registry path longer than the report buffer is truncated,
+ * not written past it (before the fix: a stack overflow, seen under san-unit). */
+static void test_registry_long_path_report(void **state)
+{
+	(void)state;
+	char path[2100];
+	size_t n = 0;
+	while(n < 1500) n += (size_t)snprintf(path + n, sizeof(path) - n, "/%s", "long-directory-name");
+	snprintf(path + n, sizeof(path) - n, "/devices.json");
+	struct problems p;
+	memset(&p, 0, sizeof(p));
+	struct akz_key_opts kopts = {0};
+	struct akz_registry *reg = NULL;
+	assert_int_equal(akz_registry_load(path, NULL, &kopts, collect, &p, &reg), -1);
+	assert_null(reg);
+	assert_int_equal(p.n, 1);
+	assert_memory_equal(p.last, "/long-directory-name", 20);
+}
+
 static void test_topics(void **state)
 {
 	(void)state;
@@ -183,6 +222,8 @@ int main(void)
 		cmocka_unit_test(test_config_defaults),
 		cmocka_unit_test(test_config_values),
 		cmocka_unit_test(test_config_refusals),
+		cmocka_unit_test(test_config_long_receipts_prefix),
+		cmocka_unit_test(test_registry_long_path_report),
 		cmocka_unit_test(test_topics),
 		cmocka_unit_test(test_queue_fifo),
 		cmocka_unit_test(test_tls_ctx),

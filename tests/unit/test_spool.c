@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include <zlib.h>
 #include "akz_spool.h"
 
 struct logbook {
@@ -213,6 +214,79 @@ static void test_corrupt_segment_is_set_aside_after_saving_what_reads(void **sta
 	remove_dir(dir);
 }
 
+/* A record whose CRC is right but whose device id holds a NUL (or whose QoS is above 2) is
+ * damage: before the fix a NUL made the device's copied id shorter than its length, and the next
+ * record of that device read past it (found with fuzz/fuzz_spool.c). */
+static void test_nul_in_device_id_is_corrupt(void **state)
+{
+	(void)state;
+	char *dir = make_dir();
+	struct logbook log = {0};
+	struct akz_spool *s = open_spool(dir, 1 << 20, &log);
+	append_n(s, "ok", 0, 2);
+	akz_spool_close(s);
+	/* two uplink records of device "a\0b", CRC and all, appended to segment 1 */
+	unsigned char rec[2][32 + 3 + 15 + 1];
+	for(int r = 0; r < 2; r++){
+		unsigned char *h = rec[r];
+		memset(h, 0, sizeof(rec[r]));
+		h[4] = 3 + 15 + 1;   /* len */
+		h[8] = 1;            /* uplink */
+		h[9] = 1;            /* qos */
+		h[10] = 3;           /* idlen */
+		h[12] = 15;          /* topiclen */
+		h[16] = (unsigned char)(10 + r);   /* seq */
+		memcpy(h + 32, "a\0b/up/device/id/ax", 3 + 15 + 1);
+		uLong crc = crc32_z(0L, h + 4, sizeof(rec[r]) - 4);
+		for(int k = 0; k < 4; k++) h[k] = (unsigned char)(crc >> (8 * k));
+	}
+	char path[512];
+	snprintf(path, sizeof(path), "%s/%016x.seg", dir, 1);
+	int fd = open(path, O_WRONLY | O_APPEND);
+	assert_true(fd >= 0);
+	assert_int_equal(write(fd, rec, sizeof(rec)), (ssize_t)sizeof(rec));
+	close(fd);
+
+	s = open_spool(dir, 1 << 20, &log);
+	expect_backlog(s, "ok", 0, 2);
+	struct akz_spool_stats st;
+	akz_spool_get_stats(s, &st);
+	assert_int_equal(st.msgs, 2);   /* only the two good ones */
+	akz_spool_close(s);
+	assert_non_null(strstr(log.all, "NUL byte"));
+	assert_int_equal(count_files(dir, ".corrupt"), 1);
+	remove_dir(dir);
+}
+
+/* The spool keeps its files private: a directory it creates is 0700, segments are 0600, and an
+ * existing directory that group or others can access is reported (SECURITY.md). */
+static void test_spool_files_are_private(void **state)
+{
+	(void)state;
+	char *parent = make_dir();
+	char dir[256];
+	snprintf(dir, sizeof(dir), "%s/spool", parent);
+	struct logbook log = {0};
+	struct akz_spool *s = open_spool(dir, 1 << 20, &log);
+	append_n(s, "p", 0, 1);
+	akz_spool_close(s);
+	struct stat sb;
+	assert_int_equal(stat(dir, &sb), 0);
+	assert_int_equal(sb.st_mode & 0777, 0700);
+	char path[512];
+	snprintf(path, sizeof(path), "%s/%016x.seg", dir, 1);
+	assert_int_equal(stat(path, &sb), 0);
+	assert_int_equal(sb.st_mode & 0777, 0600);
+	assert_int_equal(log.n, 0);
+
+	assert_int_equal(chmod(dir, 0755), 0);
+	s = open_spool(dir, 1 << 20, &log);
+	akz_spool_close(s);
+	assert_non_null(strstr(log.all, "mode 0755: group or others can access it"));
+	remove_dir(strdup(dir));
+	remove_dir(parent);
+}
+
 static void test_limits_refuse_without_writing(void **state)
 {
 	(void)state;
@@ -299,6 +373,8 @@ int main(void)
 		cmocka_unit_test(test_settled_records_are_not_replayed),
 		cmocka_unit_test(test_torn_tail_is_cut_off),
 		cmocka_unit_test(test_corrupt_segment_is_set_aside_after_saving_what_reads),
+		cmocka_unit_test(test_nul_in_device_id_is_corrupt),
+		cmocka_unit_test(test_spool_files_are_private),
 		cmocka_unit_test(test_limits_refuse_without_writing),
 		cmocka_unit_test(test_delivered_segments_are_deleted_and_backlog_compacted),
 		cmocka_unit_test(test_sync_modes_parse),
