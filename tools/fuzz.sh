@@ -15,7 +15,7 @@ for bin in "$B"/fuzz_*; do
 	case $t in
 	spool) maxlen=65536 ;;
 	registry) maxlen=16384 ;;
-	config) maxlen=4096 ;;
+	config|control) maxlen=4096 ;;
 	*) maxlen=1024 ;;
 	esac
 	# Regression inputs: each run once (libFuzzer runs file arguments and stops).
