@@ -70,6 +70,7 @@ class Standin:
             f"plugin {STANDIN}",
             f"plugin_opt_keys_dir {self.keys}",
             f"plugin_opt_observer_password {OBSERVER_PASSWORD}",
+            f"plugin_opt_record_file {self.dir / 'uplinks.rec'}",
             "max_queued_messages 0",
             "max_inflight_messages 0",
             extra,
@@ -79,6 +80,22 @@ class Standin:
     def register(self, device_id, pubkey_pem):
         """Registers a device's public key, as a user uploads it to akenza."""
         shutil.copy(pubkey_pem, self.keys / f"{device_id}.pub.pem")
+
+    def uplinks(self, topic=None):
+        """Every uplink the stand-in accepted since it was first started (all restarts), in order:
+        [(topic, payload)], or [payload] for one topic. Recorded by its plugin before the PUBACK,
+        so no message slips by between a restart and a subscriber's SUBACK."""
+        f = self.dir / "uplinks.rec"
+        out = []
+        if f.exists():
+            text = f.read_text()
+            for line in text.splitlines()[:None if text.endswith("\n") else -1]:   # whole lines only
+                t, _, h = line.partition(" ")
+                try:
+                    out.append((t, bytes.fromhex(h)))
+                except ValueError:
+                    pass   # a line being written
+        return [p for t, p in out if t == topic] if topic else out
 
     def observer(self, topic="#"):
         o = Observer(self.port, self.pki.ca_cert, topic)

@@ -124,10 +124,9 @@ def test_upstream_outage_backoff_and_ordered_redelivery(edge, standin):
     st = edge.status(admin, "dev-o")
     assert st["state"] in ("backoff", "connecting")
     standin.start()
-    obs = standin.observer()
     edge.wait_state(admin, "dev-o", "connected", timeout=60)
-    wait_for(lambda: len(upstream_payloads(obs, up("dev-o"))) >= 50, 30, what="the queued uplinks")
-    assert list(dict.fromkeys(upstream_payloads(obs, up("dev-o")))) == [f"{i}".encode() for i in range(50)]
+    wait_for(lambda: len(standin.uplinks(up("dev-o"))) >= 50, 30, what="the queued uplinks")
+    assert list(dict.fromkeys(standin.uplinks(up("dev-o")))) == [f"{i}".encode() for i in range(50)]
 
 
 def test_unregistered_key_is_unauthorized(edge, standin):

@@ -1,7 +1,6 @@
 """The durable spool through real brokers: outages, restarts, SIGKILL, full spools, torn and corrupt
 segments, TTL, receipts, and the size of the spool on disk under steady traffic."""
 import json
-import os
 import struct
 import threading
 import time
@@ -35,10 +34,6 @@ def register(edge, standin, ids, upstream=True):
         if upstream:
             standin.register(i, pub)
     edge.write_registry()
-
-
-def payloads(observer, topic):
-    return [p for t, p in observer.received() if t == topic]
 
 
 def firsts(seq):
@@ -79,12 +74,11 @@ def test_backlog_survives_a_clean_restart_in_order_without_duplicates(edge, stan
     assert "they stay in the spool" in edge.broker.log()
     assert spool_size(edge.spool) > 300 * 40
     standin.start()
-    obs = standin.observer()
     edge.broker.start()
     edge.broker.wait_log("300 undelivered uplinks")
-    wait_for(lambda: len(payloads(obs, up("sp-a"))) >= 300, 30, what="300 replayed uplinks")
+    wait_for(lambda: len(standin.uplinks(up("sp-a"))) >= 300, 30, what="300 replayed uplinks")
     time.sleep(0.5)
-    assert payloads(obs, up("sp-a")) == [f"{i}".encode() for i in range(300)]
+    assert standin.uplinks(up("sp-a")) == [f"{i}".encode() for i in range(300)]
     admin = edge.admin()
     st = summary(edge, admin, lambda s: s["spool_msgs"] == 0 and s["uplinks"] == 300)
     assert st["spool_replayed"] == 300 and st["queued"] == 0
@@ -100,7 +94,6 @@ def test_sigkill_with_sync_always_loses_nothing_acknowledged(edge, standin):
     edge.start()
     admin = edge.admin()
     edge.wait_state(admin, "sp-k", "connected")
-    before = standin.observer()         # sees what goes up before the outage
     acked = []
     s = Sensor(edge.port, "sp-k", "pw-x")
     s.c.on_publish = lambda c, u, mid: acked.append(mid)
@@ -115,8 +108,7 @@ def test_sigkill_with_sync_always_loses_nothing_acknowledged(edge, standin):
             info = s.c.publish(up("sp-k"), f"{i}".encode(), qos=1)
             mids[info.mid] = i
             if i == 1500:
-                # The upstream dies (its observer stays, so that nothing akenza acknowledged goes
-                # unseen): a backlog builds up as well as messages in flight.
+                # The upstream dies: a backlog builds up as well as messages in flight.
                 standin.kill()
             time.sleep(0.0005)
     t = threading.Thread(target=publisher)
@@ -130,12 +122,11 @@ def test_sigkill_with_sync_always_loses_nothing_acknowledged(edge, standin):
     acknowledged = sorted(mids[m] for m in list(acked) if m in mids)
     assert len(acknowledged) >= 2500
     standin.start()
-    after = standin.observer()
     edge.broker.start()
     want = [f"{i}".encode() for i in acknowledged]
 
     def upstream():
-        return payloads(before, up("sp-k")) + payloads(after, up("sp-k"))
+        return standin.uplinks(up("sp-k"))
     wait_for(lambda: set(want) <= set(upstream()), 60,
              what="every acknowledged uplink upstream after the restart")
     got = firsts(upstream())
@@ -155,10 +146,8 @@ def test_a_full_spool_refuses_publishers_without_loss_then_drains(edge, standin)
     admin = edge.admin()
     # MQTT 5: the refusal is a failure reason code in the PUBACK; the client keeps the message
     v5 = Sensor(edge.port, "sp-f", "pw-x", protocol=mqtt.MQTTv5)
-    codes = {}
     v5.c.on_publish = lambda c, u, mid: None
     assert v5.connect() == 0
-    accepted, refused = [], []
     for i in range(300):
         info = v5.c.publish(up("sp-f"), f"{i:05d}".encode() + b"x" * 20, qos=1)
         info.wait_for_publish(5)
@@ -177,14 +166,13 @@ def test_a_full_spool_refuses_publishers_without_loss_then_drains(edge, standin)
     old.c.loop_stop()
     # upstream returns: the backlog drains and the spool takes uplinks again
     standin.start()
-    obs = standin.observer()
-    wait_for(lambda: len(payloads(obs, up("sp-f"))) >= held, 60, what="the backlog upstream")
-    arrived = firsts(payloads(obs, up("sp-f")))
+    wait_for(lambda: len(standin.uplinks(up("sp-f"))) >= held, 60, what="the backlog upstream")
+    arrived = firsts(standin.uplinks(up("sp-f")))
     assert arrived[:held] == [f"{i:05d}".encode() + b"x" * 20 for i in range(held)]
     summary(edge, admin, lambda s: s["spool_msgs"] == 0, timeout=30)
     again = edge.sensor("sp-f")
     again.publish(up("sp-f"), b"after", qos=1)
-    wait_for(lambda: b"after" in payloads(obs, up("sp-f")), 20, what="a new uplink after the drain")
+    wait_for(lambda: b"after" in standin.uplinks(up("sp-f")), 20, what="a new uplink after the drain")
     v5.close()
 
 
@@ -225,21 +213,20 @@ def test_torn_record_is_cut_off_and_corrupt_segment_set_aside(edge, standin):
     crc = zlib.crc32(hdr + body)
     last.write_bytes(good + struct.pack("<I", crc) + hdr + body[:10])   # cut short mid-body
     standin.start()
-    obs = standin.observer()
     edge.broker.start()
     log = edge.broker.wait_log("set aside as")
     log = edge.broker.log()
     assert "checksum mismatch" in log and "cut off" in log
     assert Path(str(victim) + ".corrupt").exists()
-    wait_for(lambda: len(payloads(obs, up("sp-t"))) >= 200 - lost, 30, what="the readable uplinks")
+    wait_for(lambda: len(standin.uplinks(up("sp-t"))) >= 200 - lost, 30, what="the readable uplinks")
     time.sleep(0.5)
-    got = [int(p[:4]) for p in payloads(obs, up("sp-t"))]
+    got = [int(p[:4]) for p in standin.uplinks(up("sp-t"))]
     assert got == sorted(got) and len(got) == len(set(got))
-    assert len(got) >= 200 - lost and b"torn" not in b"".join(payloads(obs, up("sp-t")))
+    assert len(got) >= 200 - lost and b"torn" not in b"".join(standin.uplinks(up("sp-t")))
     # the broker is healthy and keeps relaying
     s2 = edge.sensor("sp-t")
     s2.publish(up("sp-t"), b"9999 after recovery", qos=1)
-    wait_for(lambda: b"9999 after recovery" in payloads(obs, up("sp-t")), 20, what="a new uplink")
+    wait_for(lambda: b"9999 after recovery" in standin.uplinks(up("sp-t")), 20, what="a new uplink")
 
 
 def test_spool_size_stays_bounded_under_steady_traffic_and_a_stuck_device(edge, standin):
@@ -251,7 +238,6 @@ def test_spool_size_stays_bounded_under_steady_traffic_and_a_stuck_device(edge, 
     edge.start()
     admin = edge.admin()
     edge.wait_state(admin, "sp-d", "connected")
-    obs = standin.observer()
     stuck = edge.sensor("sp-stuck")
     for i in range(20):
         stuck.publish(up("sp-stuck"), f"stuck {i}".encode(), qos=1)
@@ -260,7 +246,7 @@ def test_spool_size_stays_bounded_under_steady_traffic_and_a_stuck_device(edge, 
     for i in range(4000):
         s.c.publish(up("sp-d"), f"{i} {'v' * 60}".encode(), qos=1)
         if i % 500 == 499:
-            wait_for(lambda: len(payloads(obs, up("sp-d"))) >= i + 1, 30, what=f"{i + 1} uplinks")
+            wait_for(lambda: len(standin.uplinks(up("sp-d"))) >= i + 1, 30, what=f"{i + 1} uplinks")
             time.sleep(1.3)   # a reclaim pass
             sizes.append(spool_size(edge.spool))
     traffic = 4000 * 110
@@ -271,8 +257,8 @@ def test_spool_size_stays_bounded_under_steady_traffic_and_a_stuck_device(edge, 
     edge.broker.stop()
     standin.register("sp-stuck", edge.keys / "sp-stuck.pub.pem")
     edge.broker.start()
-    wait_for(lambda: len(payloads(obs, up("sp-stuck"))) >= 20, 60, what="the stuck backlog")
-    assert firsts(payloads(obs, up("sp-stuck"))) == [f"stuck {i}".encode() for i in range(20)]
+    wait_for(lambda: len(standin.uplinks(up("sp-stuck"))) >= 20, 60, what="the stuck backlog")
+    assert firsts(standin.uplinks(up("sp-stuck"))) == [f"stuck {i}".encode() for i in range(20)]
 
 
 def test_ttl_expires_old_uplinks_with_a_log_line_and_a_counter(edge, standin):
@@ -288,10 +274,9 @@ def test_ttl_expires_old_uplinks_with_a_log_line_and_a_counter(edge, standin):
     st = summary(edge, admin, lambda s: s["expired"] == 5)
     assert st["spool_msgs"] == 0
     standin.start()
-    obs = standin.observer()
     edge.wait_state(admin, "sp-e", "connected", timeout=60)
     s.publish(up("sp-e"), b"new", qos=1)
-    wait_for(lambda: payloads(obs, up("sp-e")) == [b"new"], 20, what="only the fresh uplink")
+    wait_for(lambda: standin.uplinks(up("sp-e")) == [b"new"], 20, what="only the fresh uplink")
 
 
 def test_receipts_carry_correlation_data_or_sequence(edge, standin):
@@ -343,12 +328,11 @@ def test_backlog_of_a_removed_device_is_kept_and_reported(edge, standin):
     assert "of device 'sp-o', which is not in the registry: kept" in edge.broker.log()
     # back in the registry: its uplinks go out
     standin.start()
-    obs = standin.observer()
     edge.devices.append(entry)
     edge.write_registry()
     edge.broker.sighup()
-    wait_for(lambda: len(payloads(obs, up("sp-o"))) >= 7, 60, what="the kept backlog upstream")
-    assert firsts(payloads(obs, up("sp-o"))) == [f"{i}".encode() for i in range(7)]
+    wait_for(lambda: len(standin.uplinks(up("sp-o"))) >= 7, 60, what="the kept backlog upstream")
+    assert firsts(standin.uplinks(up("sp-o"))) == [f"{i}".encode() for i in range(7)]
 
 
 def test_bad_spool_options_are_refused_with_the_option_named(edge, standin):
@@ -370,7 +354,6 @@ def test_fifty_devices_at_1000_msgs_per_second_through_a_30_s_outage(edge, stand
     admin = edge.admin()
     for i in ids:
         edge.wait_state(admin, i, "connected", timeout=60)
-    observers = [standin.observer()]
     sensors, acked, sent = {}, {i: [] for i in ids}, {i: {} for i in ids}
     for i in ids:
         s = Sensor(edge.port, i, "pw-x")
@@ -390,7 +373,6 @@ def test_fifty_devices_at_1000_msgs_per_second_through_a_30_s_outage(edge, stand
             killed = True
         if now >= 40 and not restarted:
             standin.start()
-            observers.append(standin.observer())
             restarted = True
         for i in ids:                      # 50 uplinks every 50 ms: 1,000 msg/s
             info = sensors[i].c.publish(up(i), f"{seq}".encode(), qos=1)
@@ -400,7 +382,7 @@ def test_fifty_devices_at_1000_msgs_per_second_through_a_30_s_outage(edge, stand
     wait_for(lambda: all(len(acked[i]) == len(sent[i]) for i in ids), 30, what="every PUBACK from the edge")
 
     def upstream(i):
-        return [p for o in observers for p in payloads(o, up(i))]
+        return standin.uplinks(up(i))
     want = {i: {f"{sent[i][m]}".encode() for m in acked[i]} for i in ids}
     wait_for(lambda: all(want[i] <= set(upstream(i)) for i in ids), 120,
              what="every acknowledged uplink upstream")
@@ -456,10 +438,9 @@ def test_a_full_disk_refuses_uplinks_and_loses_nothing_spooled(edge, standin, sm
     assert st["spool_msgs"] == len(accepted)
     # upstream back: everything accepted arrives in order, and the disk has room again
     standin.start()
-    obs = standin.observer()
-    wait_for(lambda: len(payloads(obs, up("sp-disk"))) >= len(accepted), 60, what="the spooled uplinks")
-    assert [int(p[:5]) for p in firsts(payloads(obs, up("sp-disk")))][:len(accepted)] == accepted
+    wait_for(lambda: len(standin.uplinks(up("sp-disk"))) >= len(accepted), 60, what="the spooled uplinks")
+    assert [int(p[:5]) for p in firsts(standin.uplinks(up("sp-disk")))][:len(accepted)] == accepted
     summary(edge, admin, lambda s: s["spool_msgs"] == 0 and s["spool_disk_bytes"] < 64 * 1024, timeout=30)
     again = edge.sensor("sp-disk")
     again.publish(up("sp-disk"), b"after the disk emptied", qos=1)
-    wait_for(lambda: b"after the disk emptied" in payloads(obs, up("sp-disk")), 20, what="a new uplink")
+    wait_for(lambda: b"after the disk emptied" in standin.uplinks(up("sp-disk")), 20, what="a new uplink")

@@ -44,6 +44,7 @@ struct standin {
 	struct timespec dir_mtime;
 	struct session *sessions;
 	size_t nsessions, cap;
+	FILE *record;                /* plugin_opt_record_file: every uplink accepted, or NULL */
 };
 
 static void refuse_log(const char *id, const char *why)
@@ -411,6 +412,21 @@ static int on_disconnect(int event, void *data, void *user)
 	return MOSQ_ERR_SUCCESS;
 }
 
+/* Records an accepted uplink as "<topic> <payload in hex>" before the broker acknowledges it:
+ * what akenza got, across restarts, without a subscriber that could come too late. */
+static int on_message(int event, void *data, void *user)
+{
+	struct standin *s = user;
+	struct mosquitto_evt_message *ev = data;
+	(void)event;
+	if(s->record == NULL || strncmp(ev->topic, "/up/", 4) != 0) return MOSQ_ERR_SUCCESS;
+	fprintf(s->record, "%s ", ev->topic);
+	for(uint32_t i = 0; i < ev->payloadlen; i++) fprintf(s->record, "%02x", ((const unsigned char *)ev->payload)[i]);
+	fputc('\n', s->record);
+	fflush(s->record);
+	return MOSQ_ERR_SUCCESS;
+}
+
 static int on_reload(int event, void *data, void *user)
 {
 	(void)event;
@@ -437,6 +453,7 @@ EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *pid, void **user, struct
 		else if(!strcmp(opts[i].key, "observer_password")) s->observer_password = strdup(opts[i].value);
 		else if(!strcmp(opts[i].key, "max_skew")) s->max_skew = atol(opts[i].value);
 		else if(!strcmp(opts[i].key, "max_lifetime")) s->max_lifetime = atol(opts[i].value);
+		else if(!strcmp(opts[i].key, "record_file") && s->record == NULL) s->record = fopen(opts[i].value, "a");
 	}
 	if(s->keys_dir == NULL){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "standin: plugin_opt_keys_dir is required");
@@ -450,6 +467,7 @@ EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *pid, void **user, struct
 	mosquitto_callback_register(pid, MOSQ_EVT_TICK, on_tick, NULL, s);
 	mosquitto_callback_register(pid, MOSQ_EVT_DISCONNECT, on_disconnect, NULL, s);
 	mosquitto_callback_register(pid, MOSQ_EVT_RELOAD, on_reload, NULL, s);
+	if(s->record) mosquitto_callback_register(pid, MOSQ_EVT_MESSAGE, on_message, NULL, s);
 	*user = s;
 	return MOSQ_ERR_SUCCESS;
 }
@@ -464,6 +482,10 @@ EXPORT int mosquitto_plugin_cleanup(void *user, struct mosquitto_opt *opts, int 
 	mosquitto_callback_unregister(s->pid, MOSQ_EVT_TICK, on_tick, NULL);
 	mosquitto_callback_unregister(s->pid, MOSQ_EVT_DISCONNECT, on_disconnect, NULL);
 	mosquitto_callback_unregister(s->pid, MOSQ_EVT_RELOAD, on_reload, NULL);
+	if(s->record){
+		mosquitto_callback_unregister(s->pid, MOSQ_EVT_MESSAGE, on_message, NULL);
+		fclose(s->record);
+	}
 	free_keys(s);
 	while(s->nsessions) drop_session(s, 0);
 	free(s->sessions);
