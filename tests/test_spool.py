@@ -115,7 +115,9 @@ def test_sigkill_with_sync_always_loses_nothing_acknowledged(edge, standin):
             info = s.c.publish(up("sp-k"), f"{i}".encode(), qos=1)
             mids[info.mid] = i
             if i == 1500:
-                standin.stop()          # a backlog builds up as well as messages in flight
+                # The upstream dies (its observer stays, so that nothing akenza acknowledged goes
+                # unseen): a backlog builds up as well as messages in flight.
+                standin.kill()
             time.sleep(0.0005)
     t = threading.Thread(target=publisher)
     t.start()
