@@ -137,6 +137,15 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	int wakefd;
 	atomic_bool stop;
 
+	/* The log queue has a lock of its own, taken last and around nothing else: the spool logs
+	 * (through spool_log) while holding its lock, and the broker thread takes the spool's lock
+	 * while holding `lock` (publish_statuses); one lock for both was a lock-order inversion
+	 * (spool -> bridge, bridge -> spool) that ThreadSanitizer reported: the flusher logging an
+	 * I/O error during a TICK could deadlock the broker. */
+	pthread_mutex_t log_lock;
+	struct log_line *log_head, *log_tail;   /* guarded by log_lock */
+	size_t log_count, log_dropped;
+
 	pthread_mutex_t lock;
 	/* Guarded by lock. */
 	struct dev **buckets;
@@ -148,8 +157,6 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	bool wake_pending;
 	bool changes;                /* some device has changed or removed set */
 	struct akz_msgq down;
-	struct log_line *log_head, *log_tail;
-	size_t log_count, log_dropped;
 	struct akz_status_summary sum;
 	bool sum_dirty;
 	int64_t sum_published_ms;
@@ -208,7 +215,7 @@ static void blog(struct akz_bridge *b, int level, const char *fmt, ...)
 	if(n < 0) return;
 	size_t len = strlen(text);
 	struct log_line *l = malloc(sizeof(*l) + len + 1);
-	pthread_mutex_lock(&b->lock);
+	pthread_mutex_lock(&b->log_lock);
 	if(l == NULL || b->log_count >= LOG_MAX){
 		b->log_dropped++;
 		free(l);
@@ -221,7 +228,7 @@ static void blog(struct akz_bridge *b, int level, const char *fmt, ...)
 		b->log_tail = l;
 		b->log_count++;
 	}
-	pthread_mutex_unlock(&b->lock);
+	pthread_mutex_unlock(&b->log_lock);
 }
 
 /* Marks the device's status for publishing. Caller holds b->lock. */
@@ -1373,13 +1380,13 @@ static void publish_statuses(struct akz_bridge *b, int64_t now)
 /* Writes queued log lines through the broker's logger. */
 static void flush_log(struct akz_bridge *b)
 {
-	pthread_mutex_lock(&b->lock);
+	pthread_mutex_lock(&b->log_lock);
 	struct log_line *l = b->log_head;
 	size_t dropped = b->log_dropped;
 	b->log_head = b->log_tail = NULL;
 	b->log_count = 0;
 	b->log_dropped = 0;
-	pthread_mutex_unlock(&b->lock);
+	pthread_mutex_unlock(&b->log_lock);
 
 	while(l){
 		struct log_line *next = l->next;
@@ -1491,6 +1498,7 @@ static void free_bridge(struct akz_bridge *b)
 	if(b->wakefd >= 0) close(b->wakefd);
 	SSL_CTX_free(b->ssl_ctx);
 	pthread_mutex_destroy(&b->lock);
+	pthread_mutex_destroy(&b->log_lock);
 	free(b->buckets);
 	free(b->host);
 	free(b->username);
@@ -1538,6 +1546,7 @@ int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char
 	}
 	b->epfd = b->wakefd = -1;
 	pthread_mutex_init(&b->lock, NULL);
+	pthread_mutex_init(&b->log_lock, NULL);
 	b->host = strdup(cfg->upstream_host);
 	b->username = strdup(cfg->upstream_username);
 	b->port = cfg->upstream_port;
