@@ -27,7 +27,7 @@ BUILD = Path(os.environ.get("AKZ_BUILD", ROOT / "build"))
 LOADGEN = BUILD / "bench" / "loadgen"
 BENCH_JWT = BUILD / "bench" / "bench_jwt"
 
-from conftest import PKI, Broker, free_port, run, wait_for  # noqa: E402
+from conftest import PKI, Broker, cpu_seconds, free_port, rss_kb, run, wait_for  # noqa: E402
 from edge import Sensor, make_key, password_hash  # noqa: E402
 
 WORK = Path(tempfile.mkdtemp(prefix="akenza-bench-"))
@@ -45,19 +45,6 @@ def broker(conf, name, port=None):
 def stop_all():
     while STARTED:
         STARTED.pop().stop()
-
-
-def cpu_seconds(pid):
-    """utime + stime of a process (all its threads), in seconds."""
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kb(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def row(name, value, unit, peer=None, peer_value=None):

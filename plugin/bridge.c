@@ -3,7 +3,6 @@
 #include <malloc.h>
 #include <inttypes.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -30,6 +29,7 @@
 #include "akz_status.h"
 #include "akz_tls.h"
 #include "akz_topic.h"
+#include "akz_util.h"
 
 #define WINDOW 32                 /* uplinks in flight per connection */
 #define SWEEP_MS 100              /* timer resolution of the bridge thread */
@@ -1579,12 +1579,7 @@ int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char
 		snprintf(err, errlen, "epoll_ctl: %s", strerror(errno));
 		goto fail;
 	}
-	/* The broker's signals (SIGHUP reload, SIGINT) belong to the broker thread. */
-	sigset_t all, old;
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
-	int rc = pthread_create(&b->thread, NULL, bridge_main, b);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	int rc = akz_thread_start(&b->thread, bridge_main, b);
 	if(rc){
 		snprintf(err, errlen, "cannot start the bridge thread: %s", strerror(rc));
 		goto fail;

@@ -614,6 +614,18 @@ static int commit(struct req *r, cJSON *root, const char *what)
 	return 0;
 }
 
+/* Answers a list command: data (taken) with its "totalCount", or "out of memory" when !ok. */
+static void reply_list(struct req *r, cJSON *data, bool ok, size_t n)
+{
+	if(ok) ok = cJSON_AddNumberToObject(data, "totalCount", (double)n) != NULL;
+	if(!ok){
+		cJSON_Delete(data);
+		nomem(r);
+		return;
+	}
+	reply(r, data, NULL);
+}
+
 /* ---- device commands ------------------------------------------------------------------------ */
 
 /* Each cmd_* handles one command object (r->cmd): it answers exactly once, with data or with an
@@ -639,13 +651,7 @@ static void cmd_list_devices(struct req *r)
 		if(ok) ok = cJSON_AddItemToArray(arr, o);
 		else cJSON_Delete(o);
 	}
-	if(ok) ok = cJSON_AddNumberToObject(data, "totalCount", (double)n) != NULL;
-	if(!ok){
-		cJSON_Delete(data);
-		nomem(r);
-		return;
-	}
-	reply(r, data, NULL);
+	reply_list(r, data, ok, n);
 }
 
 static void cmd_get_device(struct req *r)
@@ -1180,13 +1186,7 @@ static void cmd_list_gateways(struct req *r)
 		ok = o && cJSON_AddItemToArray(arr, o);
 		if(!ok) cJSON_Delete(o);
 	}
-	if(ok) ok = cJSON_AddNumberToObject(data, "totalCount", (double)n) != NULL;
-	if(!ok){
-		cJSON_Delete(data);
-		nomem(r);
-		return;
-	}
-	reply(r, data, NULL);
+	reply_list(r, data, ok, n);
 }
 
 static void cmd_get_gateway(struct req *r)

@@ -23,7 +23,6 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +34,7 @@
 #include <zlib.h>
 #include <mosquitto.h>
 #include "akz_spool.h"
+#include "akz_util.h"
 
 #define SEG_MAGIC "AKZSPOOL"
 #define SEG_VERSION 1u
@@ -1044,12 +1044,7 @@ int akz_spool_open(const struct akz_spool_opts *opts, akz_spool_log_fn log, void
 	if(rc == 0) reclaim_locked(s);
 	pthread_mutex_unlock(&s->lock);
 	if(rc) goto fail;
-	/* The broker's signals (SIGHUP reload, SIGINT) belong to the broker thread. */
-	sigset_t all, old;
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
-	int prc = pthread_create(&s->flusher, NULL, flusher_main, s);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	int prc = akz_thread_start(&s->flusher, flusher_main, s);
 	if(prc != 0){
 		snprintf(err, errlen, "cannot start the spool flusher thread: %s", strerror(prc));
 		goto fail;

@@ -27,6 +27,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid):
+    """utime + stime of a process (all its threads), in seconds, from /proc."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kb(pid):
+    """Resident memory of a process in KiB (VmRSS), 0 if unknown."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
     """Polls pred() until it returns a true value (returned) or the timeout passes (AssertionError)."""
     deadline = time.monotonic() + timeout

@@ -6,24 +6,11 @@ import os
 import re
 import resource
 import time
-from pathlib import Path
 
-from conftest import wait_for
+from conftest import cpu_seconds, rss_kb, wait_for
 from edge import Edge, Sensor, password_hash
 
 N = int(os.environ.get("AKZ_SCALE_DEVICES", "1000"))
-
-
-def cpu_seconds(pid):
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kb(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def test_a_thousand_devices_through_a_token_refresh_cycle(brokers, tmp_path, standin, pki):
