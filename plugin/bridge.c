@@ -457,6 +457,23 @@ static void settle(struct dev *d, const struct akz_msg *m)
 	if(m->spooled && d->sd) akz_spool_settle(d->b->spool, d->sd, m->spooled, 1, done_upto(d));
 }
 
+/* Hands m (may be NULL: out of memory) to the broker thread, which publishes it at its next TICK.
+ * Returns false, with m freed and counted as an error, when m is NULL or the queue is full. */
+static bool queue_for_broker(struct akz_bridge *b, struct akz_msg *m)
+{
+	bool queued = false;
+	pthread_mutex_lock(&b->lock);
+	if(m && b->down.count < DOWN_MAX){
+		akz_msgq_push(&b->down, m);
+		queued = true;
+	}else{
+		b->sum.errors++;
+	}
+	pthread_mutex_unlock(&b->lock);
+	if(!queued) free(m);
+	return queued;
+}
+
 /* Queues the delivery receipt of m for the broker thread: on <prefix><id>, the uplink's
  * correlation data as property when it had some, and {"seq","topic","time"} as payload. */
 static void queue_receipt(struct dev *d, const struct akz_msg *m)
@@ -475,17 +492,7 @@ static void queue_receipt(struct dev *d, const struct akz_msg *m)
 	}
 	n += snprintf(body + n, sizeof(body) - (size_t)n, "\"}");
 	struct akz_msg *r = akz_msg_new(topic, strlen(topic), body, (uint32_t)n, 1, m->corr, m->corrlen);
-	bool queued = false;
-	pthread_mutex_lock(&b->lock);
-	if(r && b->down.count < DOWN_MAX){
-		akz_msgq_push(&b->down, r);
-		queued = true;
-	}else{
-		b->sum.errors++;
-	}
-	pthread_mutex_unlock(&b->lock);
-	if(!queued){
-		free(r);
+	if(!queue_for_broker(b, r)){
 		blog(b, MOSQ_LOG_ERR, "akenza: device '%s': receipt for uplink %" PRIu64 " dropped: the "
 				"broker is not taking messages fast enough", d->id, m->seq);
 	}
@@ -604,16 +611,7 @@ static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto
 	}
 	struct akz_msg *m = akz_msg_new(msg->topic, strlen(msg->topic), msg->payload,
 			(uint32_t)msg->payloadlen, (uint8_t)msg->qos, NULL, 0);
-	pthread_mutex_lock(&b->lock);
-	if(m && b->down.count < DOWN_MAX){
-		akz_msgq_push(&b->down, m);
-		m = NULL;
-	}else{
-		b->sum.errors++;
-	}
-	pthread_mutex_unlock(&b->lock);
-	if(m){
-		free(m);
+	if(!queue_for_broker(b, m)){
 		blog(b, MOSQ_LOG_ERR, "akenza: device '%s': downlink on '%s' dropped: the broker is not "
 				"taking downlinks fast enough", d->id, msg->topic);
 	}
