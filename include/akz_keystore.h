@@ -37,6 +37,10 @@ int akz_key_load(const char *uri, const struct akz_key_opts *opts, struct akz_ke
 /* Takes one more reference. Never fails. Thread-safe. */
 struct akz_key *akz_key_ref(struct akz_key *key);
 
+/* Frees the key store's process-wide decoding state (it is made again when next needed).
+ * Call when unloading; never fails. */
+void akz_keystore_cleanup(void);
+
 /* Drops one reference and frees the key with the last one. NULL is ignored. Thread-safe. */
 void akz_key_unref(struct akz_key *key);
 

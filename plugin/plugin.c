@@ -212,6 +212,7 @@ static void destroy(struct akz_plugin *p)
 	akz_auth_free(p->auth);
 	akz_config_free(&p->cfg);
 	free(p);
+	akz_keystore_cleanup();
 }
 
 AKZ_EXPORT int mosquitto_plugin_version(int supported_version_count, const int *supported_versions)

@@ -235,6 +235,94 @@ static void test_generate_and_write(void **state)
 	assert_non_null(strstr(err, "larger than any key file"));
 }
 
+/* Writes k to name in one of the encodings a key file may have, mode 0600. */
+enum key_form { FORM_PKCS8, FORM_TRADITIONAL, FORM_DER, FORM_PARAMS_FIRST, FORM_ENCRYPTED,
+	FORM_TWO_KEYS, FORM_PUBLIC };
+
+static void write_form(const char *name, EVP_PKEY *k, enum key_form form)
+{
+	char p[512];
+	path_in(p, sizeof(p), name);
+	FILE *f = fopen(p, "w");
+	assert_non_null(f);
+	BIO *bio = BIO_new_fp(f, BIO_NOCLOSE);
+	assert_non_null(bio);
+	int ok = 1;
+	switch(form){
+	case FORM_PKCS8: ok = PEM_write_PrivateKey(f, k, NULL, NULL, 0, NULL, NULL); break;
+	case FORM_TRADITIONAL: ok = PEM_write_bio_PrivateKey_traditional(bio, k, NULL, NULL, 0, NULL, NULL); break;
+	case FORM_DER: ok = i2d_PrivateKey_fp(f, k); break;
+	case FORM_PARAMS_FIRST:
+		BIO_puts(bio, "-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n");
+		ok = PEM_write_bio_PrivateKey_traditional(bio, k, NULL, NULL, 0, NULL, NULL);
+		break;
+	case FORM_ENCRYPTED:
+		ok = PEM_write_PrivateKey(f, k, EVP_aes_256_cbc(), (unsigned char *)"pass phrase", 11, NULL, NULL);
+		break;
+	case FORM_TWO_KEYS:
+		ok = PEM_write_PrivateKey(f, k, NULL, NULL, 0, NULL, NULL) && PEM_write_PrivateKey(f, k, NULL, NULL, 0, NULL, NULL);
+		break;
+	case FORM_PUBLIC: ok = PEM_write_PUBKEY(f, k); break;
+	}
+	assert_int_equal(ok, 1);
+	BIO_free(bio);
+	fclose(f);
+	chmod(p, 0600);
+}
+
+/* Every encoding of a key loads to the same kid, whether the shared PEM decoder takes it (one
+ * plain PEM key) or OSSL_STORE does (DER, encrypted, more than one block); what is not one
+ * private key is refused with the reason, on either path. */
+static void test_key_forms(void **state)
+{
+	(void)state;
+	write_text("pass.txt", "pass phrase\n", 0600);
+	char pass[512];
+	path_in(pass, sizeof(pass), "pass.txt");
+	struct akz_key_opts with_pass = {.passphrase_file = pass};
+	static const char *const algs[][2] = {{"EC", "P-256"}, {"RSA", "2048"}};
+	for(size_t a = 0; a < 2; a++){
+		EVP_PKEY *k = strcmp(algs[a][0], "RSA") == 0 ? EVP_PKEY_Q_keygen(NULL, NULL, "RSA", (size_t)2048)
+				: EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256");
+		assert_non_null(k);
+		char want[AKZ_KID_LEN], err[512];
+		assert_int_equal(akz_pkey_kid(k, want, err, sizeof(err)), 0);
+		static const enum key_form loadable[] = {FORM_PKCS8, FORM_TRADITIONAL, FORM_DER,
+			FORM_PARAMS_FIRST, FORM_ENCRYPTED};
+		for(size_t i = 0; i < sizeof(loadable) / sizeof(loadable[0]); i++){
+			if(loadable[i] == FORM_PARAMS_FIRST && a == 1) continue;
+			char name[32], p[512];
+			snprintf(name, sizeof(name), "form-%zu-%zu.key", a, i);
+			write_form(name, k, loadable[i]);
+			path_in(p, sizeof(p), name);
+			struct akz_key *got = NULL;
+			if(akz_key_load(p, &with_pass, &got, err, sizeof(err))) fail_msg("%s: %s", name, err);
+			assert_string_equal(akz_key_kid(got), want);
+			/* loaded twice: the shared decoder gives a fresh key each time */
+			struct akz_key *again = NULL;
+			assert_int_equal(akz_key_load(p, &with_pass, &again, err, sizeof(err)), 0);
+			assert_ptr_not_equal(akz_key_pkey(again), akz_key_pkey(got));
+			assert_string_equal(akz_key_kid(again), want);
+			akz_key_unref(again);
+			akz_key_unref(got);
+		}
+		char name[32];
+		snprintf(name, sizeof(name), "two-%zu.pem", a);
+		write_form(name, k, FORM_TWO_KEYS);
+		expect_refusal(name, "more than one private key");
+		snprintf(name, sizeof(name), "pub-%zu.pem", a);
+		write_form(name, k, FORM_PUBLIC);
+		expect_refusal(name, "public key but no private key");
+		snprintf(name, sizeof(name), "enc-%zu.pem", a);
+		write_form(name, k, FORM_ENCRYPTED);
+		expect_refusal(name, "the key is encrypted");
+		EVP_PKEY_free(k);
+	}
+	/* the decoder's process-wide state is dropped and made again */
+	akz_keystore_cleanup();
+	akz_key_unref(load_ok("ec.pem"));
+}
+
 static void test_passwords(void **state)
 {
 	(void)state;
@@ -334,6 +422,7 @@ int main(void)
 		cmocka_unit_test(test_refusals),
 		cmocka_unit_test(test_jwt),
 		cmocka_unit_test(test_generate_and_write),
+		cmocka_unit_test(test_key_forms),
 		cmocka_unit_test(test_passwords),
 		cmocka_unit_test(test_registry),
 	};
