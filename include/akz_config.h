@@ -23,6 +23,7 @@ struct akz_config {
 	int upstream_keepalive;      /* plugin_opt_upstream_keepalive (default 60 s) */
 	long token_lifetime;         /* plugin_opt_token_lifetime (default 1200 s) */
 	int connect_rate;            /* plugin_opt_connect_rate: connection attempts per second (default 200) */
+	int connect_concurrency;     /* plugin_opt_connect_concurrency: connections awaiting CONNACK at once (default 64) */
 	int queue_max;               /* plugin_opt_queue_max: uplinks held per device (default 0 = auto:
 	                                1000 in memory, bounded by spool_device_max_bytes with a spool) */
 	long uplink_ttl;             /* plugin_opt_spool_ttl: seconds an uplink may wait (default 7200, 0 = forever) */

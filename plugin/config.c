@@ -41,6 +41,7 @@ static const struct opt_spec specs[] = {
 	{"upstream_keepalive", OPT_INT, OFF(upstream_keepalive), "60", 5, 65535},
 	{"token_lifetime", OPT_LONG, OFF(token_lifetime), "1200", AKZ_JWT_LIFETIME_MIN, AKZ_JWT_LIFETIME_MAX},
 	{"connect_rate", OPT_INT, OFF(connect_rate), "200", 1, 100000},
+	{"connect_concurrency", OPT_INT, OFF(connect_concurrency), "64", 1, 100000},
 	{"queue_max", OPT_INT, OFF(queue_max), "0", 0, 100000000},
 	{"spool_ttl", OPT_LONG, OFF(uplink_ttl), "7200", 0, 31536000},
 	{"spool_dir", OPT_STRING, OFF(spool_dir), NULL, 0, 0},
