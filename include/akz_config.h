@@ -37,6 +37,7 @@ struct akz_config {
 	bool spool_qos0;             /* plugin_opt_spool_qos0: spool QoS 0 uplinks too (default false) */
 	bool receipts;               /* plugin_opt_receipts: publish delivery receipts (default false) */
 	char *receipts_prefix;       /* plugin_opt_receipts_topic: prefix, the device id follows (default akenza/receipts/) */
+	char *downlink_wakeup;       /* plugin_opt_downlink_wakeup: signal (default) or tick */
 	int status_interval_ms;      /* plugin_opt_status_interval: min ms between status publishes (default 1000) */
 };
 

@@ -31,6 +31,7 @@
 #include "akz_tls.h"
 #include "akz_topic.h"
 #include "akz_util.h"
+#include "akz_wakeup.h"
 
 #define WINDOW 32                 /* uplinks in flight per connection */
 #define SWEEP_MS 100              /* timer resolution of the bridge thread */
@@ -135,6 +136,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	char *receipts_prefix;
 	int status_interval_ms;
 	SSL_CTX *ssl_ctx;
+	struct akz_wakeup *wakeup;   /* NULL: downlinks wait for the broker's own TICK */
 
 	struct akz_spool *spool;     /* NULL: uplinks wait in memory only */
 
@@ -492,6 +494,7 @@ static bool queue_for_broker(struct akz_bridge *b, struct akz_msg *m)
 	}
 	pthread_mutex_unlock(&b->lock);
 	if(!queued) free(m);
+	else akz_wakeup_poke(b->wakeup);   /* the TICK that publishes it now, not in up to 100 ms */
 	return queued;
 }
 
@@ -1486,14 +1489,10 @@ static void flush_log(struct akz_bridge *b)
 	}
 }
 
-void akz_bridge_tick(struct akz_bridge *b)
+/* Publishes what the bridge thread handed over. Broker thread. Returns how many went out. */
+static size_t publish_handed_over(struct akz_bridge *b)
 {
 	struct akz_msgq down = {0};
-
-	if(b->wake_at_tick){
-		b->wake_at_tick = false;
-		wake(b);
-	}
 
 	pthread_mutex_lock(&b->lock);
 	akz_msgq_take_all(&down, &b->down);
@@ -1515,6 +1514,26 @@ void akz_bridge_tick(struct akz_bridge *b)
 			mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: message on '%s' not published: %s",
 					m->topic, mosquitto_strerror(rc));
 		}
+	}
+	return relayed;
+}
+
+void akz_bridge_tick(struct akz_bridge *b)
+{
+	if(b->wake_at_tick){
+		b->wake_at_tick = false;
+		wake(b);
+	}
+	/* Acknowledged first, so that a downlink handed over from here on signals again. What
+	 * arrives while this TICK publishes is taken by the next pass; a signal that lands between
+	 * the last pass and the broker's epoll_wait is lost, and that downlink waits for the next
+	 * TICK as it would without the signal. */
+	akz_wakeup_ack(b->wakeup);
+	size_t relayed = 0;
+	for(int pass = 0; pass < 4; pass++){
+		size_t n = publish_handed_over(b);
+		if(n == 0) break;
+		relayed += n;
 	}
 	if(relayed){
 		pthread_mutex_lock(&b->lock);
@@ -1585,6 +1604,7 @@ static void free_bridge(struct akz_bridge *b)
 	/* Removed devices the thread had not yet freed are still on b->devs; nothing else holds one. */
 	akz_msgq_clear(&b->down);
 	akz_spool_close(b->spool);
+	akz_wakeup_free(b->wakeup);   /* every thread that pokes it has stopped */
 	flush_log(b);
 	if(b->epfd >= 0) close(b->epfd);
 	if(b->wakefd >= 0) close(b->wakefd);
@@ -1671,6 +1691,13 @@ int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char
 	if(epoll_ctl(b->epfd, EPOLL_CTL_ADD, b->wakefd, &e)){
 		snprintf(err, errlen, "epoll_ctl: %s", strerror(errno));
 		goto fail;
+	}
+	if(cfg->downlink_wakeup && strcmp(cfg->downlink_wakeup, "signal") == 0){
+		char why[200];
+		if(akz_wakeup_new(&b->wakeup, why, sizeof(why))){
+			mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: plugin_opt_downlink_wakeup signal: %s: "
+					"downlinks wait for the broker's TICK (up to 100 ms)", why);
+		}
 	}
 	int rc = akz_thread_start(&b->thread, bridge_main, b);
 	if(rc){

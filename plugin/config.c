@@ -53,6 +53,7 @@ static const struct opt_spec specs[] = {
 	{"spool_qos0", OPT_BOOL, OFF(spool_qos0), "false", 0, 0},
 	{"receipts", OPT_BOOL, OFF(receipts), "false", 0, 0},
 	{"receipts_topic", OPT_STRING, OFF(receipts_prefix), "akenza/receipts/", 0, 0},
+	{"downlink_wakeup", OPT_STRING, OFF(downlink_wakeup), "signal", 0, 0},
 	{"status_interval", OPT_INT, OFF(status_interval_ms), "1000", 0, 3600000},
 };
 #undef OFF
@@ -166,6 +167,11 @@ int akz_config_parse(struct akz_config *cfg, const struct mosquitto_opt *opts, i
 	}
 	if(cfg->devices_path == NULL){
 		reportf(report, ctx, "plugin_opt_devices: required (path of the device registry, devices.json)");
+		bad++;
+	}
+	if(cfg->downlink_wakeup && strcmp(cfg->downlink_wakeup, "signal") != 0
+			&& strcmp(cfg->downlink_wakeup, "tick") != 0){
+		reportf(report, ctx, "plugin_opt_downlink_wakeup: '%s' is not signal or tick", cfg->downlink_wakeup);
 		bad++;
 	}
 	if(cfg->upstream_tls_version && strcmp(cfg->upstream_tls_version, "tlsv1.2") != 0

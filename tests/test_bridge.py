@@ -43,7 +43,9 @@ def upstream_payloads(observer, topic):
     return [p for t, p in observer.received() if t == topic]
 
 
-def test_uplink_downlink_round_trip(edge, standin):
+@pytest.mark.parametrize("wakeup", ["signal", "tick"])
+def test_uplink_downlink_round_trip(edge, standin, wakeup):
+    edge.options["downlink_wakeup"] = wakeup
     admin = start_with_devices(edge, standin, ["dev-a"])
     obs = standin.observer()
     s = edge.sensor("dev-a")

@@ -1,11 +1,16 @@
 /* test_plumbing.c - unit tests of the option parser, topic recognition and message queues. */
+#include <errno.h>
+#include <pthread.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <unistd.h>
 #include <cmocka.h>
 #include <mosquitto_broker.h>
 #include <mosquitto_plugin.h>
@@ -14,6 +19,7 @@
 #include "akz_registry.h"
 #include "akz_tls.h"
 #include "akz_topic.h"
+#include "akz_wakeup.h"
 
 struct problems {
 	int n;
@@ -97,6 +103,10 @@ static void test_config_refusals(void **state)
 	const char *tls[] = {"devices", "d.json", "upstream_tls_version", "sslv3"};
 	assert_int_equal(parse(&cfg, &p, tls, 2), -1);
 	assert_non_null(strstr(p.last, "upstream_tls_version"));
+
+	const char *wake[] = {"devices", "d.json", "downlink_wakeup", "poll"};
+	assert_int_equal(parse(&cfg, &p, wake, 2), -1);
+	assert_non_null(strstr(p.last, "plugin_opt_downlink_wakeup: 'poll' is not signal or tick"));
 
 	/* every problem is reported, not only the first */
 	const char *many[] = {"devcies", "x", "upstream_port", "0", "bridge", "2"};
@@ -216,6 +226,59 @@ static void test_tls_ctx(void **state)
 	assert_non_null(strstr(err, "/nonexistent/ca.pem"));
 }
 
+static void *poke_soon(void *w)
+{
+	usleep(50000);
+	akz_wakeup_poke(w);
+	akz_wakeup_poke(w);   /* coalesced with the first until the ack */
+	return NULL;
+}
+
+static void someone_elses_handler(int sig)
+{
+	(void)sig;
+}
+
+/* A poke from another thread ends the sleep of the thread that made the wakeup, as it ends the
+ * broker's epoll_wait; a signal someone else handles is left alone. */
+static void test_wakeup(void **state)
+{
+	(void)state;
+	struct akz_wakeup *w = NULL;
+	char err[200];
+	int ep = epoll_create1(0);
+	assert_true(ep >= 0);
+	for(int round = 0; round < 2; round++){
+		assert_int_equal(akz_wakeup_new(&w, err, sizeof(err)), 0);
+		pthread_t t;
+		assert_int_equal(pthread_create(&t, NULL, poke_soon, w), 0);
+		struct epoll_event ev;
+		errno = 0;
+		int n = epoll_wait(ep, &ev, 1, 20000);
+		assert_int_equal(n, -1);
+		assert_int_equal(errno, EINTR);
+		pthread_join(t, NULL);
+		akz_wakeup_ack(w);
+		akz_wakeup_free(w);   /* the second round installs the handler again */
+	}
+	akz_wakeup_poke(NULL);
+	akz_wakeup_ack(NULL);
+	akz_wakeup_free(NULL);
+	close(ep);
+
+	struct sigaction sa, old;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = someone_elses_handler;
+	assert_int_equal(sigaction(SIGRTMIN + 6, &sa, &old), 0);
+	assert_int_equal(akz_wakeup_new(&w, err, sizeof(err)), -1);
+	assert_null(w);
+	assert_non_null(strstr(err, "already has a handler"));
+	struct sigaction now;
+	assert_int_equal(sigaction(SIGRTMIN + 6, NULL, &now), 0);
+	assert_ptr_equal(now.sa_handler, someone_elses_handler);
+	sigaction(SIGRTMIN + 6, &old, NULL);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -227,6 +290,7 @@ int main(void)
 		cmocka_unit_test(test_topics),
 		cmocka_unit_test(test_queue_fifo),
 		cmocka_unit_test(test_tls_ctx),
+		cmocka_unit_test(test_wakeup),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,27 @@
+/* akz_wakeup.h - waking the broker thread out of its event-loop sleep, so that its TICK runs now. */
+#ifndef AKZ_WAKEUP_H
+#define AKZ_WAKEUP_H
+
+#include <stddef.h>
+
+struct akz_wakeup;
+
+/* Sets up waking the calling thread, which must be the broker's (the plugin's init runs on it).
+ * Installs a do-nothing handler for one real-time signal, shared by all instances. Returns 0,
+ * or -1 with the reason in err (the signal already has another handler: the caller then lets
+ * the TICK come in its own time). */
+int akz_wakeup_new(struct akz_wakeup **out, char *err, size_t errlen);
+
+/* Wakes the broker thread unless a wake is already on its way. Any thread; never fails. NULL is
+ * ignored. */
+void akz_wakeup_poke(struct akz_wakeup *w);
+
+/* Tells that the broker thread is awake (call at the start of the TICK): the next poke signals
+ * again. Broker thread; NULL is ignored. */
+void akz_wakeup_ack(struct akz_wakeup *w);
+
+/* Frees w once no thread pokes any more. With the last instance the signal is set to be ignored
+ * (not to its default, which would end the process if a poke were still in flight). */
+void akz_wakeup_free(struct akz_wakeup *w);
+
+#endif

@@ -1,0 +1,114 @@
+/* wakeup.c - waking the broker thread out of its event-loop sleep, so that its TICK runs now. */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "akz_wakeup.h"
+
+/* Why a signal: Mosquitto 2.0's loop sleeps in epoll_wait for up to 100 ms between TICKs, and a
+ * plugin may publish only on the broker thread, so a downlink the bridge thread handed over
+ * waited 50 ms on average for the next TICK. The plugin API offers no wake-up; a signal to the
+ * broker thread ends the sleep (epoll_wait returns EINTR, which the loop takes as a normal
+ * turn) and the TICK follows at once. Around epoll_wait the broker blocks only SIGINT, SIGTERM,
+ * SIGHUP, SIGUSR1 and SIGUSR2, and it uses no real-time signal. SA_RESTART keeps every other
+ * call the broker thread may be in from failing with EINTR. */
+#define WAKE_SIGNAL_OFFSET 6     /* SIGRTMIN + 6: clear of the few that libraries pick first */
+
+struct akz_wakeup {
+	pthread_t broker;
+	int sig;
+	atomic_bool poked;           /* a signal is on its way and the TICK has not run yet */
+};
+
+static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
+static int installs;             /* instances sharing the handler, under install_lock */
+
+static void on_wake_signal(int sig)
+{
+	(void)sig;   /* interrupting epoll_wait is all it is for */
+}
+
+/* Installs the handler unless someone else's is there. Returns 0 or -1 with the reason. */
+static int install_handler(int sig, char *err, size_t errlen)
+{
+	struct sigaction old, sa;
+	if(sigaction(sig, NULL, &old) != 0){
+		snprintf(err, errlen, "signal %d: %s", sig, strerror(errno));
+		return -1;
+	}
+	bool ours = !(old.sa_flags & SA_SIGINFO) && old.sa_handler == on_wake_signal;
+	if(!ours && (old.sa_flags & SA_SIGINFO || (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN))){
+		snprintf(err, errlen, "signal SIGRTMIN+%d already has a handler in this process",
+				WAKE_SIGNAL_OFFSET);
+		return -1;
+	}
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_wake_signal;
+	sa.sa_flags = SA_RESTART;
+	sigemptyset(&sa.sa_mask);
+	if(sigaction(sig, &sa, NULL) != 0){
+		snprintf(err, errlen, "signal %d: %s", sig, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+int akz_wakeup_new(struct akz_wakeup **out, char *err, size_t errlen)
+{
+	*out = NULL;
+	int sig = SIGRTMIN + WAKE_SIGNAL_OFFSET;
+	if(sig > SIGRTMAX){
+		snprintf(err, errlen, "no real-time signal free");
+		return -1;
+	}
+	struct akz_wakeup *w = calloc(1, sizeof(*w));
+	if(w == NULL){
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	pthread_mutex_lock(&install_lock);
+	int rc = installs > 0 ? 0 : install_handler(sig, err, errlen);
+	if(rc == 0) installs++;
+	pthread_mutex_unlock(&install_lock);
+	if(rc){
+		free(w);
+		return -1;
+	}
+	w->broker = pthread_self();
+	w->sig = sig;
+	atomic_init(&w->poked, false);
+	*out = w;
+	return 0;
+}
+
+void akz_wakeup_poke(struct akz_wakeup *w)
+{
+	if(w == NULL || atomic_exchange(&w->poked, true)) return;
+	/* Cannot fail for a live thread and a valid signal; a lost wake only means the TICK comes
+	 * in its own time. */
+	(void)pthread_kill(w->broker, w->sig);
+}
+
+void akz_wakeup_ack(struct akz_wakeup *w)
+{
+	if(w) atomic_store(&w->poked, false);
+}
+
+void akz_wakeup_free(struct akz_wakeup *w)
+{
+	if(w == NULL) return;
+	pthread_mutex_lock(&install_lock);
+	if(--installs == 0){
+		struct sigaction sa;
+		memset(&sa, 0, sizeof(sa));
+		sa.sa_handler = SIG_IGN;
+		sigemptyset(&sa.sa_mask);
+		sigaction(w->sig, &sa, NULL);
+	}
+	pthread_mutex_unlock(&install_lock);
+	free(w);
+}
