@@ -109,7 +109,10 @@ class Broker:
         d.mkdir(parents=True, exist_ok=True)
         self.logfile = d / f"{name}.log"
         self.conffile = d / f"{name}.conf"
-        self.conffile.write_text(conf + f"\nlog_dest file {self.logfile}\nlog_type all\nuser root\n")
+        # Tests read debug lines; the benchmarks log as a deployed broker does (AKZ_LOG_TYPES).
+        types = os.environ.get("AKZ_LOG_TYPES", "all").split()
+        logs = "".join(f"log_type {t}\n" for t in types)
+        self.conffile.write_text(conf + f"\nlog_dest file {self.logfile}\n{logs}user root\n")
         self.proc = None
         self.start(expect_start, timeout)
 
