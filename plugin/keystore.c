@@ -273,17 +273,22 @@ static char *read_key_file(const char *path, size_t *len)
 {
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	if(fd < 0) return NULL;
-	char *buf = malloc(KEY_FILE_MAX + 1);
+	struct stat sb;
+	char *buf = NULL;
 	size_t n = 0;
-	while(buf && n < KEY_FILE_MAX){
-		ssize_t r = read(fd, buf + n, KEY_FILE_MAX - n);
-		if(r < 0 && errno == EINTR) continue;
-		if(r < 0){
-			OPENSSL_clear_free(buf, n);
-			buf = NULL;
+	if(fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_size > 0 && sb.st_size <= KEY_FILE_MAX){
+		size_t cap = (size_t)sb.st_size;
+		buf = malloc(cap + 1);
+		while(buf && n < cap){
+			ssize_t r = read(fd, buf + n, cap - n);
+			if(r < 0 && errno == EINTR) continue;
+			if(r < 0){
+				OPENSSL_clear_free(buf, n);
+				buf = NULL;
+			}
+			if(r <= 0) break;
+			n += (size_t)r;
 		}
-		if(r <= 0) break;
-		n += (size_t)r;
 	}
 	close(fd);
 	if(buf == NULL) return NULL;
