@@ -87,7 +87,7 @@ def bench_jwt():
     for kind, alg, speed in (("ec", "es256", "ecdsap256"), ("rsa", "rs256", "rsa2048")):
         priv, pub = make_key(WORK / "jwt", kind, kind)
         out = run([str(BENCH_JWT), str(priv), alg, "3"], timeout=60).stdout.split()
-        ours, libjwt = float(out[1]), float(out[3])
+        ours, libjwt, loads, store, pem = float(out[1]), float(out[3]), float(out[5]), float(out[7]), float(out[9])
         raw = openssl_speed(speed)
         ref = reference_rate(kind, priv, pub)
         print(f" {alg.upper()}:")
@@ -95,6 +95,9 @@ def bench_jwt():
         row(f"openssl speed {speed} (signatures/s)", raw, "/s")
         row("libjwt 1.x (tokens/s)", libjwt, "/s", "ours", ours)
         row("akenza reference client create_jwt (tokens/s)", ref, "/s", "ours", ours)
+        row("key files loaded, akz_key_load (/s, with kid)", loads, "/s", "OSSL_STORE", store)
+        row("key files loaded, OSSL_STORE_open (/s)", store, "/s")
+        row("key files loaded, PEM_read_PrivateKey (/s)", pem, "/s", "ours", loads)
 
 
 # ---- connect -----------------------------------------------------------------------------------
