@@ -46,6 +46,7 @@
 #define LOG_MAX 20000             /* log lines waiting for the broker thread (a fleet reconnecting) */
 #define READY_BATCH 4096          /* devices pumped per loop turn before sockets get a look */
 #define TRIM_AFTER_MS 5000        /* quiet time after connects before memory is given back */
+#define TICK_RECENT_MS 20         /* a TICK this recent will come again: uplinks wake the bridge there */
 #define READ_ROUNDS 64            /* loop_read calls per device and turn while OpenSSL holds input */
 #define HELD_SWEEP_MS 10          /* sweep interval while connects wait for a handshake slot */
 #define PILOT_MS 2000             /* longest wait for the first TLS session before the others */
@@ -165,6 +166,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	struct dev *incoming;
 	bool wake_pending;
 	bool wake_at_tick;           /* broker thread only: uplinks arrived this loop turn */
+	int64_t last_tick_ms;        /* broker thread only: when akz_bridge_tick last ran */
 	bool changes;                /* some device has changed or removed set */
 	struct akz_msgq down;
 	struct akz_status_summary sum;
@@ -1257,12 +1259,17 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *devic
 		d->ready_next = b->ready;
 		b->ready = d;
 	}
-	/* The bridge thread is woken at the end of the broker's loop turn (akz_bridge_tick), once
-	 * for all the uplinks the turn brought: a wake per uplink cost an eventfd write, an
-	 * epoll_wait and a thread switch per message. */
-	if(!b->wake_pending) b->wake_at_tick = true;
+	bool need_wake = !b->wake_pending;
 	b->wake_pending = true;
 	pthread_mutex_unlock(&b->lock);
+	/* While TICKs come (every broker loop turn), the bridge thread is woken at the end of the
+	 * turn, once for all the uplinks the turn brought: a wake per uplink cost an eventfd write,
+	 * an epoll_wait and a thread switch per message. Without recent TICKs (an idle broker's
+	 * first message, or per_listener_settings true, where 2.0.11 calls none) it is woken now. */
+	if(need_wake){
+		if(mono_ms() - b->last_tick_ms <= TICK_RECENT_MS) b->wake_at_tick = true;
+		else wake(b);
+	}
 	return AKZ_UPLINK_QUEUED;
 }
 
@@ -1520,6 +1527,7 @@ static size_t publish_handed_over(struct akz_bridge *b)
 
 void akz_bridge_tick(struct akz_bridge *b)
 {
+	b->last_tick_ms = mono_ms();
 	if(b->wake_at_tick){
 		b->wake_at_tick = false;
 		wake(b);
