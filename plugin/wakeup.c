@@ -40,8 +40,8 @@ static int install_handler(int sig, char *err, size_t errlen)
 		snprintf(err, errlen, "signal %d: %s", sig, strerror(errno));
 		return -1;
 	}
-	bool ours = !(old.sa_flags & SA_SIGINFO) && old.sa_handler == on_wake_signal;
-	if(!ours && (old.sa_flags & SA_SIGINFO || (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN))){
+	/* Only called with no instance installed (installs == 0), so any handler is someone else's. */
+	if((old.sa_flags & SA_SIGINFO) || (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN)){
 		snprintf(err, errlen, "signal SIGRTMIN+%d already has a handler in this process",
 				WAKE_SIGNAL_OFFSET);
 		return -1;
