@@ -23,6 +23,7 @@
 #include <mqtt_protocol.h>
 #include "akz_bridge.h"
 #include "akz_config.h"
+#include "akz_fds.h"
 #include "akz_jwt.h"
 #include "akz_queue.h"
 #include "akz_registry.h"
@@ -662,6 +663,7 @@ static int create_client(struct dev *d)
 		schedule_retry(d, ST_BACKOFF, "out of memory creating the upstream client");
 		return -1;
 	}
+	akz_fds_close_pair(d->mosq);
 	/* libmosquitto 2.0 defaults to applying its own settings on top of a given context, and
 	 * then refuses to connect without a cafile: the context is complete, so switch that off. */
 	mosquitto_int_option(d->mosq, MOSQ_OPT_SSL_CTX_WITH_DEFAULTS, 0);
@@ -1346,11 +1348,43 @@ static void report_orphan(void *ctx, const char *id, uint64_t bytes, uint64_t ms
 			rd ? "disabled" : "not in the registry");
 }
 
+/* Makes room under the open-file limit for n devices: each has its upstream connection (and
+ * libmosquitto's socket pair, when it could not be closed) and, as a rule, a local client; the
+ * headroom is for listeners, the spool, logs and administrators. Raises the soft limit when it
+ * is lower (systemd starts services at 1,024) and says in the log what it did, or what will fail:
+ * devices past the limit cannot connect ("Too many open files"), and neither can sensors. Only
+ * the upstream part is certain (gateways publish for many devices over one connection), so only
+ * a limit below it is a warning. Broker thread. */
+static void reserve_fds(size_t ndevices)
+{
+	enum { HEADROOM = 256 };
+	size_t upstream = ndevices * (size_t)akz_fds_per_device() + HEADROOM;
+	size_t want = upstream + ndevices;
+	size_t before, after;
+	(void)akz_fds_reserve(want, &before, &after);
+	if(after > before){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: raised the open-file limit from %zu to %zu "
+				"for %zu devices", before, after, ndevices);
+	}
+	if(after < upstream){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: the open-file limit (%zu) is below the %zu "
+				"that the upstream connections of %zu devices need: devices past it cannot connect; "
+				"raise the broker's hard limit (ulimit -n, systemd LimitNOFILE=)", after, upstream,
+				ndevices);
+	}else if(after < want){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: the open-file limit (%zu) leaves room for %zu "
+				"local clients beside the upstream connections of %zu devices", after, after - upstream,
+				ndevices);
+	}
+}
+
 int akz_bridge_sync(struct akz_bridge *b, const struct akz_registry *reg)
 {
 	size_t n = akz_registry_device_count(reg);
 	struct dev *fresh = NULL;
 	size_t nfresh = 0;
+
+	reserve_fds(n);
 
 	/* Allocate everything first, so that running out of memory changes nothing. */
 	for(size_t i = 0; i < n; i++){
@@ -1686,6 +1720,10 @@ int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char
 	}
 	if(cfg->spool_dir && open_spool(b, cfg, err, errlen)) goto fail;
 	mosquitto_lib_init();
+	if(!akz_fds_probe_pair()){
+		mosquitto_log_printf(MOSQ_LOG_INFO, "akenza: this libmosquitto's socket pair was not found "
+				"where expected: each device keeps it and uses three file descriptors");
+	}
 	b->ssl_ctx = akz_tls_client_ctx(cfg->upstream_host, cfg->upstream_cafile, cfg->upstream_capath,
 			cfg->upstream_tls_version, err, errlen);
 	if(b->ssl_ctx == NULL) goto fail;

@@ -1,6 +1,6 @@
 """Scale: 1,000 devices (AKZ_SCALE_DEVICES) bridged at once through a full token refresh cycle, the
-CI-sized version of the 10,000-device run (which needs more file descriptors than this machine
-allows: libmosquitto takes three per device). Prints ramp, refresh spread, CPU and memory."""
+CI-sized version of the 10,000-device run (AKZ_SCALE_DEVICES=10000). Prints ramp, refresh spread,
+CPU, memory and file descriptors per device."""
 import json
 import os
 import re
@@ -17,7 +17,7 @@ def test_a_thousand_devices_through_a_token_refresh_cycle(brokers, tmp_path, sta
     from Cryptodome.PublicKey import ECC
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))   # the brokers inherit it
-    assert hard > 3 * N + 200, f"file limit {hard} too low for {N} devices"
+    assert hard > N + 300, f"file limit {hard} too low for {N} devices"
 
     e = Edge(brokers, tmp_path / "edge", standin.port, pki.ca_cert)
     e.options.update({"token_lifetime": "60", "connect_rate": "1000", "status_interval": "1000",
@@ -49,6 +49,10 @@ def test_a_thousand_devices_through_a_token_refresh_cycle(brokers, tmp_path, sta
     ramp = time.monotonic() - t0
     resumed = next(json.loads(p) for t, p in reversed(admin.received()) if t.endswith("summary") and p)["tls_resumed"]
     cpu0, rss_online = cpu_seconds(pid), rss_kb(pid)
+    # One descriptor per device: the plugin closes the socket pair libmosquitto opens per client
+    # (which made it three). The rest: listeners, a few local clients, the spool, epoll.
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    assert fds < N + 100, f"{fds} descriptors open for {N} devices"
 
     # Now and then: every device publishes once every ~10 s, through one gateway connection,
     # until every device has connected a second time with a fresh token.
@@ -58,7 +62,7 @@ def test_a_thousand_devices_through_a_token_refresh_cycle(brokers, tmp_path, sta
     acked = []
     gw.c.on_publish = lambda c, u, mid: acked.append(mid)
     assert gw.connect() == 0
-    sent = {}
+    sent = []   # (device, round); not keyed by mid: mids wrap at 65,535 with 10,000 devices
 
     def accepts():
         return re.findall(r"^(\d+): standin: accepted client '(sc\d{4})'", standin.log(), re.M)
@@ -67,7 +71,8 @@ def test_a_thousand_devices_through_a_token_refresh_cycle(brokers, tmp_path, sta
     while time.monotonic() < deadline:
         for i in ids:
             info = gw.c.publish(f"/up/device/id/{i}", f"{rnd}".encode(), qos=1)
-            sent[info.mid] = (i, rnd)
+            assert info.rc == 0, info.rc
+            sent.append((i, rnd))
         rnd += 1
         seen = {}
         for ts, dev in accepts():
@@ -84,7 +89,7 @@ def test_a_thousand_devices_through_a_token_refresh_cycle(brokers, tmp_path, sta
     refresh_at = sorted(v[1] for v in seconds.values())
     spread = refresh_at[-1] - refresh_at[0]
 
-    want = {(i, r) for (i, r) in sent.values()}
+    want = set(sent)
 
     def arrived():
         got = set()
@@ -98,7 +103,7 @@ def test_a_thousand_devices_through_a_token_refresh_cycle(brokers, tmp_path, sta
           f"sessions); token refresh of all "
           f"spread over {spread} s; {len(want)} uplinks relayed, none lost; edge CPU {cpu:.1f} s over "
           f"{rnd} rounds; edge RSS {rss_online / 1024:.1f} MiB ({per_device_kb:.1f} KB per device, "
-          f"broker included)")
+          f"broker included); {fds} descriptors open")
     # A fleet must not refresh in the same second: 70-90 % of 60 s leaves a 12 s window.
     assert spread >= 6, f"refreshes bunched within {spread} s"
     gw.close()

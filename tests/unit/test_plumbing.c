@@ -1,5 +1,7 @@
-/* test_plumbing.c - unit tests of the option parser, topic recognition and message queues. */
+/* test_plumbing.c - unit tests of the option parser, topic recognition, message queues, the
+ * broker wake-up and the file-descriptor budget. */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -9,12 +11,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <netinet/in.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include <mosquitto.h>
 #include <mosquitto_broker.h>
 #include <mosquitto_plugin.h>
 #include "akz_config.h"
+#include "akz_fds.h"
 #include "akz_queue.h"
 #include "akz_registry.h"
 #include "akz_tls.h"
@@ -279,6 +288,109 @@ static void test_wakeup(void **state)
 	sigaction(SIGRTMIN + 6, &old, NULL);
 }
 
+static int open_fd_count(void)
+{
+	DIR *dir = opendir("/proc/self/fd");
+	assert_non_null(dir);
+	int n = 0;
+	for(struct dirent *e; (e = readdir(dir)) != NULL; ) n += e->d_name[0] != '.';
+	closedir(dir);
+	return n - 1;   /* the directory's own descriptor */
+}
+
+/* Reads what arrived on a socket until it holds at least `want` bytes or 5 s pass. */
+static size_t read_some(int fd, unsigned char *buf, size_t len, size_t want)
+{
+	size_t got = 0;
+	struct timeval tv = {.tv_sec = 5};
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	while(got < want){
+		ssize_t r = recv(fd, buf + got, len - got, 0);
+		if(r <= 0) break;
+		got += (size_t)r;
+	}
+	return got;
+}
+
+/* The pair libmosquitto opens for each client is found and closed, the client still connects and
+ * publishes, and destroying it closes none of the descriptors that took the pair's numbers. */
+static void test_fds_pair(void **state)
+{
+	(void)state;
+	mosquitto_lib_init();
+	assert_true(akz_fds_probe_pair());
+	assert_true(akz_fds_probe_pair());   /* once proven, stays proven */
+	assert_int_equal(akz_fds_per_device(), 1);
+
+	int before = open_fd_count();
+	struct mosquitto *m = mosquitto_new("pair-test", true, NULL);
+	assert_non_null(m);
+	assert_int_equal(open_fd_count(), before + 2);
+	assert_true(akz_fds_close_pair(m));
+	assert_int_equal(open_fd_count(), before);
+	assert_false(akz_fds_close_pair(m));  /* nothing left to close */
+	assert_false(akz_fds_close_pair(NULL));
+
+	/* A plain TCP peer that reads what the client sends. */
+	int lsock = socket(AF_INET, SOCK_STREAM, 0);
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t salen = sizeof(sa);
+	assert_int_equal(bind(lsock, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	assert_int_equal(listen(lsock, 1), 0);
+	assert_int_equal(getsockname(lsock, (struct sockaddr *)&sa, &salen), 0);
+	assert_int_equal(mosquitto_connect(m, "127.0.0.1", ntohs(sa.sin_port), 60), MOSQ_ERR_SUCCESS);
+	assert_false(akz_fds_close_pair(m));  /* connected: not fresh, left alone */
+	int peer = accept(lsock, NULL, NULL);
+	assert_true(peer >= 0);
+	assert_int_equal(mosquitto_publish(m, NULL, "t/x", 5, "hello", 0, false), MOSQ_ERR_SUCCESS);
+	unsigned char buf[256];
+	size_t got = read_some(peer, buf, sizeof(buf), 23 + 12);
+	/* CONNECT (0x10, 23 bytes with this id) then PUBLISH (0x30: topic "t/x", "hello"). */
+	assert_true(got >= 23 + 12);
+	assert_int_equal(buf[0], 0x10);
+	assert_int_equal(buf[23], 0x30);
+	assert_memory_equal(buf + 23 + 7, "hello", 5);
+
+	/* Descriptors that now hold the pair's old numbers survive mosquitto_destroy(). */
+	int a = dup(0), b = dup(0);
+	assert_true(a >= 0 && b >= 0);
+	mosquitto_destroy(m);
+	assert_true(fcntl(a, F_GETFD) >= 0);
+	assert_true(fcntl(b, F_GETFD) >= 0);
+	close(a);
+	close(b);
+	close(peer);
+	close(lsock);
+	mosquitto_lib_cleanup();
+}
+
+/* The soft open-file limit is raised to what is needed, never lowered, never past the hard one. */
+static void test_fds_reserve(void **state)
+{
+	(void)state;
+	struct rlimit saved, rl;
+	assert_int_equal(getrlimit(RLIMIT_NOFILE, &saved), 0);
+	assert_true(saved.rlim_max == RLIM_INFINITY || saved.rlim_max > 600);
+	rl = saved;
+	rl.rlim_cur = 300;
+	assert_int_equal(setrlimit(RLIMIT_NOFILE, &rl), 0);
+
+	size_t before, after;
+	assert_int_equal(akz_fds_reserve(200, &before, &after), 0);
+	assert_int_equal(before, 300);
+	assert_int_equal(after, 300);            /* enough already: not lowered */
+	assert_int_equal(akz_fds_reserve(600, &before, &after), 0);
+	assert_int_equal(before, 300);
+	assert_int_equal(after, 600);
+	assert_int_equal(getrlimit(RLIMIT_NOFILE, &rl), 0);
+	assert_int_equal(rl.rlim_cur, 600);
+	if(saved.rlim_max != RLIM_INFINITY){
+		assert_int_equal(akz_fds_reserve((size_t)saved.rlim_max + 1, &before, &after), -1);
+		assert_int_equal(after, (size_t)saved.rlim_max);
+	}
+	assert_int_equal(setrlimit(RLIMIT_NOFILE, &saved), 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -291,6 +403,8 @@ int main(void)
 		cmocka_unit_test(test_queue_fifo),
 		cmocka_unit_test(test_tls_ctx),
 		cmocka_unit_test(test_wakeup),
+		cmocka_unit_test(test_fds_pair),
+		cmocka_unit_test(test_fds_reserve),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
