@@ -16,6 +16,12 @@ int akz_wakeup_new(struct akz_wakeup **out, char *err, size_t errlen);
  * ignored. */
 void akz_wakeup_poke(struct akz_wakeup *w);
 
+/* Sends an outstanding poke again if the TICK has not acknowledged it within a few ms: the
+ * signal may have landed just before the broker went to sleep, and been spent. Returns the ms
+ * until it should be called again, or -1 when no poke is outstanding (NULL too). The thread that
+ * pokes calls it from its own loop; never fails. */
+int akz_wakeup_recheck(struct akz_wakeup *w);
+
 /* Tells that the broker thread is awake (call at the start of the TICK): the next poke signals
  * again. Broker thread; NULL is ignored. */
 void akz_wakeup_ack(struct akz_wakeup *w);

@@ -1176,6 +1176,8 @@ static void *bridge_main(void *arg)
 			b->next_sweep_ms = now + (b->connects_held ? HELD_SWEEP_MS : SWEEP_MS);
 		}
 		int timeout = (int)(b->next_sweep_ms - now);
+		int repoke = akz_wakeup_recheck(b->wakeup);
+		if(repoke >= 0 && repoke < timeout) timeout = repoke;
 		if(timeout < 0 || b->reread) timeout = 0;
 		int n = epoll_wait(b->epfd, evs, (int)(sizeof(evs)/sizeof(evs[0])), timeout);
 		if(n < 0 && errno != EINTR){
@@ -1568,8 +1570,8 @@ void akz_bridge_tick(struct akz_bridge *b)
 	}
 	/* Acknowledged first, so that a downlink handed over from here on signals again. What
 	 * arrives while this TICK publishes is taken by the next pass; a signal that lands between
-	 * the last pass and the broker's epoll_wait is lost, and that downlink waits for the next
-	 * TICK as it would without the signal. */
+	 * the last pass and the broker's epoll_wait is spent, and the bridge thread sends it again
+	 * when this acknowledgement does not follow within a few ms (akz_wakeup_recheck). */
 	akz_wakeup_ack(b->wakeup);
 	size_t relayed = 0;
 	for(int pass = 0; pass < 4; pass++){

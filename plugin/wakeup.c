@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include "akz_wakeup.h"
 
 /* Why a signal: Mosquitto 2.0's loop sleeps in epoll_wait for up to 100 ms between TICKs, and a
@@ -18,11 +19,29 @@
  * call the broker thread may be in from failing with EINTR. */
 #define WAKE_SIGNAL_OFFSET 6     /* SIGRTMIN + 6: clear of the few that libraries pick first */
 
+/* A signal that lands after the TICK's last look at the hand-over queue and before the broker's
+ * epoll_wait is spent on nothing, and the broker sleeps its 100 ms. A poke the TICK has not
+ * acknowledged after this long is sent again (akz_wakeup_recheck). A busy broker acknowledges
+ * within a loop turn, so the repeat is rare. */
+#define REPOKE_MS 5
+/* Past this the broker's own 100 ms TICK has come or will not come (per_listener_settings true
+ * stops TICKs altogether): repeating further would only cost signals. */
+#define REPOKE_UNTIL_MS 100
+
 struct akz_wakeup {
 	pthread_t broker;
 	int sig;
 	atomic_bool poked;           /* a signal is on its way and the TICK has not run yet */
+	_Atomic int64_t poked_ms;    /* when it was sent, CLOCK_MONOTONIC */
+	_Atomic int64_t repoke_ms;   /* when to send it again */
 };
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
 static int installs;             /* instances sharing the handler, under install_lock */
@@ -81,6 +100,8 @@ int akz_wakeup_new(struct akz_wakeup **out, char *err, size_t errlen)
 	w->broker = pthread_self();
 	w->sig = sig;
 	atomic_init(&w->poked, false);
+	atomic_init(&w->poked_ms, 0);
+	atomic_init(&w->repoke_ms, 0);
 	*out = w;
 	return 0;
 }
@@ -88,9 +109,23 @@ int akz_wakeup_new(struct akz_wakeup **out, char *err, size_t errlen)
 void akz_wakeup_poke(struct akz_wakeup *w)
 {
 	if(w == NULL || atomic_exchange(&w->poked, true)) return;
+	int64_t now = now_ms();
+	atomic_store(&w->poked_ms, now);
+	atomic_store(&w->repoke_ms, now + REPOKE_MS);
 	/* Cannot fail for a live thread and a valid signal; a lost wake only means the TICK comes
 	 * in its own time. */
 	(void)pthread_kill(w->broker, w->sig);
+}
+
+int akz_wakeup_recheck(struct akz_wakeup *w)
+{
+	if(w == NULL || !atomic_load(&w->poked)) return -1;
+	int64_t now = now_ms(), due = atomic_load(&w->repoke_ms);
+	if(now - atomic_load(&w->poked_ms) >= REPOKE_UNTIL_MS) return -1;
+	if(now < due) return (int)(due - now);
+	atomic_store(&w->repoke_ms, now + REPOKE_MS);
+	(void)pthread_kill(w->broker, w->sig);
+	return REPOKE_MS;
 }
 
 void akz_wakeup_ack(struct akz_wakeup *w)

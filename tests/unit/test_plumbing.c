@@ -243,6 +243,48 @@ static void *poke_soon(void *w)
 	return NULL;
 }
 
+/* The poking thread's loop: calls recheck until it says nothing is outstanding, at most 20 s. */
+static void *recheck_until_acked(void *w)
+{
+	for(int i = 0; i < 2000; i++){
+		int ms = akz_wakeup_recheck(w);
+		if(ms < 0) break;
+		usleep((useconds_t)ms * 1000);
+	}
+	return NULL;
+}
+
+/* A poke spent while the broker thread was not asleep (here: it pokes itself, so the handler
+ * runs at once) is sent again by recheck, and the sleep that follows ends with EINTR rather
+ * than running its course. */
+static void test_wakeup_repoke(void **state)
+{
+	(void)state;
+	struct akz_wakeup *w = NULL;
+	char err[200];
+	int ep = epoll_create1(0);
+	assert_true(ep >= 0);
+	assert_int_equal(akz_wakeup_new(&w, err, sizeof(err)), 0);
+	assert_int_equal(akz_wakeup_recheck(w), -1);        /* nothing outstanding */
+	assert_int_equal(akz_wakeup_recheck(NULL), -1);
+	akz_wakeup_poke(w);                                  /* spent right here */
+	int ms = akz_wakeup_recheck(w);
+	assert_true(ms >= 0 && ms <= 5);
+	pthread_t t;
+	assert_int_equal(pthread_create(&t, NULL, recheck_until_acked, w), 0);
+	struct epoll_event ev;
+	errno = 0;
+	int n = epoll_wait(ep, &ev, 1, 2000);   /* 0 (timed out) if the poke were not repeated */
+	int err_no = errno;
+	akz_wakeup_ack(w);
+	pthread_join(t, NULL);
+	assert_int_equal(n, -1);
+	assert_int_equal(err_no, EINTR);
+	assert_int_equal(akz_wakeup_recheck(w), -1);        /* acknowledged */
+	akz_wakeup_free(w);
+	close(ep);
+}
+
 static void someone_elses_handler(int sig)
 {
 	(void)sig;
@@ -403,6 +445,7 @@ int main(void)
 		cmocka_unit_test(test_queue_fifo),
 		cmocka_unit_test(test_tls_ctx),
 		cmocka_unit_test(test_wakeup),
+		cmocka_unit_test(test_wakeup_repoke),
 		cmocka_unit_test(test_fds_pair),
 		cmocka_unit_test(test_fds_reserve),
 	};
