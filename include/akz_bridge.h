@@ -43,6 +43,12 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *bridge, const char *
  * topics that changed. */
 void akz_bridge_tick(struct akz_bridge *bridge);
 
+/* Broker thread, from callbacks that run without TICKs (authentication, messages): if the broker
+ * has not called TICK since the bridge started (Mosquitto 2.0 never does with
+ * per_listener_settings true), says so in the log once, and writes out the bridge's log lines,
+ * which otherwise wait for the TICK. Cheap once a TICK has run; NULL is ignored. */
+void akz_bridge_check_tick(struct akz_bridge *bridge);
+
 /* ---- control API hooks ---- */
 struct akz_status_dev;
 struct akz_status_summary;

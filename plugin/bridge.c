@@ -168,6 +168,8 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	bool wake_pending;
 	bool wake_at_tick;           /* broker thread only: uplinks arrived this loop turn */
 	int64_t last_tick_ms;        /* broker thread only: when akz_bridge_tick last ran */
+	int64_t started_ms;          /* broker thread only: when akz_bridge_start ran */
+	bool no_tick_reported;       /* broker thread only */
 	bool changes;                /* some device has changed or removed set */
 	struct akz_msgq down;
 	struct akz_status_summary sum;
@@ -1589,6 +1591,21 @@ void akz_bridge_tick(struct akz_bridge *b)
 	publish_statuses(b, mono_ms());
 }
 
+void akz_bridge_check_tick(struct akz_bridge *b)
+{
+	/* A broker that calls TICK does so within 100 ms of starting its loop. */
+	enum { NO_TICK_MS = 2000 };
+	if(b == NULL || b->last_tick_ms) return;
+	if(!b->no_tick_reported && mono_ms() - b->started_ms >= NO_TICK_MS){
+		b->no_tick_reported = true;
+		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: the broker has not called the plugin's TICK "
+				"since it started, as Mosquitto 2.0 does with per_listener_settings true: "
+				"downlinks, delivery receipts and status topics cannot be published (uplinks "
+				"still go out); set per_listener_settings false");
+	}
+	flush_log(b);
+}
+
 /* ---- control API hooks (broker thread) ---------------------------------------------------- */
 
 int akz_bridge_device_status(struct akz_bridge *b, const char *id, struct akz_status_dev *out)
@@ -1701,6 +1718,7 @@ int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char
 		return -1;
 	}
 	b->epfd = b->wakefd = -1;
+	b->started_ms = mono_ms();
 	pthread_mutex_init(&b->lock, NULL);
 	pthread_mutex_init(&b->log_lock, NULL);
 	b->host = strdup(cfg->upstream_host);

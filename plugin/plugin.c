@@ -48,6 +48,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 {
 	struct akz_plugin *p = userdata;
 	(void)event;
+	akz_bridge_check_tick(p->bridge);
 	return akz_auth_basic(p->auth, p->reg, &p->cfg, event_data);
 }
 
@@ -68,6 +69,7 @@ static int on_message(int event, void *event_data, void *userdata)
 	(void)event;
 
 	if(p->bridge == NULL) return MOSQ_ERR_SUCCESS;
+	akz_bridge_check_tick(p->bridge);
 	const char *id = akz_topic_device(ev->topic, AKZ_TOPIC_UP, &idlen);
 	if(id == NULL) return MOSQ_ERR_SUCCESS;
 

@@ -229,6 +229,27 @@ def test_reload_adds_and_removes_devices_while_others_flow(edge, standin):
     edge.broker.wait_log("device 'gone' left the bridge")
 
 
+def test_per_listener_settings_is_reported(edge, standin):
+    """Mosquitto 2.0 never calls TICK with per_listener_settings true: uplinks still go out, the
+    log says why downlinks and status cannot, and the bridge's own log lines still appear."""
+    pub = edge.add_device("dev-p", password="pw-x", write=False)
+    standin.register("dev-p", pub)
+    edge.write_registry()
+    conf = edge.conf
+    edge.conf = lambda: "per_listener_settings true\n" + conf()
+    edge.start()
+    obs = standin.observer()
+    wait_for(lambda: "accepted client 'dev-p'" in standin.log(), 10, what="dev-p upstream")
+    time.sleep(2.2)   # the plugin waits 2 s for a first TICK
+    s = edge.sensor("dev-p")
+    s.publish(up("dev-p"), b"42", qos=1)
+    wait_for(lambda: upstream_payloads(obs, up("dev-p")) == [b"42"], 10, what="the uplink upstream")
+    edge.broker.wait_log("has not called the plugin's TICK since it started")
+    edge.broker.wait_log("device 'dev-p': connected")   # written out without a TICK
+    assert edge.broker.log().count("has not called the plugin's TICK") == 1
+    s.close()
+
+
 def test_two_hundred_devices(edge, standin):
     ids = [f"d{i:03d}" for i in range(200)]
     edge.options["connect_rate"] = "1000"
