@@ -169,6 +169,8 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	bool wake_at_tick;           /* broker thread only: uplinks arrived this loop turn */
 	int64_t last_tick_ms;        /* broker thread only: when akz_bridge_tick last ran */
 	int64_t started_ms;          /* broker thread only: when akz_bridge_start ran */
+	int64_t wall_off;            /* bridge thread only: wall_offset_s() at the last sweep */
+	bool wall_off_known;         /* bridge thread only */
 	bool no_tick_reported;       /* broker thread only */
 	bool changes;                /* some device has changed or removed set */
 	struct akz_msgq down;
@@ -563,7 +565,8 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc)
 		char msg[160];
 		snprintf(msg, sizeof(msg), "akenza refused the credentials (%s)", mosquitto_connack_string(rc));
 		blog(b, MOSQ_LOG_WARNING, "akenza: device '%s': %s: the public key with kid %s is probably "
-				"not registered in akenza for this device; retrying in minutes",
+				"not registered in akenza for this device (or this box's clock is off, which "
+				"makes its tokens look expired or future-dated); retrying in minutes",
 				d->id, msg, akz_key_kid(d->key));
 		schedule_retry(d, ST_UNAUTHORIZED, msg);
 		return;
@@ -1026,6 +1029,23 @@ static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 }
 
 /* Adopts new devices, applies changes, destroys removed ones, runs timers. */
+/* Tells whether the wall clock was stepped since the last sweep (NTP correcting a box that
+ * booted without a real-time clock, say), and says so in the log. A wrong clock makes tokens
+ * look expired or future-dated to akenza and certificates not yet valid to us, and the
+ * devices it kept out wait minutes to retry: after the step they retry at once (at the
+ * connect rate). Connected devices re-mint on their own (check_connected). Bridge thread. */
+static bool clock_stepped(struct akz_bridge *b, int64_t wall_off)
+{
+	int64_t step = wall_off - b->wall_off;
+	bool known = b->wall_off_known;
+	b->wall_off = wall_off;
+	b->wall_off_known = true;
+	if(!known || (step <= CLOCK_JUMP_S && step >= -CLOCK_JUMP_S)) return false;
+	blog(b, MOSQ_LOG_NOTICE, "akenza: the wall clock stepped by %" PRId64 " s: devices waiting to "
+			"retry connect now", step);
+	return true;
+}
+
 static void sweep(struct akz_bridge *b, int64_t now)
 {
 	pthread_mutex_lock(&b->lock);
@@ -1042,9 +1062,11 @@ static void sweep(struct akz_bridge *b, int64_t now)
 		in = next;
 	}
 	int64_t wall_off = wall_offset_s();
+	bool stepped = clock_stepped(b, wall_off);
 	b->connects_held = false;
 	for(struct dev **pp = &b->devs; *pp;){
 		struct dev *d = *pp;
+		if(stepped && (d->state == ST_BACKOFF || d->state == ST_UNAUTHORIZED)) d->due_ms = now;
 		if(changes){
 			pthread_mutex_lock(&b->lock);
 			bool removed = d->removed, changed = d->changed, busy = d->in_ready || d->in_dirty;

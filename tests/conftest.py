@@ -99,11 +99,13 @@ class Broker:
     """A real mosquitto process started from a config text; stopped by PID at teardown."""
 
     def __init__(self, d: Path, conf: str, port: int, name="broker", expect_start=True, timeout=15,
-                 wrapper=None, stop_timeout=10):
+                 wrapper=None, stop_timeout=10, env=None):
         """wrapper: a command to run mosquitto under (e.g. valgrind ...), as a list; default: the
         words of env AKZ_BROKER_WRAPPER, if set. The wrapper must exec the broker in the same
-        process (as valgrind does) so that signals sent to proc.pid reach it."""
+        process (as valgrind does) so that signals sent to proc.pid reach it. env: variables
+        added to the broker's environment (an LD_PRELOAD goes after a sanitizer runtime's)."""
         self.dir, self.port, self.name = d, port, name
+        self.env = dict(env or {})
         self.wrapper = list(wrapper) if wrapper is not None else shlex.split(os.environ.get("AKZ_BROKER_WRAPPER", ""))
         self.stop_timeout = stop_timeout
         d.mkdir(parents=True, exist_ok=True)
@@ -120,9 +122,11 @@ class Broker:
         self.logfile.touch()
         self.stdout = open(self.dir / f"{self.name}.stdout", "ab")
         env = dict(os.environ)
+        env.update(self.env)
         if os.environ.get("AKZ_BROKER_PRELOAD"):
-            # a sanitizer runtime for a plugin built with SAN=1 (make san-integration)
-            env["LD_PRELOAD"] = os.environ["AKZ_BROKER_PRELOAD"]
+            # a sanitizer runtime for a plugin built with SAN=1 (make san-integration): first
+            env["LD_PRELOAD"] = " ".join([os.environ["AKZ_BROKER_PRELOAD"]] +
+                                         ([self.env["LD_PRELOAD"]] if "LD_PRELOAD" in self.env else []))
         self.proc = subprocess.Popen(self.wrapper + [MOSQUITTO, "-c", str(self.conffile)], stdout=self.stdout,
                                      stderr=subprocess.STDOUT, env=env)
         if not expect_start:
