@@ -29,7 +29,7 @@ ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) $(CFLAGS)
 LDLIBS   := $(PKG_LIBS) -lpthread
 
 # Modules shared by the plugin, akenzactl and the unit tests: no broker calls in them.
-SHARED   := util keystore jwt passwd registry topic config queue tls spool regfile wakeup fds
+SHARED   := util keystore jwt passwd registry topic config queue tls spool regfile wakeup fds resolver
 SHARED_OBJ := $(SHARED:%=$(BUILD)/obj/plugin/%.o)
 PLUGIN_SRC := $(wildcard plugin/*.c)
 PLUGIN_OBJ := $(PLUGIN_SRC:%.c=$(BUILD)/obj/%.o)
@@ -38,6 +38,7 @@ TOOL_OBJ := $(TOOL_SRC:%.c=$(BUILD)/obj/%.o)
 UNIT_SRC := $(wildcard tests/unit/test_*.c)
 UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 STANDIN_SRC := $(wildcard tests/standin/*.c)
+SHIM_SRC := $(wildcard tests/shims/*.c)
 BENCH_SRC := $(wildcard bench/*.c)
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 FUZZ_SRC := $(wildcard fuzz/fuzz_*.c)
@@ -63,6 +64,10 @@ $(BUILD)/akenzactl: $(TOOL_OBJ) $(SHARED_OBJ)
 $(BUILD)/tests/%: tests/unit/%.c $(SHARED_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
+
+# Test shims preloaded into brokers (a slow name server): never instrumented, they only wrap libc.
+$(BUILD)/slow_dns.so: tests/shims/slow_dns.c
+	$(CC) -std=c11 -D_GNU_SOURCE -fPIC -shared $(WARN) -O2 -o $@ $< -ldl
 
 $(BUILD)/standin_auth.so: $(STANDIN_SRC) $(BUILD)/obj/plugin/topic.o
 	$(CC) $(ALL_CFLAGS) -shared -o $@ $^ $(LDLIBS)
@@ -101,7 +106,7 @@ san-unit:
 # rest of the suite. Each run has its own --basetemp (pytest's default one would let two
 # concurrent runs delete each other's directories).
 SLOW := token_refresh or thousand_devices
-integration: all $(BUILD)/standin_auth.so
+integration: all $(BUILD)/standin_auth.so $(BUILD)/slow_dns.so
 	@mkdir -p $(BUILD)/pytest; \
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -ra -s tests/test_bridge.py tests/test_scale.py \
 		-k '$(SLOW)' --basetemp=$(abspath $(BUILD))/pytest/slow > $(BUILD)/pytest/slow.log 2>&1 & slow=$$!; \
@@ -114,7 +119,7 @@ integration: all $(BUILD)/standin_auth.so
 # edge, bridge and stand-in tests again, failing on any sanitizer report.
 ASAN_RT = $(shell $(CC) -print-file-name=libasan.so)
 san-integration:
-	$(MAKE) BUILD=build/san SAN=1 all build/san/standin_auth.so
+	$(MAKE) BUILD=build/san SAN=1 all build/san/standin_auth.so build/san/slow_dns.so
 	ASAN_OPTIONS=detect_leaks=0 AKZ_BROKER_PRELOAD=$(ASAN_RT) AKZ_BUILD=$(abspath build/san) \
 		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_edge_auth.py tests/test_standin.py \
 		tests/test_spool.py tests/test_control.py tests/test_reload_storm.py \
@@ -123,7 +128,7 @@ san-integration:
 # ThreadSanitizer on the broker-thread / bridge-thread / spool-flusher hand-offs.
 TSAN_RT = $(shell $(CC) -print-file-name=libtsan.so)
 tsan-integration:
-	$(MAKE) BUILD=build/tsan SAN=thread all build/tsan/standin_auth.so
+	$(MAKE) BUILD=build/tsan SAN=thread all build/tsan/standin_auth.so build/tsan/slow_dns.so
 	AKZ_BROKER_PRELOAD=$(TSAN_RT) AKZ_BUILD=$(abspath build/tsan) \
 		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_spool.py \
 		-k 'not token_refresh and not fifty_devices' --basetemp=$(abspath build/tsan)/pytest
@@ -152,9 +157,9 @@ bench: deps all $(BENCH_BIN)
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) bench/run.py
 
 lint:
-	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) $(STANDIN_SRC) $(FUZZ_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
+	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) $(STANDIN_SRC) $(SHIM_SRC) $(FUZZ_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability --inline-suppr \
-		--suppress=missingIncludeSystem -Iinclude plugin tools tests/standin fuzz
+		--suppress=missingIncludeSystem -Iinclude plugin tools tests/standin tests/shims fuzz
 
 PREFIX ?= /usr/local
 install: all

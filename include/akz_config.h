@@ -21,6 +21,7 @@ struct akz_config {
 	char *upstream_username;     /* plugin_opt_upstream_username (default "unused") */
 	char *upstream_tls_version;  /* plugin_opt_upstream_tls_version: tlsv1.2 (default) or tlsv1.3 */
 	int upstream_keepalive;      /* plugin_opt_upstream_keepalive (default 60 s) */
+	int upstream_dns_refresh;    /* plugin_opt_upstream_dns_refresh: seconds between lookups of upstream_host (default 60) */
 	long token_lifetime;         /* plugin_opt_token_lifetime (default 1200 s) */
 	int connect_rate;            /* plugin_opt_connect_rate: connection attempts per second (default 200) */
 	int connect_concurrency;     /* plugin_opt_connect_concurrency: connections awaiting CONNACK at once (default 64) */

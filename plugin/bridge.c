@@ -27,6 +27,7 @@
 #include "akz_jwt.h"
 #include "akz_queue.h"
 #include "akz_registry.h"
+#include "akz_resolver.h"
 #include "akz_spool.h"
 #include "akz_status.h"
 #include "akz_tls.h"
@@ -113,6 +114,7 @@ struct dev {
 	uint64_t expired;            /* dropped by the TTL since the last log line */
 	struct inflight fl[WINDOW];
 	char last_log[200];          /* libmosquitto's last error, e.g. the TLS failure */
+	char addr[AKZ_ADDR_MAX];     /* the upstream address of the last connect ("": none) */
 };
 
 struct log_line {
@@ -138,6 +140,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	char *receipts_prefix;
 	int status_interval_ms;
 	SSL_CTX *ssl_ctx;
+	struct akz_resolver *resolver;
 	struct akz_wakeup *wakeup;   /* NULL: downlinks wait for the broker's own TICK */
 
 	struct akz_spool *spool;     /* NULL: uplinks wait in memory only */
@@ -603,6 +606,8 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc)
  * sent again after the reconnect; their window slots stay taken until their PUBACKs. */
 static void lost_connection(struct dev *d, int rc)
 {
+	/* Failed before CONNACK (refused credentials end in another state): maybe this address. */
+	if(d->state == ST_CONNECTING && d->addr[0]) akz_resolver_failed(d->b->resolver, d->addr);
 	end_handshake(d);
 	d->refreshing = false;
 	if(d->state == ST_UNAUTHORIZED || d->state == ST_DISABLED || d->state == ST_BACKOFF) return;
@@ -684,14 +689,19 @@ static int create_client(struct dev *d)
 	return 0;
 }
 
-/* Mints a fresh token and starts connecting. Never blocks on the network (name resolution
- * aside: libmosquitto resolves the host in the connect call). */
+/* Mints a fresh token and starts connecting to the next upstream address. Never blocks on the
+ * network: the name was looked up beforehand (resolver.c). */
 static void start_connect(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
 	char err[256];
 
 	if(d->mosq == NULL && create_client(d)) return;
+	if(akz_resolver_pick(b->resolver, d->addr, err, sizeof(err)) != AKZ_RESOLVE_OK){
+		d->addr[0] = '\0';
+		schedule_retry(d, ST_BACKOFF, err);   /* PENDING does not get here: see sweep_device */
+		return;
+	}
 	time_t now = time(NULL);
 	char *token = akz_jwt_mint(d->key, d->id, now, b->lifetime, err, sizeof(err));
 	if(token == NULL){
@@ -715,11 +725,12 @@ static void start_connect(struct dev *d)
 	if(d->fd >= 0) epoll_ctl(b->epfd, EPOLL_CTL_DEL, d->fd, NULL);
 	d->fd = -1;
 	d->zombie_fd = -1;
-	rc = mosquitto_connect_async(d->mosq, b->host, b->port, b->keepalive);
+	rc = mosquitto_connect_async(d->mosq, d->addr, b->port, b->keepalive);
 	if(rc != MOSQ_ERR_SUCCESS){
 		char why[300];
-		snprintf(why, sizeof(why), "connect to %s:%d: %s", b->host, b->port,
+		snprintf(why, sizeof(why), "connect to %s (%s) port %d: %s", b->host, d->addr, b->port,
 				rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc));
+		akz_resolver_failed(b->resolver, d->addr);
 		schedule_retry(d, ST_BACKOFF, why);
 		update_interest(d);
 		return;
@@ -1016,6 +1027,12 @@ static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 		 * the heap, which keeps ~6 KB per device resident after the storm (measured: 22 KB
 		 * per idle device uncapped, 16 KB with 64), at no cost in ramp time on a fast link. */
 		if(d->b->handshakes >= d->b->max_handshakes){
+			d->b->connects_held = true;
+			break;
+		}
+		/* The first lookup of the upstream's name is under way: wait without using up a
+		 * connect permit (the sweep comes back every 10 ms while connects are held). */
+		if(akz_resolver_state(d->b->resolver) == AKZ_RESOLVE_PENDING){
 			d->b->connects_held = true;
 			break;
 		}
@@ -1688,6 +1705,7 @@ static void free_bridge(struct akz_bridge *b)
 	akz_msgq_clear(&b->down);
 	akz_spool_close(b->spool);
 	akz_wakeup_free(b->wakeup);   /* every thread that pokes it has stopped */
+	akz_resolver_free(b->resolver);
 	flush_log(b);
 	if(b->epfd >= 0) close(b->epfd);
 	if(b->wakefd >= 0) close(b->wakefd);
@@ -1769,6 +1787,7 @@ int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char
 	b->ssl_ctx = akz_tls_client_ctx(cfg->upstream_host, cfg->upstream_cafile, cfg->upstream_capath,
 			cfg->upstream_tls_version, err, errlen);
 	if(b->ssl_ctx == NULL) goto fail;
+	if(akz_resolver_new(cfg->upstream_host, cfg->upstream_dns_refresh, &b->resolver, err, errlen)) goto fail;
 	b->epfd = epoll_create1(EPOLL_CLOEXEC);
 	b->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if(b->epfd < 0 || b->wakefd < 0){

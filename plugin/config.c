@@ -39,6 +39,7 @@ static const struct opt_spec specs[] = {
 	{"upstream_username", OPT_STRING, OFF(upstream_username), "unused", 0, 0},
 	{"upstream_tls_version", OPT_STRING, OFF(upstream_tls_version), "tlsv1.2", 0, 0},
 	{"upstream_keepalive", OPT_INT, OFF(upstream_keepalive), "60", 5, 65535},
+	{"upstream_dns_refresh", OPT_INT, OFF(upstream_dns_refresh), "60", 1, 86400},
 	{"token_lifetime", OPT_LONG, OFF(token_lifetime), "1200", AKZ_JWT_LIFETIME_MIN, AKZ_JWT_LIFETIME_MAX},
 	{"connect_rate", OPT_INT, OFF(connect_rate), "200", 1, 100000},
 	{"connect_concurrency", OPT_INT, OFF(connect_concurrency), "64", 1, 100000},

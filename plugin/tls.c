@@ -1,6 +1,7 @@
 /* tls.c - the shared, verifying TLS client context for upstream connections. */
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <arpa/inet.h>
 #include <openssl/err.h>
@@ -55,6 +56,7 @@ static int pin_host(SSL_CTX *ctx, const char *host, char *err, size_t errlen)
  * session is offered from the info callback, which runs before the ClientHello is built. */
 
 static int newest_idx = -1;   /* SSL_CTX ex_data: the newest session, one reference */
+static int name_idx = -1;     /* SSL_CTX ex_data: the server name for SNI (malloc'd), if not numeric */
 static pthread_once_t newest_once = PTHREAD_ONCE_INIT;
 
 static void free_newest(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
@@ -63,9 +65,16 @@ static void free_newest(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, lo
 	SSL_SESSION_free(ptr);
 }
 
+static void free_name(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+	(void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+	free(ptr);
+}
+
 static void make_newest_idx(void)
 {
 	newest_idx = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, free_newest);
+	name_idx = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, free_name);
 }
 
 /* A connection got a (new) session: keep it for the next ones. Returns 1: the reference is ours. */
@@ -79,27 +88,42 @@ static int keep_session(SSL *ssl, SSL_SESSION *sess)
 	return 1;
 }
 
-static void offer_session(const SSL *cssl, int where, int ret)
+/* Runs before the ClientHello is built: names the server (the bridge connects to a numeric
+ * address, which libmosquitto would put into SNI) and offers the newest session. */
+static void start_handshake(const SSL *cssl, int where, int ret)
 {
 	(void)ret;
 	if(!(where & SSL_CB_HANDSHAKE_START)) return;
 	/* OpenSSL hands the callback a const pointer to the very SSL it is driving. */
 	SSL *ssl = (SSL *)cssl; /* NOLINT(cppcoreguidelines-pro-type-const-cast) */
-	SSL_SESSION *sess = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), newest_idx);
+	SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+	const char *name = SSL_CTX_get_ex_data(ctx, name_idx);
+	if(name) SSL_set_tlsext_host_name(ssl, name);   /* fails only on a name > 255 bytes */
+	SSL_SESSION *sess = SSL_CTX_get_ex_data(ctx, newest_idx);
 	if(sess && SSL_get0_session(ssl) == NULL && SSL_SESSION_is_resumable(sess)){
 		SSL_set_session(ssl, sess);   /* failure only means a full handshake */
 	}
 }
 
-static int enable_resumption(SSL_CTX *ctx, char *err, size_t errlen)
+/* Sets up the handshake callback: SNI with host (unless numeric) and session resumption.
+ * Returns 0, or -1 with the reason in err. */
+static int prepare_handshakes(SSL_CTX *ctx, const char *host, char *err, size_t errlen)
 {
-	if(pthread_once(&newest_once, make_newest_idx) != 0 || newest_idx < 0){
+	if(pthread_once(&newest_once, make_newest_idx) != 0 || newest_idx < 0 || name_idx < 0){
 		snprintf(err, errlen, "cannot set up TLS session resumption");
 		return -1;
 	}
+	if(!is_ip_literal(host)){
+		char *name = strdup(host);
+		if(name == NULL || SSL_CTX_set_ex_data(ctx, name_idx, name) != 1){
+			free(name);
+			snprintf(err, errlen, "out of memory");
+			return -1;
+		}
+	}
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
 	SSL_CTX_sess_set_new_cb(ctx, keep_session);
-	SSL_CTX_set_info_callback(ctx, offer_session);
+	SSL_CTX_set_info_callback(ctx, start_handshake);
 	return 0;
 }
 
@@ -148,7 +172,7 @@ SSL_CTX *akz_tls_client_ctx(const char *host, const char *cafile, const char *ca
 	 * on while OpenSSL holds input (bridge.c, read_socket). */
 	SSL_CTX_set_read_ahead(ctx, 1);
 	if(load_trust(ctx, cafile, capath, err, errlen) || pin_host(ctx, host, err, errlen)
-			|| enable_resumption(ctx, err, errlen)) goto fail;
+			|| prepare_handshakes(ctx, host, err, errlen)) goto fail;
 	return ctx;
 fail:
 	SSL_CTX_free(ctx);

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import BUILD, wait_for
 from edge import Edge
 
 
@@ -227,6 +227,102 @@ def test_reload_adds_and_removes_devices_while_others_flow(edge, standin):
     # the kept device's upstream connection was not disturbed
     assert standin.log().count("accepted client 'keep'") == accepted_before
     edge.broker.wait_log("device 'gone' left the bridge")
+
+
+def name_server(tmp_path, delay_ms):
+    """The edge's environment for tests/shims/slow_dns.c: every getaddrinfo() takes delay_ms,
+    is logged to the returned file, and fails while `fail` exists."""
+    log, fail = tmp_path / "dns.log", tmp_path / "dns.fail"
+    env = {"LD_PRELOAD": str(BUILD / "slow_dns.so"), "AKZ_DNS_DELAY_MS": str(delay_ms),
+           "AKZ_DNS_LOG": str(log), "AKZ_DNS_FAIL": str(fail)}
+    return env, log, fail
+
+
+def lookups(log):
+    return log.read_text().split().count("localhost") if log.exists() else 0
+
+
+def test_slow_name_server_does_not_hold_up_the_bridge(edge, standin, tmp_path):
+    """Each lookup of the upstream's name takes 1.5 s: devices connect after one lookup, not one
+    each (libmosquitto's connect would look the name up on the bridge thread, 1.5 s per device),
+    and a connected device's uplinks flow while later lookups are under way."""
+    env, log, _ = name_server(tmp_path, 1500)
+    ids = [f"dns{i:02d}" for i in range(20)]
+    edge.options.update({"connect_rate": "1000", "upstream_dns_refresh": "1"})
+    for i in ids:
+        standin.register(i, edge.add_device(i, write=False))
+    edge.write_registry()
+    t0 = time.monotonic()
+    edge.start(env=env)
+    admin = edge.admin()
+    for i in ids:
+        edge.wait_state(admin, i, "connected", timeout=12)
+    took = time.monotonic() - t0
+    assert took < 10, f"20 devices took {took:.1f} s to connect"   # 30 s with a lookup each
+    assert lookups(log) <= 2 + took / 1.5, log.read_text()
+    # Lookups go on every second (upstream_dns_refresh 1) while uplinks are relayed at once.
+    obs = standin.observer()
+    s = edge.sensor(ids[0])
+    before = lookups(log)
+    for k in range(30):
+        s.publish(up(ids[0]), f"{k}".encode(), qos=1)
+        wait_for(lambda: len(upstream_payloads(obs, up(ids[0]))) == k + 1, 1.0, interval=0.01,
+                 what=f"uplink {k} upstream within 1 s")
+        time.sleep(0.1)
+    assert lookups(log) > before, "no lookup ran while uplinks flowed"
+    s.close()
+
+
+def test_name_server_down_upstream_up(edge, standin, tmp_path):
+    """The name server fails while akenza is reachable: devices that lose their connection come
+    back on the address looked up before."""
+    env, log, fail = name_server(tmp_path, 0)
+    edge.options.update({"upstream_dns_refresh": "1"})
+    admin = start_with_devices(edge, standin, ["dev-n"], env=env)
+    fail.touch()
+    time.sleep(1.5)                      # a refresh has failed by now
+    standin.stop()
+    edge.wait_state(admin, "dev-n", "backoff", timeout=30)
+    standin.start()
+    edge.wait_state(admin, "dev-n", "connected", timeout=30)
+    assert lookups(log) >= 2
+    obs = standin.observer()
+    s = edge.sensor("dev-n")
+    s.publish(up("dev-n"), b"still here", qos=1)
+    wait_for(lambda: upstream_payloads(obs, up("dev-n")) == [b"still here"], 10, what="the uplink upstream")
+    s.close()
+
+
+def test_server_name_indication_names_the_host(edge, pki, tmp_path):
+    """The bridge connects to the address it looked up, and still tells the server its name in
+    SNI (which a load balancer in front of akenza routes on), not the address."""
+    import socket
+    import ssl
+    import threading
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    names = []
+    ctx.sni_callback = lambda sock, name, c: names.append(name)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(20)
+    edge.options["upstream_port"] = str(srv.getsockname()[1])
+
+    def accept_one():
+        try:
+            conn, _ = srv.accept()
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except OSError:
+            pass
+    t = threading.Thread(target=accept_one, daemon=True)
+    t.start()
+    edge.add_device("dev-s")
+    edge.start()
+    t.join(25)
+    srv.close()
+    assert names and names[0] == "localhost", names
 
 
 FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"

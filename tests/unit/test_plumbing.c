@@ -26,6 +26,7 @@
 #include "akz_fds.h"
 #include "akz_queue.h"
 #include "akz_registry.h"
+#include "akz_resolver.h"
 #include "akz_tls.h"
 #include "akz_topic.h"
 #include "akz_wakeup.h"
@@ -64,6 +65,7 @@ static void test_config_defaults(void **state)
 	assert_int_equal(cfg.upstream_port, 8883);
 	assert_string_equal(cfg.upstream_username, "unused");
 	assert_int_equal(cfg.token_lifetime, 1200);
+	assert_int_equal(cfg.upstream_dns_refresh, 60);
 	assert_true(cfg.bridge_enabled);
 	assert_false(cfg.allow_readable_keys);
 	assert_null(cfg.upstream_cafile);
@@ -76,8 +78,9 @@ static void test_config_values(void **state)
 	struct akz_config cfg;
 	struct problems p;
 	const char *kv[] = {"devices", "d.json", "upstream_port", "18883", "token_lifetime", "60",
-		"bridge", "false", "upstream_host", "localhost"};
-	assert_int_equal(parse(&cfg, &p, kv, 5), 0);
+		"bridge", "false", "upstream_host", "localhost", "upstream_dns_refresh", "5"};
+	assert_int_equal(parse(&cfg, &p, kv, 6), 0);
+	assert_int_equal(cfg.upstream_dns_refresh, 5);
 	assert_int_equal(cfg.upstream_port, 18883);
 	assert_int_equal(cfg.token_lifetime, 60);
 	assert_false(cfg.bridge_enabled);
@@ -433,6 +436,48 @@ static void test_fds_reserve(void **state)
 	assert_int_equal(setrlimit(RLIMIT_NOFILE, &saved), 0);
 }
 
+/* Polls the resolver until it has an answer, at most 30 s. */
+static enum akz_resolve await_answer(struct akz_resolver *r)
+{
+	enum akz_resolve st = AKZ_RESOLVE_PENDING;
+	for(int i = 0; i < 3000 && (st = akz_resolver_state(r)) == AKZ_RESOLVE_PENDING; i++) usleep(10000);
+	return st;
+}
+
+/* A numeric host is its own address; a name is looked up off the caller's thread and kept;
+ * an address a connection failed to is still handed out when it is the only one; a name that
+ * does not resolve says why. */
+static void test_resolver(void **state)
+{
+	(void)state;
+	struct akz_resolver *r = NULL;
+	char addr[AKZ_ADDR_MAX], err[256];
+
+	assert_int_equal(akz_resolver_new("::1", 60, &r, err, sizeof(err)), 0);
+	assert_int_equal(akz_resolver_state(r), AKZ_RESOLVE_OK);
+	assert_int_equal(akz_resolver_pick(r, addr, err, sizeof(err)), AKZ_RESOLVE_OK);
+	assert_string_equal(addr, "::1");
+	akz_resolver_failed(r, "::1");
+	akz_resolver_free(r);
+
+	assert_int_equal(akz_resolver_new("localhost", 60, &r, err, sizeof(err)), 0);
+	assert_int_equal(await_answer(r), AKZ_RESOLVE_OK);
+	for(int i = 0; i < 3; i++){
+		assert_int_equal(akz_resolver_pick(r, addr, err, sizeof(err)), AKZ_RESOLVE_OK);
+		assert_true(strcmp(addr, "127.0.0.1") == 0 || strcmp(addr, "::1") == 0);
+		akz_resolver_failed(r, addr);
+	}
+	akz_resolver_free(r);
+
+	assert_int_equal(akz_resolver_new("no-such-host.invalid", 60, &r, err, sizeof(err)), 0);
+	assert_int_equal(await_answer(r), AKZ_RESOLVE_FAILED);
+	err[0] = '\0';
+	assert_int_equal(akz_resolver_pick(r, addr, err, sizeof(err)), AKZ_RESOLVE_FAILED);
+	assert_non_null(strstr(err, "cannot resolve 'no-such-host.invalid'"));
+	akz_resolver_free(r);
+	akz_resolver_free(NULL);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -448,6 +493,7 @@ int main(void)
 		cmocka_unit_test(test_wakeup_repoke),
 		cmocka_unit_test(test_fds_pair),
 		cmocka_unit_test(test_fds_reserve),
+		cmocka_unit_test(test_resolver),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
