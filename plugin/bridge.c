@@ -108,7 +108,9 @@ struct dev {
 	struct dev *reread_next;
 	bool reconnect_now;
 	bool ever_connected;
+	bool news;                   /* the last state change was logged at the normal level */
 	int failures;
+	uint32_t reported_error;     /* hash of the failure last logged at the normal level */
 	int inflight;
 	uint64_t sent_upto;          /* seq of the last spooled uplink taken off pending */
 	uint64_t expired;            /* dropped by the TTL since the last log line */
@@ -187,6 +189,8 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	int64_t bucket_ms;
 	int64_t next_sweep_ms;
 	int64_t last_connect_ms;     /* when the last connection attempt started */
+	int64_t outage_report_ms;    /* when the sweep last summed up the devices not connected */
+	size_t failed_since_report;  /* connection failures since then */
 	bool trim_due;               /* connects happened since memory was last given back */
 	int64_t pilot_until;         /* 0: no connect yet; else the end of the wait for a session */
 	int handshakes;              /* connections between connect and CONNACK */
@@ -274,6 +278,35 @@ static void end_handshake(struct dev *d)
 	}
 }
 
+static uint32_t hash_text(const char *s)
+{
+	uint32_t h = 2166136261u;   /* FNV-1a */
+	for(; *s; s++) h = (h ^ (unsigned char)*s) * 16777619u;
+	return h;
+}
+
+/* How loud a state change is. In an outage every device retries every minute or two: a line per
+ * attempt made ~200 lines a second at 10,000 devices, gigabytes a day on a gateway's SD card.
+ * So "connected" is a notice, the first failure of a run (or a new reason) is info, and
+ * "connecting" and repeats of a failure go to debug; the sweep sums up who is out once a minute
+ * (report_outage). Sets d->news. */
+static int state_log_level(struct dev *d, enum dev_state st, const char *error)
+{
+	d->news = true;
+	if(st == ST_CONNECTED) return MOSQ_LOG_NOTICE;
+	if(st == ST_CONNECTING){
+		d->news = false;
+		return MOSQ_LOG_DEBUG;
+	}
+	if(st == ST_BACKOFF || st == ST_UNAUTHORIZED){
+		d->b->failed_since_report++;
+		uint32_t h = hash_text(error ? error : "");
+		d->news = d->failures <= 1 || h != d->reported_error;
+		d->reported_error = h;
+	}
+	return d->news ? MOSQ_LOG_INFO : MOSQ_LOG_DEBUG;
+}
+
 /* Changes the device's state, logs the change and marks its status for publishing. */
 static void set_state(struct dev *d, enum dev_state st, const char *error)
 {
@@ -300,9 +333,8 @@ static void set_state(struct dev *d, enum dev_state st, const char *error)
 	mark_dirty_locked(b, d);
 	pthread_mutex_unlock(&b->lock);
 	if(changed){
-		blog(b, st == ST_CONNECTED ? MOSQ_LOG_NOTICE : MOSQ_LOG_INFO,
-				"akenza: device '%s': %s%s%s", d->id, state_names[st],
-				error ? ": " : "", error ? error : "");
+		blog(b, state_log_level(d, st, error), "akenza: device '%s': %s%s%s", d->id,
+				state_names[st], error ? ": " : "", error ? error : "");
 	}
 }
 
@@ -567,11 +599,11 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc)
 	if(rc == 4 || rc == 5){
 		char msg[160];
 		snprintf(msg, sizeof(msg), "akenza refused the credentials (%s)", mosquitto_connack_string(rc));
-		blog(b, MOSQ_LOG_WARNING, "akenza: device '%s': %s: the public key with kid %s is probably "
-				"not registered in akenza for this device (or this box's clock is off, which "
-				"makes its tokens look expired or future-dated); retrying in minutes",
-				d->id, msg, akz_key_kid(d->key));
 		schedule_retry(d, ST_UNAUTHORIZED, msg);
+		blog(b, d->news ? MOSQ_LOG_WARNING : MOSQ_LOG_DEBUG, "akenza: device '%s': %s: the public "
+				"key with kid %s is probably not registered in akenza for this device (or this "
+				"box's clock is off, which makes its tokens look expired or future-dated); "
+				"retrying in minutes", d->id, msg, akz_key_kid(d->key));
 		return;
 	}
 	if(rc != 0){
@@ -1063,6 +1095,24 @@ static bool clock_stepped(struct akz_bridge *b, int64_t wall_off)
 	return true;
 }
 
+/* Once a minute while connections fail, one line on how many devices are out and why they are
+ * waiting, since each device's repeated failures go to debug level (state_log_level). */
+static void report_outage(struct akz_bridge *b, int64_t now)
+{
+	enum { REPORT_MS = 60000 };
+	if(now - b->outage_report_ms < REPORT_MS) return;
+	b->outage_report_ms = now;
+	if(b->failed_since_report == 0) return;
+	size_t n[ST_UNAUTHORIZED + 1] = {0}, all = 0;
+	for(struct dev *d = b->devs; d; d = d->next, all++) n[d->state]++;
+	blog(b, MOSQ_LOG_NOTICE, "akenza: %zu of %zu devices not connected (%zu in backoff, %zu "
+			"unauthorized, %zu connecting, %zu disabled); %zu failed attempts in the last minute "
+			"(repeats of a device's failure are logged at debug level)",
+			all - n[ST_CONNECTED], all, n[ST_BACKOFF], n[ST_UNAUTHORIZED], n[ST_CONNECTING],
+			n[ST_DISABLED], b->failed_since_report);
+	b->failed_since_report = 0;
+}
+
 static void sweep(struct akz_bridge *b, int64_t now)
 {
 	pthread_mutex_lock(&b->lock);
@@ -1107,6 +1157,7 @@ static void sweep(struct akz_bridge *b, int64_t now)
 		sweep_device(d, now, wall_off);
 		pp = &d->next;
 	}
+	report_outage(b, now);
 	/* A connect storm leaves tens of KB per handshake in this thread's malloc arena, which
 	 * glibc keeps: give it back once the storm is over, for edge boxes with little memory. */
 	if(b->trim_due && now - b->last_connect_ms > TRIM_AFTER_MS){

@@ -325,6 +325,52 @@ def test_server_name_indication_names_the_host(edge, pki, tmp_path):
     assert names and names[0] == "localhost", names
 
 
+def test_outage_log_is_a_line_per_device_and_a_summary_a_minute(edge, monkeypatch):
+    """With akenza unreachable every device retries every few seconds, for days maybe: at the log
+    level of a deployed broker the log says once per device that it is in backoff, and once a
+    minute how many are out, not a line per attempt. (Slow lane: waits for the summary.)"""
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    srv.settimeout(0.5)
+    attempts = []
+    done = threading.Event()
+
+    def refuse_all():   # accepts and hangs up: a TLS failure at every attempt
+        while not done.is_set():
+            try:
+                conn, _ = srv.accept()
+                attempts.append(1)
+                conn.close()
+            except OSError:
+                pass
+    t = threading.Thread(target=refuse_all, daemon=True)
+    t.start()
+    monkeypatch.setenv("AKZ_LOG_TYPES", "error warning notice information")
+    edge.options["upstream_port"] = str(srv.getsockname()[1])
+    ids = [f"out{i}" for i in range(5)]
+    for i in ids:
+        edge.add_device(i, write=False)
+    edge.write_registry()
+    try:
+        edge.start()
+        edge.broker.wait_log("5 of 5 devices not connected", timeout=90)
+    finally:
+        done.set()
+        t.join(5)
+        srv.close()
+    log = edge.broker.log()
+    assert len(attempts) >= 5 * 4, f"only {len(attempts)} attempts"
+    # A line for the first failure and one for each new reason (the first attempt may fail
+    # differently from the rest), not one per attempt.
+    for i in ids:
+        assert 1 <= log.count(f"device '{i}': backoff") <= 2, log
+    assert re.search(r"5 of 5 devices not connected \(\d+ in backoff, 0 unauthorized, \d+ connecting, "
+                     r"0 disabled\); \d+ failed attempts", log), log
+
+
 FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 
 
