@@ -20,7 +20,7 @@ def test_a_thousand_devices_through_a_token_refresh_cycle(brokers, tmp_path, sta
     assert hard > N + 300, f"file limit {hard} too low for {N} devices"
 
     e = Edge(brokers, tmp_path / "edge", standin.port, pki.ca_cert)
-    e.options.update({"token_lifetime": "60", "connect_rate": "1000", "status_interval": "1000",
+    e.options.update({"token_lifetime": "60", "connect_rate": "5000", "status_interval": "1000",
                       "spool_dir": str(tmp_path / "edge" / "spool")})
     ids = [f"sc{i:04d}" for i in range(N)]
     pw = password_hash("pw-x")
