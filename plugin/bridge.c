@@ -299,7 +299,6 @@ static int state_log_level(struct dev *d, enum dev_state st, const char *error)
 		return MOSQ_LOG_DEBUG;
 	}
 	if(st == ST_BACKOFF || st == ST_UNAUTHORIZED){
-		d->b->failed_since_report++;
 		uint32_t h = hash_text(error ? error : "");
 		d->news = d->failures <= 1 || h != d->reported_error;
 		d->reported_error = h;
@@ -483,6 +482,7 @@ static int64_t backoff_ms(int failures, int64_t lo, int64_t hi)
 static void schedule_retry(struct dev *d, enum dev_state st, const char *error)
 {
 	d->failures++;
+	d->b->failed_since_report++;
 	int64_t wait = st == ST_UNAUTHORIZED ? backoff_ms(d->failures, UNAUTH_MIN_MS, UNAUTH_MAX_MS)
 			: backoff_ms(d->failures, BACKOFF_MIN_MS, BACKOFF_MAX_MS);
 	d->due_ms = mono_ms() + wait;
@@ -1077,7 +1077,6 @@ static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 	if(d->mosq) update_interest(d);
 }
 
-/* Adopts new devices, applies changes, destroys removed ones, runs timers. */
 /* Tells whether the wall clock was stepped since the last sweep (NTP correcting a box that
  * booted without a real-time clock, say), and says so in the log. A wrong clock makes tokens
  * look expired or future-dated to akenza and certificates not yet valid to us, and the
@@ -1113,6 +1112,7 @@ static void report_outage(struct akz_bridge *b, int64_t now)
 	b->failed_since_report = 0;
 }
 
+/* Adopts new devices, applies changes, destroys removed ones, runs timers. */
 static void sweep(struct akz_bridge *b, int64_t now)
 {
 	pthread_mutex_lock(&b->lock);
