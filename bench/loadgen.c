@@ -252,8 +252,9 @@ static int run_sub(const struct opts *o)
 	qsort(s.lat, (size_t)s.nlat, sizeof(int64_t), cmp64);
 	double p50 = s.nlat ? (double)s.lat[s.nlat / 2] / 1000.0 : 0;
 	double p99 = s.nlat ? (double)s.lat[(s.nlat * 99) / 100] / 1000.0 : 0;
-	printf("received %ld duplicates %ld first_to_last %.3f lat_p50_us %.0f lat_p99_us %.0f\n",
-			s.received, s.dups, (double)(s.last - s.first) / 1e9, p50, p99);
+	double max = s.nlat ? (double)s.lat[s.nlat - 1] / 1000.0 : 0;
+	printf("received %ld duplicates %ld first_to_last %.3f lat_p50_us %.0f lat_p99_us %.0f lat_max_us %.0f\n",
+			s.received, s.dups, (double)(s.last - s.first) / 1e9, p50, p99, max);
 	mosquitto_destroy(m);
 	free(s.lat);
 	free(s.seen);
