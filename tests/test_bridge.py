@@ -293,6 +293,23 @@ def test_name_server_down_upstream_up(edge, standin, tmp_path):
     s.close()
 
 
+def test_name_that_does_not_resolve_yet(edge, standin, tmp_path):
+    """At start the name server fails: the device waits in backoff with the lookup's error as
+    its last_error, and connects once the name resolves (the lookup is retried every 5 s)."""
+    env, log, fail = name_server(tmp_path, 0)
+    fail.touch()
+    pub = edge.add_device("dev-r", password="pw-x", write=False)
+    standin.register("dev-r", pub)
+    edge.write_registry()
+    edge.start(env=env)
+    admin = edge.admin()
+    st = edge.wait_state(admin, "dev-r", "backoff")
+    assert st["last_error"].startswith("cannot resolve 'localhost': "), st
+    fail.unlink()
+    edge.wait_state(admin, "dev-r", "connected", timeout=20)
+    assert lookups(log) >= 2
+
+
 def test_server_name_indication_names_the_host(edge, pki, tmp_path):
     """The bridge connects to the address it looked up, and still tells the server its name in
     SNI (which a load balancer in front of akenza routes on), not the address."""
