@@ -110,7 +110,7 @@ struct dev {
 	bool ever_connected;
 	bool news;                   /* the last state change was logged at the normal level */
 	int failures;
-	uint32_t reported_error;     /* hash of the failure last logged at the normal level */
+	uint8_t failed_as;           /* ST_BACKOFF or ST_UNAUTHORIZED: the last failure's state */
 	int inflight;
 	uint64_t sent_upto;          /* seq of the last spooled uplink taken off pending */
 	uint64_t expired;            /* dropped by the TTL since the last log line */
@@ -191,6 +191,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	int64_t last_connect_ms;     /* when the last connection attempt started */
 	int64_t outage_report_ms;    /* when the sweep last summed up the devices not connected */
 	size_t failed_since_report;  /* connection failures since then */
+	char last_failure[240];      /* the newest of them: "device 'X': reason" */
 	bool trim_due;               /* connects happened since memory was last given back */
 	int64_t pilot_until;         /* 0: no connect yet; else the end of the wait for a session */
 	int handshakes;              /* connections between connect and CONNACK */
@@ -278,30 +279,19 @@ static void end_handshake(struct dev *d)
 	}
 }
 
-static uint32_t hash_text(const char *s)
-{
-	uint32_t h = 2166136261u;   /* FNV-1a */
-	for(; *s; s++) h = (h ^ (unsigned char)*s) * 16777619u;
-	return h;
-}
-
 /* How loud a state change is. In an outage every device retries every minute or two: a line per
  * attempt made ~200 lines a second at 10,000 devices, gigabytes a day on a gateway's SD card.
- * So "connected" is a notice, the first failure of a run (or a new reason) is info, and
- * "connecting" and repeats of a failure go to debug; the sweep sums up who is out once a minute
- * (report_outage). Sets d->news. */
-static int state_log_level(struct dev *d, enum dev_state st, const char *error)
+ * So "connected" is a notice; the first failure of a run, and a change between backoff and
+ * unauthorized, are info; "connecting" and further failures go to debug (their reasons may
+ * alternate from one attempt to the next: a hang-up seen as EOF or as a TLS error); the sweep
+ * sums up who is out, with the newest reason, once a minute (report_outage). Sets d->news. */
+static int state_log_level(struct dev *d, enum dev_state st)
 {
-	d->news = true;
+	d->news = st != ST_CONNECTING;
 	if(st == ST_CONNECTED) return MOSQ_LOG_NOTICE;
-	if(st == ST_CONNECTING){
-		d->news = false;
-		return MOSQ_LOG_DEBUG;
-	}
 	if(st == ST_BACKOFF || st == ST_UNAUTHORIZED){
-		uint32_t h = hash_text(error ? error : "");
-		d->news = d->failures <= 1 || h != d->reported_error;
-		d->reported_error = h;
+		d->news = d->failures <= 1 || st != d->failed_as;
+		d->failed_as = (uint8_t)st;
 	}
 	return d->news ? MOSQ_LOG_INFO : MOSQ_LOG_DEBUG;
 }
@@ -332,7 +322,7 @@ static void set_state(struct dev *d, enum dev_state st, const char *error)
 	mark_dirty_locked(b, d);
 	pthread_mutex_unlock(&b->lock);
 	if(changed){
-		blog(b, state_log_level(d, st, error), "akenza: device '%s': %s%s%s", d->id,
+		blog(b, state_log_level(d, st), "akenza: device '%s': %s%s%s", d->id,
 				state_names[st], error ? ": " : "", error ? error : "");
 	}
 }
@@ -483,6 +473,7 @@ static void schedule_retry(struct dev *d, enum dev_state st, const char *error)
 {
 	d->failures++;
 	d->b->failed_since_report++;
+	snprintf(d->b->last_failure, sizeof(d->b->last_failure), "device '%s': %s", d->id, error);
 	int64_t wait = st == ST_UNAUTHORIZED ? backoff_ms(d->failures, UNAUTH_MIN_MS, UNAUTH_MAX_MS)
 			: backoff_ms(d->failures, BACKOFF_MIN_MS, BACKOFF_MAX_MS);
 	d->due_ms = mono_ms() + wait;
@@ -1105,10 +1096,10 @@ static void report_outage(struct akz_bridge *b, int64_t now)
 	size_t n[ST_UNAUTHORIZED + 1] = {0}, all = 0;
 	for(struct dev *d = b->devs; d; d = d->next, all++) n[d->state]++;
 	blog(b, MOSQ_LOG_NOTICE, "akenza: %zu of %zu devices not connected (%zu in backoff, %zu "
-			"unauthorized, %zu connecting, %zu disabled); %zu failed attempts in the last minute "
-			"(repeats of a device's failure are logged at debug level)",
+			"unauthorized, %zu connecting, %zu disabled); %zu failed attempts in the last minute, "
+			"the newest: %s (a device's repeated failures are logged at debug level)",
 			all - n[ST_CONNECTED], all, n[ST_BACKOFF], n[ST_UNAUTHORIZED], n[ST_CONNECTING],
-			n[ST_DISABLED], b->failed_since_report);
+			n[ST_DISABLED], b->failed_since_report, b->last_failure);
 	b->failed_since_report = 0;
 }
 
