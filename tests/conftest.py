@@ -145,7 +145,11 @@ class Broker:
                     return True
             except OSError:
                 return False
-        wait_for(up, timeout, what=f"{self.name} to listen on {self.port}")
+        try:
+            wait_for(up, timeout, what=f"{self.name} to listen on {self.port}")
+        except AssertionError:
+            self.kill()   # hung at start: nobody holds this Broker to stop it at teardown
+            raise
 
     def log(self):
         text = self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
