@@ -14,6 +14,7 @@
 #include "akz_config.h"
 #include "akz_passwd.h"
 #include "akz_registry.h"
+#include "akz_util.h"
 
 #define NBUCKETS 4096
 #define MAX_ENTRIES 100000     /* bounds the memory an attacker can make us spend on usernames */
@@ -39,13 +40,6 @@ struct akz_auth {
 	struct entry *buckets[NBUCKETS];
 	size_t nentries;
 };
-
-static int64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static size_t bucket_of(const char *s)
 {
@@ -186,7 +180,7 @@ int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 	const struct akz_gateway *gw = dev ? NULL : akz_registry_find_gateway(reg, ev->username);
 	if(dev == NULL && gw == NULL) return MOSQ_ERR_PLUGIN_DEFER;   /* password_file, dynsec... decide */
 
-	int64_t now = mono_ms();
+	int64_t now = akz_mono_ms();
 	struct entry *e = entry_of(auth, ev->username, now);
 	if(e && e->locked_until_ms > now){
 		char why[96];

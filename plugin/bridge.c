@@ -202,17 +202,10 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 
 /* ---- time ---------------------------------------------------------------------------- */
 
-static int64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* Wall clock minus monotonic clock, in seconds: it moves only when the wall clock is stepped. */
 static int64_t wall_offset_s(void)
 {
-	return (int64_t)time(NULL) - mono_ms() / 1000;
+	return (int64_t)time(NULL) - akz_mono_ms() / 1000;
 }
 
 /* A uniformly random integer in [lo, hi]. */
@@ -476,7 +469,7 @@ static void schedule_retry(struct dev *d, enum dev_state st, const char *error)
 	snprintf(d->b->last_failure, sizeof(d->b->last_failure), "device '%s': %s", d->id, error);
 	int64_t wait = st == ST_UNAUTHORIZED ? backoff_ms(d->failures, UNAUTH_MIN_MS, UNAUTH_MAX_MS)
 			: backoff_ms(d->failures, BACKOFF_MIN_MS, BACKOFF_MAX_MS);
-	d->due_ms = mono_ms() + wait;
+	d->due_ms = akz_mono_ms() + wait;
 	set_state(d, st, error);
 }
 
@@ -574,7 +567,7 @@ static void on_publish(struct mosquitto *mosq, void *obj, int mid)
 
 	struct akz_msg *m = take_inflight(d, mid);
 	if(m == NULL) return;
-	d->waiting_ack_since_ms = mono_ms();
+	d->waiting_ack_since_ms = akz_mono_ms();
 	settle(d, m);
 	if(d->b->receipts) queue_receipt(d, m);
 	free(m);
@@ -609,7 +602,7 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc)
 	b->sum.connects++;
 	if(resumed) b->sum.tls_resumed++;
 	pthread_mutex_unlock(&b->lock);
-	d->waiting_ack_since_ms = mono_ms();
+	d->waiting_ack_since_ms = akz_mono_ms();
 	snprintf(topic, sizeof(topic), AKZ_DOWN_PREFIX "%s/#", d->id);
 	int src = mosquitto_subscribe(mosq, NULL, topic, 1);
 	if(src != MOSQ_ERR_SUCCESS){
@@ -619,7 +612,7 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc)
 	/* Refresh at a random point late in the token's life, so that a fleet that connected in
 	 * the same second does not refresh in the same second. */
 	int64_t life_ms = b->lifetime * 1000;
-	d->due_ms = mono_ms() + random_between(life_ms * 70 / 100, life_ms * 90 / 100);
+	d->due_ms = akz_mono_ms() + random_between(life_ms * 70 / 100, life_ms * 90 / 100);
 	d->last_log[0] = '\0';
 	set_state(d, ST_CONNECTED, NULL);
 }
@@ -636,7 +629,7 @@ static void lost_connection(struct dev *d, int rc)
 	if(d->state == ST_UNAUTHORIZED || d->state == ST_DISABLED || d->state == ST_BACKOFF) return;
 	if(d->reconnect_now){
 		d->reconnect_now = false;
-		d->due_ms = mono_ms();
+		d->due_ms = akz_mono_ms();
 		set_state(d, ST_CONNECTING, NULL);
 		return;
 	}
@@ -758,8 +751,8 @@ static void start_connect(struct dev *d)
 		update_interest(d);
 		return;
 	}
-	d->connect_deadline_ms = mono_ms() + CONNECT_TIMEOUT_MS;
-	b->last_connect_ms = mono_ms();
+	d->connect_deadline_ms = akz_mono_ms() + CONNECT_TIMEOUT_MS;
+	b->last_connect_ms = akz_mono_ms();
 	b->trim_due = true;
 	d->handshaking = true;
 	b->handshakes++;
@@ -849,7 +842,7 @@ static void pump_uplinks(struct dev *d)
 					break;
 				}
 			}
-			if(d->inflight++ == 0) d->waiting_ack_since_ms = mono_ms();
+			if(d->inflight++ == 0) d->waiting_ack_since_ms = akz_mono_ms();
 		}else{
 			settle(d, m);
 			free(m);
@@ -880,7 +873,7 @@ static void apply_change(struct dev *d)
 		if(d->state == ST_CONNECTED) drop_connection(d, "reconnect requested", MOSQ_ERR_SUCCESS);
 	}else if(reconnect && (d->state == ST_BACKOFF || d->state == ST_UNAUTHORIZED)){
 		d->failures = 0;
-		d->due_ms = mono_ms();
+		d->due_ms = akz_mono_ms();
 	}
 
 	pthread_mutex_lock(&b->lock);
@@ -904,7 +897,7 @@ static void apply_change(struct dev *d)
 		}
 	}else if(d->state == ST_DISABLED || (nk && d->state != ST_CONNECTED)){
 		d->failures = 0;
-		d->due_ms = mono_ms();
+		d->due_ms = akz_mono_ms();
 		set_state(d, ST_CONNECTING, NULL);
 	}else if(nk && d->state == ST_CONNECTED){
 		d->reconnect_now = true;
@@ -1250,10 +1243,10 @@ static void *bridge_main(void *arg)
 	struct akz_bridge *b = arg;
 	struct epoll_event evs[256];
 
-	b->bucket_ms = mono_ms();
+	b->bucket_ms = akz_mono_ms();
 	b->next_sweep_ms = 0;
 	while(!atomic_load(&b->stop)){
-		int64_t now = mono_ms();
+		int64_t now = akz_mono_ms();
 		if(now >= b->next_sweep_ms){
 			sweep(b, now);
 			b->next_sweep_ms = now + (b->connects_held ? HELD_SWEEP_MS : SWEEP_MS);
@@ -1354,7 +1347,7 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *devic
 	 * an epoll_wait and a thread switch per message. Without recent TICKs (an idle broker's
 	 * first message, or per_listener_settings true, where 2.0.11 calls none) it is woken now. */
 	if(need_wake){
-		if(mono_ms() - b->last_tick_ms <= TICK_RECENT_MS) b->wake_at_tick = true;
+		if(akz_mono_ms() - b->last_tick_ms <= TICK_RECENT_MS) b->wake_at_tick = true;
 		else wake(b);
 	}
 	return AKZ_UPLINK_QUEUED;
@@ -1393,7 +1386,7 @@ static struct dev *new_dev(struct akz_bridge *b, const struct akz_device *rd)
 	d->status.since = time(NULL);
 	snprintf(d->status.kid, sizeof(d->status.kid), "%s", akz_key_kid(rd->key));
 	/* Spread the first connects of a fleet over the rate limiter rather than all at once. */
-	d->due_ms = mono_ms();
+	d->due_ms = akz_mono_ms();
 	return d;
 }
 
@@ -1646,7 +1639,7 @@ static size_t publish_handed_over(struct akz_bridge *b)
 
 void akz_bridge_tick(struct akz_bridge *b)
 {
-	b->last_tick_ms = mono_ms();
+	b->last_tick_ms = akz_mono_ms();
 	if(b->wake_at_tick){
 		b->wake_at_tick = false;
 		wake(b);
@@ -1669,7 +1662,7 @@ void akz_bridge_tick(struct akz_bridge *b)
 		pthread_mutex_unlock(&b->lock);
 	}
 	flush_log(b);
-	publish_statuses(b, mono_ms());
+	publish_statuses(b, akz_mono_ms());
 }
 
 void akz_bridge_check_tick(struct akz_bridge *b)
@@ -1677,7 +1670,7 @@ void akz_bridge_check_tick(struct akz_bridge *b)
 	/* A broker that calls TICK does so within 100 ms of starting its loop. */
 	enum { NO_TICK_MS = 2000 };
 	if(b == NULL || b->last_tick_ms) return;
-	if(!b->no_tick_reported && mono_ms() - b->started_ms >= NO_TICK_MS){
+	if(!b->no_tick_reported && akz_mono_ms() - b->started_ms >= NO_TICK_MS){
 		b->no_tick_reported = true;
 		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: the broker has not called the plugin's TICK "
 				"since it started, as Mosquitto 2.0 does with per_listener_settings true: "
@@ -1800,7 +1793,7 @@ int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char
 		return -1;
 	}
 	b->epfd = b->wakefd = -1;
-	b->started_ms = mono_ms();
+	b->started_ms = akz_mono_ms();
 	pthread_mutex_init(&b->lock, NULL);
 	pthread_mutex_init(&b->log_lock, NULL);
 	b->host = strdup(cfg->upstream_host);

@@ -1,5 +1,4 @@
 /* resolver.c - the upstream host's addresses, looked up off the bridge thread and kept. */
-#include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
 #include <pthread.h>
@@ -39,19 +38,6 @@ struct akz_resolver {
 	int64_t refresh_ms;
 	char error[200];             /* why the last lookup failed; "" if it did not */
 };
-
-static int64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static bool is_numeric(const char *host)
-{
-	unsigned char buf[sizeof(struct in6_addr)];
-	return inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1;
-}
 
 /* Asks the thread for a lookup unless one is under way or asked for. Caller holds r->lock. */
 static void want_lookup_locked(struct akz_resolver *r)
@@ -113,7 +99,7 @@ static void *resolver_main(void *arg)
 		int n = look_up(r->host, addrs, err, sizeof(err));
 		pthread_mutex_lock(&r->lock);
 		r->busy = false;
-		r->looked_up_ms = mono_ms();
+		r->looked_up_ms = akz_mono_ms();
 		if(n < 0){
 			memcpy(r->error, err, sizeof(err));   /* the old addresses stay in use */
 			continue;
@@ -138,7 +124,7 @@ int akz_resolver_new(const char *host, int refresh_s, struct akz_resolver **out,
 		akz_set_err(err, errlen, "out of memory");
 		return -1;
 	}
-	r->numeric = is_numeric(host);
+	r->numeric = akz_is_ip_literal(host);
 	r->refresh_ms = (int64_t)refresh_s * 1000;
 	pthread_mutex_init(&r->lock, NULL);
 	/* The lookup timer runs on the monotonic clock: a wall-clock step must not stop it. */
@@ -183,7 +169,7 @@ enum akz_resolve akz_resolver_pick(struct akz_resolver *r, char *addr, char *err
 		snprintf(addr, AKZ_ADDR_MAX, "%s", r->host);
 		return AKZ_RESOLVE_OK;
 	}
-	int64_t now = mono_ms();
+	int64_t now = akz_mono_ms();
 	pthread_mutex_lock(&r->lock);
 	enum akz_resolve st = state_locked(r);
 	if(st == AKZ_RESOLVE_FAILED) akz_set_err(err, errlen, "%s", r->error);
@@ -206,7 +192,7 @@ enum akz_resolve akz_resolver_pick(struct akz_resolver *r, char *addr, char *err
 void akz_resolver_failed(struct akz_resolver *r, const char *addr)
 {
 	if(r->numeric) return;
-	int64_t now = mono_ms();
+	int64_t now = akz_mono_ms();
 	pthread_mutex_lock(&r->lock);
 	for(int i = 0; i < r->naddrs; i++){
 		if(strcmp(r->addrs[i], addr) == 0) r->avoid_until_ms[i] = now + AVOID_MS;

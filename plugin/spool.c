@@ -116,13 +116,6 @@ static void slog(struct akz_spool *s, int level, const char *fmt, ...)
 	if(s->log) s->log(s->log_ctx, level, msg);
 }
 
-static int64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void put16(unsigned char *p, uint16_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
 static void put32(unsigned char *p, uint32_t v) { for(int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i)); }
 static void put64(unsigned char *p, uint64_t v) { for(int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i)); }
@@ -163,7 +156,7 @@ static void io_failed_locked(struct akz_spool *s, const char *what, int err)
 {
 	s->st.io_errors++;
 	s->io_failed = true;
-	int64_t now = mono_ms() / 1000;
+	int64_t now = akz_mono_ms() / 1000;
 	if(s->last_io_log && now - s->last_io_log < IO_LOG_GAP_S) return;
 	s->last_io_log = now;
 	slog(s, MOSQ_LOG_ERR, "akenza: spool %s: %s: %s (%" PRIu64 " I/O errors so far)",
@@ -457,7 +450,7 @@ void akz_spool_settle(struct akz_spool *s, struct akz_spool_dev *sd, uint64_t by
 	if(done_upto > sd->done_upto){
 		sd->done_upto = done_upto;
 		if(!sd->marker_queued){
-			if(s->marker_due == NULL) s->marker_due_ms = mono_ms();
+			if(s->marker_due == NULL) s->marker_due_ms = akz_mono_ms();
 			sd->marker_queued = true;
 			sd->marker_next = s->marker_due;
 			s->marker_due = sd;
@@ -662,12 +655,12 @@ static void reclaim_locked(struct akz_spool *s)
 static void *flusher_main(void *arg)
 {
 	struct akz_spool *s = arg;
-	int64_t next_reclaim = mono_ms() + RECLAIM_MS;
+	int64_t next_reclaim = akz_mono_ms() + RECLAIM_MS;
 	int64_t last_sync = 0;
 
 	pthread_mutex_lock(&s->lock);
 	while(!s->stop){
-		int64_t now = mono_ms();
+		int64_t now = akz_mono_ms();
 		int64_t wake = next_reclaim;
 		if(s->marker_due && s->marker_due_ms + MARKER_MS < wake) wake = s->marker_due_ms + MARKER_MS;
 		if(s->nretired) wake = now;
@@ -695,7 +688,7 @@ static void *flusher_main(void *arg)
 			int e = errno;
 			pthread_mutex_lock(&s->lock);
 			if(rc) io_failed_locked(s, "fdatasync", e);
-			last_sync = mono_ms();
+			last_sync = akz_mono_ms();
 		}
 		while(s->nretired){
 			int fd = s->retired[--s->nretired];
@@ -704,7 +697,7 @@ static void *flusher_main(void *arg)
 		}
 		if(now >= next_reclaim){
 			reclaim_locked(s);
-			next_reclaim = mono_ms() + RECLAIM_MS;
+			next_reclaim = akz_mono_ms() + RECLAIM_MS;
 		}
 	}
 	pthread_mutex_unlock(&s->lock);

@@ -3,10 +3,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <arpa/inet.h>
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
 #include "akz_tls.h"
+#include "akz_util.h"
 
 /* Appends OpenSSL's last error to err after `what`. */
 static void set_ssl_error(char *err, size_t errlen, const char *what)
@@ -19,12 +19,6 @@ static void set_ssl_error(char *err, size_t errlen, const char *what)
 	ERR_clear_error();
 }
 
-static int is_ip_literal(const char *host)
-{
-	unsigned char buf[sizeof(struct in6_addr)];
-	return inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1;
-}
-
 /* Pins the server identity on the context: libmosquitto installs no host-name check of its
  * own on a context it is given (DESIGN.md), so without this any certificate from a trusted CA
  * would do. */
@@ -33,7 +27,7 @@ static int pin_host(SSL_CTX *ctx, const char *host, char *err, size_t errlen)
 	X509_VERIFY_PARAM *param = SSL_CTX_get0_param(ctx);
 	int ok;
 
-	if(is_ip_literal(host)){
+	if(akz_is_ip_literal(host)){
 		ok = X509_VERIFY_PARAM_set1_ip_asc(param, host);
 	}else{
 		X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
@@ -113,7 +107,7 @@ static int prepare_handshakes(SSL_CTX *ctx, const char *host, char *err, size_t 
 		snprintf(err, errlen, "cannot set up TLS session resumption");
 		return -1;
 	}
-	if(!is_ip_literal(host)){
+	if(!akz_is_ip_literal(host)){
 		char *name = strdup(host);
 		if(name == NULL || SSL_CTX_set_ex_data(ctx, name_idx, name) != 1){
 			free(name);

@@ -7,8 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include "akz_wakeup.h"
+#include "akz_util.h"
 
 /* Why a signal: Mosquitto 2.0's loop sleeps in epoll_wait for up to 100 ms between TICKs, and a
  * plugin may publish only on the broker thread, so a downlink the bridge thread handed over
@@ -35,13 +35,6 @@ struct akz_wakeup {
 	_Atomic int64_t poked_ms;    /* when it was sent, CLOCK_MONOTONIC */
 	_Atomic int64_t repoke_ms;   /* when to send it again */
 };
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
 static int installs;             /* instances sharing the handler, under install_lock */
@@ -109,7 +102,7 @@ int akz_wakeup_new(struct akz_wakeup **out, char *err, size_t errlen)
 void akz_wakeup_poke(struct akz_wakeup *w)
 {
 	if(w == NULL || atomic_exchange(&w->poked, true)) return;
-	int64_t now = now_ms();
+	int64_t now = akz_mono_ms();
 	atomic_store(&w->poked_ms, now);
 	atomic_store(&w->repoke_ms, now + REPOKE_MS);
 	/* Cannot fail for a live thread and a valid signal; a lost wake only means the TICK comes
@@ -120,7 +113,7 @@ void akz_wakeup_poke(struct akz_wakeup *w)
 int akz_wakeup_recheck(struct akz_wakeup *w)
 {
 	if(w == NULL || !atomic_load(&w->poked)) return -1;
-	int64_t now = now_ms(), due = atomic_load(&w->repoke_ms);
+	int64_t now = akz_mono_ms(), due = atomic_load(&w->repoke_ms);
 	if(now - atomic_load(&w->poked_ms) >= REPOKE_UNTIL_MS) return -1;
 	if(now < due) return (int)(due - now);
 	atomic_store(&w->repoke_ms, now + REPOKE_MS);
