@@ -12,7 +12,6 @@
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <time.h>
 #include <unistd.h>
 #include <openssl/crypto.h>
@@ -34,6 +33,7 @@
 #include "akz_topic.h"
 #include "akz_util.h"
 #include "akz_wakeup.h"
+#include "akz_tlsio.h"
 
 #define WINDOW 32                 /* uplinks in flight per connection */
 #define SWEEP_MS 100              /* timer resolution of the bridge thread */
@@ -106,6 +106,9 @@ struct dev {
 	bool handshaking;            /* counted in b->handshakes */
 	bool in_reread;              /* on b->reread */
 	struct dev *reread_next;
+	bool in_flush;               /* on b->flush */
+	bool out_blocked;            /* the socket did not take all of the write buffer */
+	struct dev *flush_next;
 	bool reconnect_now;
 	bool ever_connected;
 	bool news;                   /* the last state change was logged at the normal level */
@@ -177,6 +180,8 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	int64_t wall_off;            /* bridge thread only: wall_offset_s() at the last sweep */
 	bool wall_off_known;         /* bridge thread only */
 	bool no_tick_reported;       /* broker thread only */
+	size_t fds_told_devices;     /* broker thread only: the device count and open-file limit */
+	size_t fds_told_limit;       /*   a tight limit was last reported for (reserve_fds) */
 	bool changes;                /* some device has changed or removed set */
 	struct akz_msgq down;
 	struct akz_status_summary sum;
@@ -196,6 +201,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	int64_t pilot_until;         /* 0: no connect yet; else the end of the wait for a session */
 	int handshakes;              /* connections between connect and CONNACK */
 	struct dev *reread;          /* devices with input left in OpenSSL: read_socket */
+	struct dev *flush;           /* devices with records in their write buffer (tlsio.c) */
 	bool connects_held;          /* a due device waits for a handshake slot */
 	bool pilot_done;             /* a TLS session exists (or the wait is over) */
 };
@@ -399,7 +405,7 @@ static void update_interest(struct dev *d)
 	uint32_t ev = EPOLLIN | EPOLLRDHUP;
 
 	if(fd == d->zombie_fd) fd = -1;
-	if(fd >= 0 && mosquitto_want_write(d->mosq)) ev |= EPOLLOUT;
+	if(fd >= 0 && (mosquitto_want_write(d->mosq) || d->out_blocked)) ev |= EPOLLOUT;
 	if(fd != d->fd){
 		if(d->fd >= 0) epoll_ctl(b->epfd, EPOLL_CTL_DEL, d->fd, NULL);
 		d->fd = -1;
@@ -597,6 +603,8 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc)
 	d->failures = 0;
 	d->ever_connected = true;
 	SSL *ssl = mosquitto_ssl_get(mosq);
+	/* Without the buffer (out of memory) every packet is its own write(2): slower, not wrong. */
+	(void)akz_tlsio_attach(ssl);
 	bool resumed = ssl && SSL_session_reused(ssl);
 	pthread_mutex_lock(&b->lock);
 	b->sum.connects++;
@@ -741,6 +749,7 @@ static void start_connect(struct dev *d)
 	if(d->fd >= 0) epoll_ctl(b->epfd, EPOLL_CTL_DEL, d->fd, NULL);
 	d->fd = -1;
 	d->zombie_fd = -1;
+	d->out_blocked = false;   /* the old connection's buffer goes with its SSL object */
 	rc = mosquitto_connect_async(d->mosq, d->addr, b->port, b->keepalive);
 	if(rc != MOSQ_ERR_SUCCESS){
 		char why[300];
@@ -800,6 +809,16 @@ static void expire_pending(struct dev *d, int64_t wall_now)
 	d->expired += n;
 }
 
+/* Puts d on b->flush if its write buffer holds records, to be written out at the end of the
+ * loop turn (flush_outputs): a device's packets of one turn leave in one write(2). */
+static void note_output(struct dev *d)
+{
+	if(d->in_flush || d->mosq == NULL || akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) == 0) return;
+	d->in_flush = true;
+	d->flush_next = d->b->flush;
+	d->b->flush = d;
+}
+
 /* Hands pending uplinks to libmosquitto while the window has room and the socket takes them:
  * QoS 1 ones wait in the window for their PUBACK, QoS 0 ones count as relayed once handed over.
  * Stopping while libmosquitto still has bytes to write keeps its queue, and our memory, small. */
@@ -807,24 +826,16 @@ static void pump_uplinks(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
 	size_t qos0 = 0;
-	int corked = 0;
 
 	while(d->state == ST_CONNECTED && !d->refreshing && d->inflight < WINDOW
 			&& !mosquitto_want_write(d->mosq)){
 		pthread_mutex_lock(&b->lock);
 		struct akz_msg *m = akz_msgq_peek(&d->pending);
-		bool more = m && m->next;   /* the broker thread links new tails: read it locked */
 		pthread_mutex_unlock(&b->lock);
 		if(m == NULL) break;
 		if(b->ttl && (int64_t)time(NULL) - m->time > b->ttl){
 			expire_pending(d, (int64_t)time(NULL));
 			continue;
-		}
-		if(!corked && more && d->fd >= 0){
-			/* Several uplinks at once: let the kernel pack them into full segments (one TLS
-			 * record each still), which saves packets here and wake-ups upstream. */
-			corked = 1;
-			setsockopt(d->fd, IPPROTO_TCP, TCP_CORK, &corked, sizeof(corked));
 		}
 		int mid = 0;
 		int qos = m->qos > 1 ? 1 : m->qos;   /* akenza takes QoS 0 and 1; 2 goes as 1 */
@@ -849,12 +860,40 @@ static void pump_uplinks(struct dev *d)
 			qos0++;
 		}
 	}
-	if(corked && d->fd >= 0){
-		int off = 0;
-		setsockopt(d->fd, IPPROTO_TCP, TCP_CORK, &off, sizeof(off));
-	}
 	if(qos0) count_relayed(d, qos0);
+	note_output(d);
 	update_interest(d);
+}
+
+/* Writes out one device's write buffer. Returns false if the connection failed (and was
+ * dropped). A socket that takes only part gets EPOLLOUT interest until it has taken all. */
+static bool flush_output(struct dev *d)
+{
+	if(d->mosq == NULL || d->fd < 0) return true;
+	int rc = akz_tlsio_flush(mosquitto_ssl_get(d->mosq));
+	if(rc < 0){
+		char why[160];
+		snprintf(why, sizeof(why), "write: %s", strerror(errno));
+		drop_connection(d, why, MOSQ_ERR_ERRNO);
+		return false;
+	}
+	bool blocked = rc == 0;
+	if(blocked != d->out_blocked){
+		d->out_blocked = blocked;
+		update_interest(d);
+	}
+	return true;
+}
+
+/* Writes out the write buffers filled during this loop turn. */
+static void flush_outputs(struct akz_bridge *b)
+{
+	while(b->flush){
+		struct dev *d = b->flush;
+		b->flush = d->flush_next;
+		d->in_flush = false;
+		flush_output(d);
+	}
 }
 
 /* Applies what a registry sync changed for this device: enabled flag and key. */
@@ -943,6 +982,12 @@ static void destroy_dev(struct dev *d)
 	for(struct dev **pp = &d->b->reread; d->in_reread && *pp; pp = &(*pp)->reread_next){
 		if(*pp == d){
 			*pp = d->reread_next;
+			break;
+		}
+	}
+	for(struct dev **pp = &d->b->flush; d->in_flush && *pp; pp = &(*pp)->flush_next){
+		if(*pp == d){
+			*pp = d->flush_next;
 			break;
 		}
 	}
@@ -1058,7 +1103,10 @@ static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 		}
 		break;
 	}
-	if(d->mosq) update_interest(d);
+	if(d->mosq){
+		note_output(d);
+		update_interest(d);
+	}
 }
 
 /* Tells whether the wall clock was stepped since the last sweep (NTP correcting a box that
@@ -1218,7 +1266,7 @@ static void handle_io(struct dev *d, uint32_t events)
 			drop_connection(d, "connection closed during the handshake", MOSQ_ERR_CONN_LOST);
 		}
 	}
-	if((events & EPOLLOUT) && d->fd >= 0){
+	if((events & EPOLLOUT) && d->fd >= 0 && (!d->out_blocked || flush_output(d))){
 		check_socket(d, mosquitto_loop_write(d->mosq, WINDOW));
 	}
 	/* PUBACKs free window slots: refill them at once. */
@@ -1269,10 +1317,15 @@ static void *bridge_main(void *arg)
 				}
 				continue;
 			}
-			handle_io(evs[i].data.ptr, evs[i].events);
+			struct dev *d = evs[i].data.ptr;
+			if(d->mosq && (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP))){
+				akz_tlsio_readable(mosquitto_ssl_get(d->mosq));
+			}
+			handle_io(d, evs[i].events);
 		}
 		reread_devices(b);
 		pump_ready(b);
+		flush_outputs(b);
 	}
 	return NULL;
 }
@@ -1433,7 +1486,7 @@ static void report_orphan(void *ctx, const char *id, uint64_t bytes, uint64_t ms
  * devices past the limit cannot connect ("Too many open files"), and neither can sensors. Only
  * the upstream part is certain (gateways publish for many devices over one connection), so only
  * a limit below it is a warning. Broker thread. */
-static void reserve_fds(size_t ndevices)
+static void reserve_fds(struct akz_bridge *b, size_t ndevices)
 {
 	enum { HEADROOM = 256 };
 	size_t upstream = ndevices * (size_t)akz_fds_per_device() + HEADROOM;
@@ -1444,12 +1497,16 @@ static void reserve_fds(size_t ndevices)
 		mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: raised the open-file limit from %zu to %zu "
 				"for %zu devices", before, after, ndevices);
 	}
+	/* A tight limit is told once per device count and limit, not at every reload. */
+	if(after >= want || (ndevices == b->fds_told_devices && after == b->fds_told_limit)) return;
+	b->fds_told_devices = ndevices;
+	b->fds_told_limit = after;
 	if(after < upstream){
 		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: the open-file limit (%zu) is below the %zu "
 				"that the upstream connections of %zu devices need: devices past it cannot connect; "
 				"raise the broker's hard limit (ulimit -n, systemd LimitNOFILE=)", after, upstream,
 				ndevices);
-	}else if(after < want){
+	}else{
 		mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: the open-file limit (%zu) leaves room for %zu "
 				"local clients beside the upstream connections of %zu devices", after, after - upstream,
 				ndevices);
@@ -1462,7 +1519,7 @@ int akz_bridge_sync(struct akz_bridge *b, const struct akz_registry *reg)
 	struct dev *fresh = NULL;
 	size_t nfresh = 0;
 
-	reserve_fds(n);
+	reserve_fds(b, n);
 
 	/* Allocate everything first, so that running out of memory changes nothing. */
 	for(size_t i = 0; i < n; i++){

@@ -154,6 +154,9 @@ def test_token_refresh_three_times_without_loss(edge, standin):
     firsts = list(dict.fromkeys(got))
     assert firsts == [f"{i}".encode() for i in range(sent)]
     assert "expired: disconnecting" not in standin.log()
+    # each refresh ended its connection with a DISCONNECT, not a bare close
+    assert standin.log().count("Client dev-t disconnected.") >= 3
+    assert "Client dev-t closed its connection." not in standin.log()
     edge.wait_state(admin, "dev-t", "connected")
 
 
@@ -475,3 +478,23 @@ def test_two_hundred_devices(edge, standin):
         wait_for(lambda: upstream_payloads(obs, up(ids[k])) == [b"x"], 10, what=f"uplink of {ids[k]}")
     for s in sensors:
         s.close()
+
+
+def test_tight_open_file_limit_is_told_once_per_change(edge, standin):
+    """A hard open-file limit below what the devices need is reported, but not again at every
+    reload that changes nothing; adding a device (new numbers) reports it again."""
+    ids = [f"f{i:02d}" for i in range(60)]
+    for i in ids:
+        edge.add_device(i, write=False)
+    edge.write_registry()
+    edge.start(wrapper=["prlimit", "--nofile=200:200"] + shlex.split(os.environ.get("AKZ_BROKER_WRAPPER", "")))
+    warning = "the open-file limit (200) is below the 316 that the upstream connections of 60 devices need"
+    edge.broker.wait_log(warning)
+    for n in (1, 2):
+        edge.broker.sighup()
+        wait_for(lambda: edge.broker.log().count("akenza: reloaded") >= n, 20, what=f"reload {n}")
+    assert edge.broker.log().count(warning) == 1
+    edge.add_device("f60")
+    edge.broker.sighup()
+    edge.broker.wait_log("below the 317 that the upstream connections of 61 devices need")
+

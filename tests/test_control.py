@@ -510,10 +510,13 @@ def test_rotation_through_the_bridge(edge, standin):
     assert g["state"] == "connected" and g["upstream_kid"] == d["kid"] and g["token_expires"] > time.time()
     assert c.ok("getStatus")["connected"] == 1
 
-    # reconnectDevice: a new connection (the stand-in sees a second login)
+    # reconnectDevice: a new connection (the stand-in sees a second login), and the old one ends
+    # with a DISCONNECT, which the bridge's write buffer (plugin/tlsio.c) must send before closing
     accepted = standin.log().count("accepted client 'rot-1'")
+    clean = standin.log().count("Client rot-1 disconnected.")
     c.ok("reconnectDevice", id="rot-1")
     wait_for(lambda: standin.log().count("accepted client 'rot-1'") > accepted, 15, what="a reconnect")
+    wait_for(lambda: standin.log().count("Client rot-1 disconnected.") > clean, 5, what="a clean DISCONNECT")
 
     rk = c.ok("rotateKey", id="rot-1")
     assert c.ok("getDevice", id="rot-1")["device"]["upstream_kid"] == d["kid"], "the old key stays in use"

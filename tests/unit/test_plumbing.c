@@ -1,5 +1,5 @@
 /* test_plumbing.c - unit tests of the option parser, topic recognition, message queues, the
- * broker wake-up and the file-descriptor budget. */
+ * broker wake-up, the file-descriptor budget and the upstream socket filter. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -28,6 +28,7 @@
 #include "akz_registry.h"
 #include "akz_resolver.h"
 #include "akz_tls.h"
+#include "akz_tlsio.h"
 #include "akz_topic.h"
 #include "akz_wakeup.h"
 
@@ -478,6 +479,128 @@ static void test_resolver(void **state)
 	akz_resolver_free(NULL);
 }
 
+/* Reads what the peer end holds right now, without waiting. */
+static size_t drain_peer(int fd, unsigned char *buf, size_t cap)
+{
+	size_t got = 0;
+	while(got < cap){
+		ssize_t n = recv(fd, buf + got, cap - got, MSG_DONTWAIT);
+		if(n <= 0) break;
+		got += (size_t)n;
+	}
+	return got;
+}
+
+/* The upstream socket filter: writes wait for akz_tlsio_flush and leave in one piece and in
+ * order, also when the socket takes only part; reads stop at an emptied socket until
+ * akz_tlsio_readable; the SSL object frees the filter and the socket BIO exactly once (ASan). */
+static void test_tlsio(void **state)
+{
+	(void)state;
+	signal(SIGPIPE, SIG_IGN);   /* as the broker does: a closed peer is an error, not the end */
+	int sv[2];
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	assert_int_equal(fcntl(sv[0], F_SETFL, O_NONBLOCK), 0);
+	SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+	assert_non_null(ctx);
+	SSL *ssl = SSL_new(ctx);
+	assert_non_null(ssl);
+	BIO *sock = BIO_new_socket(sv[0], BIO_NOCLOSE);
+	assert_non_null(sock);
+	SSL_set_bio(ssl, sock, sock);
+
+	assert_int_equal(akz_tlsio_flush(ssl), 1);           /* no filter yet: nothing to do */
+	assert_int_equal(akz_tlsio_pending(ssl), 0);
+	assert_int_equal(akz_tlsio_attach(ssl), 0);
+	assert_int_equal(akz_tlsio_attach(ssl), 0);          /* once is enough */
+	BIO *f = SSL_get_wbio(ssl);
+	assert_ptr_equal(SSL_get_rbio(ssl), f);
+	assert_ptr_equal(BIO_next(f), sock);
+	assert_null(BIO_next(sock));
+
+	/* Two records: held, then one piece. */
+	unsigned char buf[256 * 1024];
+	assert_int_equal(BIO_write(f, "abc", 3), 3);
+	assert_int_equal(BIO_write(f, "defg", 4), 4);
+	assert_int_equal(akz_tlsio_pending(ssl), 7);
+	assert_int_equal(BIO_ctrl_wpending(f), 7);
+	assert_int_equal(drain_peer(sv[1], buf, sizeof(buf)), 0);
+	assert_int_equal(akz_tlsio_flush(ssl), 1);
+	assert_int_equal(akz_tlsio_pending(ssl), 0);
+	assert_int_equal(recv(sv[1], buf, sizeof(buf), MSG_DONTWAIT), 7);
+	assert_memory_equal(buf, "abcdefg", 7);
+
+	/* Reads: a short read marks the socket empty; more data waits for "readable". */
+	char in[64];
+	assert_int_equal(write(sv[1], "12345", 5), 5);
+	assert_int_equal(BIO_read(f, in, sizeof(in)), 5);
+	assert_int_equal(write(sv[1], "678", 3), 3);
+	assert_true(BIO_read(f, in, sizeof(in)) <= 0);
+	assert_true(BIO_should_retry(f) && BIO_should_read(f));
+	akz_tlsio_readable(ssl);
+	assert_int_equal(BIO_read(f, in, sizeof(in)), 3);
+	assert_memory_equal(in, "678", 3);
+	akz_tlsio_readable(ssl);
+	assert_true(BIO_read(f, in, sizeof(in)) <= 0);       /* EAGAIN from the socket itself */
+	assert_true(BIO_should_retry(f));
+
+	/* A peer that does not read: records fill the buffer, then the socket, then are refused
+	 * with "retry"; what went out arrives whole and in order once the peer reads. */
+	size_t written = 0;
+	unsigned char chunk[1000];
+	for(int i = 0; i < 10000; i++){
+		memset(chunk, i & 0xff, sizeof(chunk));
+		int n = BIO_write(f, chunk, sizeof(chunk));
+		if(n <= 0){
+			assert_true(BIO_should_retry(f) && BIO_should_write(f));
+			break;
+		}
+		assert_int_equal(n, sizeof(chunk));
+		written += (size_t)n;
+	}
+	assert_true(written > 64 * 1024 && written < 10000 * sizeof(chunk));
+	assert_true(akz_tlsio_pending(ssl) > 0);
+	assert_int_equal(akz_tlsio_flush(ssl), 0);
+	size_t got = 0;
+	int rc = 0;
+	for(int round = 0; round < 1000 && rc != 1; round++){
+		size_t n = drain_peer(sv[1], buf + got, sizeof(buf) - got);
+		assert_true(got + n <= written);
+		for(size_t i = got; i < got + n; i++) assert_int_equal(buf[i], (i / sizeof(chunk)) & 0xff);
+		got += n;
+		rc = akz_tlsio_flush(ssl);
+		assert_true(rc >= 0);
+	}
+	assert_int_equal(rc, 1);
+	got += drain_peer(sv[1], buf + got, sizeof(buf) - got);
+	assert_int_equal(got, written);
+	assert_int_equal(akz_tlsio_pending(ssl), 0);
+
+	/* A record larger than the buffer goes straight through. */
+	static unsigned char big[100 * 1024];
+	memset(big, 0x5a, sizeof(big));
+	int n = BIO_write(f, big, sizeof(big));
+	assert_true(n > 0);
+	assert_int_equal(akz_tlsio_pending(ssl), 0);
+	assert_int_equal(drain_peer(sv[1], buf, sizeof(buf)), (size_t)n);
+
+	/* The peer is gone: flushing fails with the socket's error. */
+	assert_int_equal(BIO_write(f, "x", 1), 1);
+	close(sv[1]);
+	errno = 0;
+	assert_int_equal(akz_tlsio_flush(ssl), -1);
+	assert_int_equal(errno, EPIPE);
+	assert_int_equal(akz_tlsio_pending(ssl), 1);          /* kept: freed with the SSL object */
+
+	SSL_free(ssl);   /* frees the filter, its buffer and the socket BIO */
+	SSL_CTX_free(ctx);
+	close(sv[0]);
+	assert_int_equal(akz_tlsio_attach(NULL), -1);
+	assert_int_equal(akz_tlsio_flush(NULL), 1);
+	assert_int_equal(akz_tlsio_pending(NULL), 0);
+	akz_tlsio_readable(NULL);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -494,6 +617,7 @@ int main(void)
 		cmocka_unit_test(test_fds_pair),
 		cmocka_unit_test(test_fds_reserve),
 		cmocka_unit_test(test_resolver),
+		cmocka_unit_test(test_tlsio),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
