@@ -6,12 +6,19 @@
 #include <stddef.h>
 #include <openssl/ssl.h>
 
+/* Makes the filter's BIO method, shared by all connections. Returns 0, or -1 when out of
+ * memory. Each successful call is paired with one akz_tlsio_cleanup(). */
+int akz_tlsio_init(void);
+
+/* Frees the method with the last user. Call once every SSL object with a filter is freed. */
+void akz_tlsio_cleanup(void);
+
 /* Puts a filter between ssl and its socket BIO. Every record OpenSSL makes (one per MQTT packet
  * libmosquitto sends) then stays in memory until akz_tlsio_flush(), and after a read that
  * emptied the socket further reads say "try again" without a syscall until
  * akz_tlsio_readable(). Call once the handshake is done, on a connection whose socket is in a
  * level-triggered epoll set; calling it again is a no-op. Returns 0, or -1 when out of memory
- * (the connection then works as before, a syscall per record). */
+ * or without akz_tlsio_init (the connection then works as before, a syscall per record). */
 int akz_tlsio_attach(SSL *ssl);
 
 /* Writes out what ssl's buffer holds. Returns 1 when all of it went (also with nothing held, no

@@ -186,7 +186,7 @@ int akz_config_parse(struct akz_config *cfg, const struct mosquitto_opt *opts, i
 		reportf(report, ctx, "plugin_opt_spool_sync: '%s' is not always, batch or none", cfg->spool_sync);
 		bad++;
 	}
-	/* Receipt topics are built in a 512-byte buffer (bridge.c): a prefix longer than 256 bytes
+	/* Receipt topics are built in a 512-byte buffer (bridge_loop.c): a prefix longer than 256 bytes
 	 * could cut the device id short there, and a cut id can name another device's topic. */
 	if(cfg->receipts_prefix && strlen(cfg->receipts_prefix) > 256){
 		reportf(report, ctx, "plugin_opt_receipts_topic: longer than 256 bytes");

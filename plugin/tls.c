@@ -163,7 +163,7 @@ SSL_CTX *akz_tls_client_ctx(const char *host, const char *cafile, const char *ca
 	SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
 	/* Read-ahead: one read(2) takes every record waiting, where OpenSSL would otherwise read
 	 * each record's header and body separately (two syscalls per PUBACK). The bridge reads
-	 * on while OpenSSL holds input (bridge.c, read_socket). */
+	 * on while OpenSSL holds input (bridge_loop.c, read_socket). */
 	SSL_CTX_set_read_ahead(ctx, 1);
 	if(load_trust(ctx, cafile, capath, err, errlen) || pin_host(ctx, host, err, errlen)
 			|| prepare_handshakes(ctx, host, err, errlen)) goto fail;

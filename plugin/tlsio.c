@@ -33,9 +33,13 @@ struct tlsio {
 	bool drained;      /* the last read emptied the socket */
 };
 
+/* One method for every filter, made by the first akz_tlsio_init and freed by the last
+ * akz_tlsio_cleanup (a plugin unloaded with it still allocated would leak it). The type number
+ * is taken once per process and kept. */
+static pthread_mutex_t method_lock = PTHREAD_MUTEX_INITIALIZER;
+static int method_users;
 static BIO_METHOD *tlsio_method;
 static int tlsio_type = -1;
-static pthread_once_t method_once = PTHREAD_ONCE_INIT;
 
 /* Writes the buffer to the next BIO. Returns 1 when all went (the memory is then given back),
  * 0 when the next BIO asks to retry (what is left stays, retry flags are copied onto bio),
@@ -161,21 +165,44 @@ static int tlsio_destroy(BIO *bio)
 	return 1;
 }
 
-static void make_method(void)
+/* Makes the method. Returns it, or NULL when out of memory. */
+static BIO_METHOD *make_method(void)
 {
-	int type = BIO_get_new_index();
-	if(type == -1) return;
-	type |= BIO_TYPE_FILTER;
-	BIO_METHOD *m = BIO_meth_new(type, "akenza upstream socket filter");
-	if(m == NULL) return;
+	if(tlsio_type == -1){
+		int type = BIO_get_new_index();
+		if(type == -1) return NULL;
+		tlsio_type = type | BIO_TYPE_FILTER;
+	}
+	BIO_METHOD *m = BIO_meth_new(tlsio_type, "akenza upstream socket filter");
+	if(m == NULL) return NULL;
 	if(!BIO_meth_set_write(m, tlsio_write) || !BIO_meth_set_read(m, tlsio_read)
 			|| !BIO_meth_set_ctrl(m, tlsio_ctrl)
 			|| !BIO_meth_set_create(m, tlsio_create) || !BIO_meth_set_destroy(m, tlsio_destroy)){
 		BIO_meth_free(m);
-		return;
+		return NULL;
 	}
-	tlsio_type = type;
-	tlsio_method = m;   /* lives as long as the process: SSL objects may outlive any one bridge */
+	return m;
+}
+
+int akz_tlsio_init(void)
+{
+	int rc = 0;
+	pthread_mutex_lock(&method_lock);
+	if(method_users == 0) tlsio_method = make_method();
+	if(tlsio_method) method_users++;
+	else rc = -1;
+	pthread_mutex_unlock(&method_lock);
+	return rc;
+}
+
+void akz_tlsio_cleanup(void)
+{
+	pthread_mutex_lock(&method_lock);
+	if(method_users > 0 && --method_users == 0){
+		BIO_meth_free(tlsio_method);
+		tlsio_method = NULL;
+	}
+	pthread_mutex_unlock(&method_lock);
 }
 
 /* ssl's filter, or NULL. After akz_tlsio_attach it is the top of the read side; on the write
@@ -188,8 +215,7 @@ static BIO *find_filter(SSL *ssl)
 
 int akz_tlsio_attach(SSL *ssl)
 {
-	if(pthread_once(&method_once, make_method) != 0 || tlsio_method == NULL) return -1;
-	if(ssl == NULL) return -1;
+	if(ssl == NULL || tlsio_method == NULL) return -1;
 	if(find_filter(ssl)) return 0;
 	BIO *sock = SSL_get_rbio(ssl);
 	/* libmosquitto gives the SSL object one socket BIO for both directions; after the
