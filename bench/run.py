@@ -285,16 +285,19 @@ def bench_bridge():
         row("  edge CPU per relayed message: built-in", cpu["builtin"][0], "us " + spread(*cpu["builtin"][1:], "{:.1f}"))
         row("  edge CPU per relayed message: ours", cpu["ours"][0], "us " + spread(*cpu["ours"][1:], "{:.1f}"),
             "built-in", cpu["builtin"][0])
-    print(" Added latency at a fixed 1,000 msg/s (QoS 1, 10 s), from sensor publish to upstream delivery:")
+    print(f" Added latency at a fixed 1,000 msg/s (QoS 1, 10 s), from sensor publish to upstream delivery"
+          f" (median of {rounds} rounds):")
     lat = {}
-    for name, tgt, port, user, ca in (("direct", None, RIG.up.port, False, RIG.pki.ca_cert),
-                                      ("builtin", builtin, builtin.port, False, None),
-                                      ("ours", ours, ours.port, True, None)):
-        lat[name] = relay(tgt, port, 1, n, 100, rate=1000, user=user, cafile=ca)
-    for name in ("direct", "builtin", "ours"):
-        row(f"  p50 {name} (us)", lat[name]["p50"], "us")
-        row(f"  p99 {name} (us)", lat[name]["p99"], "us",
-            "built-in" if name == "ours" else None, lat["builtin"]["p99"] if name == "ours" else None)
+    for _ in range(rounds):
+        for name, tgt, port, user, ca in (("direct", None, RIG.up.port, False, RIG.pki.ca_cert),
+                                          ("builtin", builtin, builtin.port, False, None),
+                                          ("ours", ours, ours.port, True, None)):
+            lat.setdefault(name, []).append(relay(tgt, port, 1, n, 100, rate=1000, user=user, cafile=ca))
+    for q in ("p50", "p99"):
+        med = {name: stat(runs, lambda r: r[q]) for name, runs in lat.items()}
+        for name in ("direct", "builtin", "ours"):
+            row(f"  {q} {name} (us)", med[name][0], "us " + spread(*med[name][1:], "{:.0f}"),
+                "built-in" if name == "ours" else None, med["builtin"][0] if name == "ours" else None)
     print(" Downlink latency (upstream publish -> sensor at the edge), 1,000 messages at 200 msg/s:")
     down = {name: downlink_latency(edge, user) for name, edge, user in
             (("builtin", builtin, None), ("ours", ours, "d000"))}

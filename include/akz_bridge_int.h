@@ -142,7 +142,8 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	struct dev *incoming;
 	bool wake_pending;
 	bool wake_at_tick;           /* broker thread only: uplinks arrived this loop turn */
-	int64_t last_tick_ms;        /* broker thread only: when akz_bridge_tick last ran */
+	int64_t last_tick_us;        /* broker thread only: when akz_bridge_tick last ran (0: never) */
+	bool woke_this_turn;         /* broker thread only: an uplink woke the bridge since that TICK */
 	int64_t started_ms;          /* broker thread only: when akz_bridge_start ran */
 	int64_t wall_off;            /* bridge thread only: wall_offset_s() at the last sweep */
 	bool wall_off_known;         /* bridge thread only */

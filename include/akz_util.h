@@ -15,8 +15,10 @@ void akz_set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((
  * belong to the broker thread. Returns 0, or pthread_create's error number. */
 int akz_thread_start(pthread_t *thread, void *(*fn)(void *), void *arg);
 
-/* Milliseconds on the monotonic clock, which wall-clock steps do not move. Never fails. */
+/* Milliseconds and microseconds on the monotonic clock, which wall-clock steps do not move.
+ * Never fail. */
 int64_t akz_mono_ms(void);
+int64_t akz_mono_us(void);
 
 /* True if host is a numeric IPv4 or IPv6 address (no name to look up or to put into SNI). */
 bool akz_is_ip_literal(const char *host);

@@ -32,6 +32,7 @@
 
 #define LOG_MAX 20000             /* log lines waiting for the broker thread (a fleet reconnecting) */
 #define TICK_RECENT_MS 20         /* a TICK this recent will come again: uplinks wake the bridge there */
+#define TICK_IDLE_US 300          /* a broker whose last TICK is older was asleep, not busy */
 
 const char *const bridge_state_names[] = {
 	[ST_DISABLED] = "disabled", [ST_CONNECTING] = "connecting", [ST_CONNECTED] = "connected",
@@ -199,11 +200,20 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *devic
 	pthread_mutex_unlock(&b->lock);
 	/* While TICKs come (every broker loop turn), the bridge thread is woken at the end of the
 	 * turn, once for all the uplinks the turn brought: a wake per uplink cost an eventfd write,
-	 * an epoll_wait and a thread switch per message. Without recent TICKs (an idle broker's
-	 * first message, or per_listener_settings true, where 2.0.11 calls none) it is woken now. */
+	 * an epoll_wait and a thread switch per message. But the first uplink after the broker
+	 * slept (its last TICK is older than TICK_IDLE_US: light traffic, where the turn holds
+	 * little else) wakes it now, which saves the rest of the turn, ~8 us at the median. Without
+	 * recent TICKs at all (per_listener_settings true, where 2.0.11 calls none) every wake is
+	 * immediate. */
 	if(need_wake){
-		if(akz_mono_ms() - b->last_tick_ms <= TICK_RECENT_MS) b->wake_at_tick = true;
-		else bridge_wake(b);
+		int64_t since = akz_mono_us() - b->last_tick_us;
+		bool busy = since <= TICK_IDLE_US || b->woke_this_turn;
+		if(since <= TICK_RECENT_MS * 1000 && busy){
+			b->wake_at_tick = true;
+		}else{
+			b->woke_this_turn = true;
+			bridge_wake(b);
+		}
 	}
 	return AKZ_UPLINK_QUEUED;
 }
@@ -498,7 +508,8 @@ static size_t publish_handed_over(struct akz_bridge *b)
 
 void akz_bridge_tick(struct akz_bridge *b)
 {
-	b->last_tick_ms = akz_mono_ms();
+	b->last_tick_us = akz_mono_us();
+	b->woke_this_turn = false;
 	if(b->wake_at_tick){
 		b->wake_at_tick = false;
 		bridge_wake(b);
@@ -528,7 +539,7 @@ void akz_bridge_check_tick(struct akz_bridge *b)
 {
 	/* A broker that calls TICK does so within 100 ms of starting its loop. */
 	enum { NO_TICK_MS = 2000 };
-	if(b == NULL || b->last_tick_ms) return;
+	if(b == NULL || b->last_tick_us) return;
 	if(!b->no_tick_reported && akz_mono_ms() - b->started_ms >= NO_TICK_MS){
 		b->no_tick_reported = true;
 		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: the broker has not called the plugin's TICK "

@@ -25,11 +25,16 @@ int akz_thread_start(pthread_t *thread, void *(*fn)(void *), void *arg)
 	return rc;
 }
 
-int64_t akz_mono_ms(void)
+int64_t akz_mono_us(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+int64_t akz_mono_ms(void)
+{
+	return akz_mono_us() / 1000;
 }
 
 bool akz_is_ip_literal(const char *host)
