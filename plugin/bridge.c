@@ -31,8 +31,8 @@
 #include "akz_wakeup.h"
 
 #define LOG_MAX 20000             /* log lines waiting for the broker thread (a fleet reconnecting) */
-#define TICK_RECENT_MS 20         /* a TICK this recent will come again: uplinks wake the bridge there */
-#define TICK_IDLE_US 300          /* a broker whose last TICK is older was asleep, not busy */
+#define TICK_RECENT_US ((int64_t)20000) /* a TICK this recent will come again: uplinks wait for it */
+#define TICK_IDLE_US ((int64_t)300) /* a broker whose last TICK is older was asleep, not busy */
 
 const char *const bridge_state_names[] = {
 	[ST_DISABLED] = "disabled", [ST_CONNECTING] = "connecting", [ST_CONNECTED] = "connected",
@@ -208,7 +208,7 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *devic
 	if(need_wake){
 		int64_t since = akz_mono_us() - b->last_tick_us;
 		bool busy = since <= TICK_IDLE_US || b->woke_this_turn;
-		if(since <= TICK_RECENT_MS * 1000 && busy){
+		if(since <= TICK_RECENT_US && busy){
 			b->wake_at_tick = true;
 		}else{
 			b->woke_this_turn = true;
