@@ -498,3 +498,31 @@ def test_tight_open_file_limit_is_told_once_per_change(edge, standin):
     edge.broker.sighup()
     edge.broker.wait_log("below the 317 that the upstream connections of 61 devices need")
 
+
+
+def test_stalled_upstream_large_uplinks_arrive_whole_and_in_order(edge, standin):
+    """The stand-in stops reading (SIGSTOP) while a sensor sends QoS 1 uplinks far larger than
+    the sockets take: the bridge's writes wait for the socket (its write buffer full, records
+    larger than the buffer written in parts) and, once the stand-in runs again, every uplink
+    arrives whole and in order, on the same connection."""
+    admin = start_with_devices(edge, standin, ["dev-big"])
+    accepted = standin.log().count("accepted client 'dev-big'")
+    s = edge.sensor("dev-big")
+    # ~6 MB in flight (32 uplinks at once), beyond what the edge's socket and the stopped
+    # stand-in's take (tcp_wmem's 4 MB ceiling), so that writes must wait for EPOLLOUT
+    sizes = [(700 if i % 4 == 0 else 250_000) + i for i in range(60)]
+    payloads = [os.urandom(n) for n in sizes]
+    os.kill(standin.broker.proc.pid, signal.SIGSTOP)
+    try:
+        for p in payloads:
+            s.publish(up("dev-big"), p, qos=1)    # the edge acknowledges: queued or in flight
+        time.sleep(2)
+        assert edge.status(admin, "dev-big")["state"] == "connected"
+    finally:
+        os.kill(standin.broker.proc.pid, signal.SIGCONT)
+    wait_for(lambda: len(standin.uplinks(up("dev-big"))) >= len(payloads), 60, what="every large uplink")
+    got = list(dict.fromkeys(standin.uplinks(up("dev-big"))))
+    assert [len(p) for p in got] == sizes
+    assert got == payloads
+    assert standin.log().count("accepted client 'dev-big'") == accepted, "the connection was replaced"
+    edge.wait_state(admin, "dev-big", "connected")
