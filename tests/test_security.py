@@ -78,7 +78,8 @@ def test_devices_cannot_reach_control_topics(brokers, tmp_path, standin, pki):
 
 def test_upstream_tls_version_is_pinned(brokers, tmp_path, standin_factory, pki):
     """The default pins TLS 1.2 exactly: a server that only speaks TLS 1.3 is refused before any
-    token is sent, rather than negotiating whatever both sides have; tlsv1.3 then connects."""
+    token is sent, rather than negotiating whatever both sides have; tlsv1.3 then connects and
+    relays both ways (through the bridge's socket filter, after TLS 1.3's post-handshake tickets)."""
     only13 = standin_factory(name="standin13", extra="tls_version tlsv1.3")
     e = bridged(brokers, tmp_path, only13, pki, ["tls-a"])
     e.start()
@@ -94,6 +95,14 @@ def test_upstream_tls_version_is_pinned(brokers, tmp_path, standin_factory, pki)
     e.broker.start()
     admin = e.admin()
     e.wait_state(admin, "tls-a", "connected", timeout=20)
+    s = e.sensor("tls-a")
+    s.subscribe("/down/device/id/tls-a/#")
+    s.publish("/up/device/id/tls-a", b"over 1.3", qos=1)
+    wait_for(lambda: only13.uplinks("/up/device/id/tls-a") == [b"over 1.3"], 10, what="the uplink over TLS 1.3")
+    only13.publish_downlink("tls-a", b"back over 1.3", "/cmd")
+    wait_for(lambda: ("/down/device/id/tls-a/cmd", b"back over 1.3") in s.received(), 10,
+             what="the downlink over TLS 1.3")
+    s.close()
     admin.close()
 
 
