@@ -261,7 +261,7 @@ size_t akz_tlsio_pending(SSL *ssl)
 
 void akz_tlsio_readable(SSL *ssl)
 {
-	BIO *f = ssl && tlsio_type != -1 ? BIO_find_type(SSL_get_rbio(ssl), tlsio_type) : NULL;
+	BIO *f = find_filter(ssl);
 	if(f){
 		struct tlsio *w = BIO_get_data(f);
 		w->drained = false;
