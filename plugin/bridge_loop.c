@@ -352,6 +352,11 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc)
 	int64_t life_ms = b->lifetime * 1000;
 	d->due_ms = akz_mono_ms() + random_between(life_ms * 70 / 100, life_ms * 90 / 100);
 	d->last_log[0] = '\0';
+	/* libmosquitto formats a log line into a fresh malloc for every packet it sends or gets,
+	 * whatever its level, as long as a log callback is set: two per relayed uplink. What we
+	 * keep from it (the reason a TLS handshake or connect failed) comes before CONNACK, so the
+	 * callback goes now and comes back with the next connect. */
+	mosquitto_log_callback_set(mosq, NULL);
 	set_state(d, ST_CONNECTED, NULL);
 }
 
@@ -439,7 +444,6 @@ static int create_client(struct dev *d)
 	mosquitto_disconnect_callback_set(d->mosq, on_disconnect);
 	mosquitto_publish_callback_set(d->mosq, on_publish);
 	mosquitto_message_callback_set(d->mosq, on_message);
-	mosquitto_log_callback_set(d->mosq, on_log);
 	return 0;
 }
 
@@ -474,6 +478,7 @@ static void start_connect(struct dev *d)
 	d->status.token_expires = now + b->lifetime;
 	pthread_mutex_unlock(&b->lock);
 	d->last_log[0] = '\0';
+	mosquitto_log_callback_set(d->mosq, on_log);   /* until CONNACK: see on_connect */
 	/* The connect closes any old socket (a zombie included) and opens a new one, which may
 	 * get the same number: take the old one out of the epoll set first. */
 	if(d->fd >= 0) epoll_ctl(b->epfd, EPOLL_CTL_DEL, d->fd, NULL);
@@ -483,8 +488,11 @@ static void start_connect(struct dev *d)
 	rc = mosquitto_connect_async(d->mosq, d->addr, b->port, b->keepalive);
 	if(rc != MOSQ_ERR_SUCCESS){
 		char why[300];
-		snprintf(why, sizeof(why), "connect to %s (%s) port %d: %s", b->host, d->addr, b->port,
-				rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc));
+		/* On loopback or a fast link the handshake can fail inside the connect call: what
+		 * OpenSSL said is then already in last_log. */
+		snprintf(why, sizeof(why), "connect to %s (%s) port %d: %s%s%s", b->host, d->addr, b->port,
+				rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc),
+				d->last_log[0] ? ": " : "", d->last_log);
 		akz_resolver_failed(b->resolver, d->addr);
 		schedule_retry(d, ST_BACKOFF, why);
 		update_interest(d);
