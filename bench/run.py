@@ -5,8 +5,8 @@ Sections (run all, or name some: bench/run.py jwt connect bridge memory):
   jwt      tokens/s of our minting vs `openssl speed` signing, libjwt 1.x and akenza's reference client
   connect  local authenticated CONNECTs/s (cold, cached) vs Mosquitto's own password_file
   bridge   relayed uplinks/s, loss, CPU per message and latency vs Mosquitto's built-in bridge and
-           vs publishing straight upstream (medians of BENCH_ROUNDS=3 alternating rounds); downlink
-           latency
+           vs publishing straight upstream (medians of BENCH_ROUNDS=3 alternating rounds); QoS 1
+           from 1, 10 and 100 devices; downlink latency
   spool    relayed QoS 1 uplinks/s per spool_sync mode vs the in-memory queue; drain of a 1,000,000-
            message backlog (BENCH_BACKLOG) after an outage
   memory   memory per upstream device and time to bring N devices online (N = 1000, and
@@ -298,6 +298,27 @@ def bench_bridge():
         for name in ("direct", "builtin", "ours"):
             row(f"  {q} {name} (us)", med[name][0], "us " + spread(*med[name][1:], "{:.0f}"),
                 "built-in" if name == "ours" else None, med["builtin"][0] if name == "ours" else None)
+    # akenza wants a connection per device; the built-in bridge carries every device on one. The
+    # same 100,000 QoS 1 uplinks from fewer devices show what the connection count costs.
+    print(f" QoS 1 by the number of sending devices, 100,000 uplinks each time (median of {rounds} rounds):")
+    by_n = {100: (res[("builtin", 1)], res[("ours", 1)])}
+    for k in (10, 1):
+        runs = {"builtin": [], "ours": []}
+        for _ in range(rounds):
+            for name, tgt, user in (("builtin", builtin, False), ("ours", ours, True)):
+                runs[name].append(relay(tgt, tgt.port, 1, k, 100 * msgs // k, user=user))
+        by_n[k] = (runs["builtin"], runs["ours"])
+    for k in (1, 10, 100):
+        b, o = by_n[k]
+        rb = stat(b, lambda r: r["received"] / r["secs"] if r["secs"] else 0)[0]
+        ro = stat(o, lambda r: r["received"] / r["secs"] if r["secs"] else 0)[0]
+        cb = stat(b, lambda r: r["cpu"] / max(r["received"], 1) * 1e6)[0]
+        co = stat(o, lambda r: r["cpu"] / max(r["received"], 1) * 1e6)[0]
+        row(f"  {k:3} devices: built-in bridge (msg/s)", rb, "/s")
+        row(f"  {k:3} devices: mosquitto_akenza (msg/s)", ro, "/s", "built-in", rb)
+        row(f"  {k:3} devices: edge CPU per message, built-in", cb, "us")
+        row(f"  {k:3} devices: edge CPU per message, ours", co, "us", "built-in", cb)
+        row(f"  {k:3} devices: lost, both bridges, all rounds", sum(r["lost"] for r in o) + sum(r["lost"] for r in b), "msgs")
     print(" Downlink latency (upstream publish -> sensor at the edge), 1,000 messages at 200 msg/s:")
     down = {name: downlink_latency(edge, user) for name, edge, user in
             (("builtin", builtin, None), ("ours", ours, "d000"))}
