@@ -2,7 +2,6 @@
 and paho clients for sensors. Used by the bridge tests, the demo and the benchmarks."""
 import json
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -179,3 +178,40 @@ class Edge:
                     return json.loads(p) if json.loads(p)["state"] == state else None
             return None
         return wait_for(seen, timeout, what=f"{device_id} in state {state}")
+
+
+def counting_sensors(port, ids, password="pw-x", inflight=100):
+    """Connected sensors for ids that record what the edge acknowledges: (sensors, sent, acked)
+    with sent[id] = {mid: seq} to be filled by the caller and acked[id] = [mid, ...]."""
+    sensors, sent, acked = {}, {i: {} for i in ids}, {i: [] for i in ids}
+    for i in ids:
+        s = Sensor(port, i, password)
+        s.c.max_inflight_messages_set(inflight)
+        s.c.on_publish = (lambda dev: lambda c, u, mid: acked[dev].append(mid))(i)
+        assert s.connect() == 0
+        sensors[i] = s
+    return sensors, sent, acked
+
+
+def check_acknowledged_arrived(standin, sent, acked, topic, timeout=90):
+    """Waits for every uplink the edge acknowledged (payload: its seq) to be upstream, then
+    asserts the first deliveries are in order per device and none is missing. Returns the
+    duplicates (QoS 1 allows them). topic(id) is the device's uplink topic."""
+    wait_for(lambda: all(len(acked[i]) == len(sent[i]) for i in sent), 60, what="every PUBACK from the edge")
+
+    def upstream():
+        by_topic = {}
+        for t, p in standin.uplinks():
+            by_topic.setdefault(t, []).append(p)
+        return by_topic
+    want = {i: {f"{sent[i][m]}".encode() for m in acked[i]} for i in sent}
+    wait_for(lambda: all(want[i] <= set(upstream().get(topic(i), ())) for i in sent), timeout,
+             interval=0.5, what="every acknowledged uplink upstream")
+    final, dups = upstream(), 0
+    for i in sent:
+        got = final.get(topic(i), [])
+        nums = [int(p) for p in dict.fromkeys(got)]
+        assert nums == sorted(nums), f"{i}: reordered"
+        assert len(nums) == len(sent[i]), f"{i}: {len(sent[i]) - len(nums)} uplinks missing"
+        dups += len(got) - len(nums)
+    return dups

@@ -1,6 +1,7 @@
 """The bridge end to end through real brokers: sensor -> edge (plugin) -> akenza stand-in and back."""
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BUILD, wait_for
-from edge import Edge, Sensor
+from edge import Edge, check_acknowledged_arrived, counting_sensors
 
 
 
@@ -567,17 +568,10 @@ def test_flapping_upstream_loses_nothing_acknowledged(edge, standin):
     the edge acknowledged arrives, in order per device (duplicates allowed, as QoS 1 does). Each
     kill finds uplinks in every state: queued, held in a device's write buffer, written and not
     acknowledged, acknowledged by akenza and not yet counted."""
-    import random
     rng = random.Random(20261126)
     ids = [f"fp{i:02d}" for i in range(20)]
     admin = start_with_devices(edge, standin, ids)
-    sensors, acked, sent = {}, {i: [] for i in ids}, {i: {} for i in ids}
-    for i in ids:
-        s = Sensor(edge.port, i, "pw-x")
-        s.c.max_inflight_messages_set(200)
-        s.c.on_publish = (lambda dev: lambda c, u, mid: acked[dev].append(mid))(i)
-        assert s.connect() == 0
-        sensors[i] = s
+    sensors, sent, acked = counting_sensors(edge.port, ids, inflight=200)
     events, t = [], 3.0
     for _ in range(8):
         events.append((t, rng.choice(["kill", "stop"]), rng.uniform(0.3, 2.5)))
@@ -614,23 +608,7 @@ def test_flapping_upstream_loses_nothing_acknowledged(edge, standin):
             else:
                 os.kill(pid, signal.SIGCONT)
     assert ev == len(events)
-    wait_for(lambda: all(len(acked[i]) == len(sent[i]) for i in ids), 60, what="every PUBACK from the edge")
-
-    def upstream():
-        by_topic = {}
-        for tp, p in standin.uplinks():
-            by_topic.setdefault(tp, []).append(p)
-        return by_topic
-    want = {i: {f"{sent[i][m]}".encode() for m in acked[i]} for i in ids}
-    wait_for(lambda: all(want[i] <= set(upstream().get(up(i), ())) for i in ids), 90, interval=0.5,
-             what="every acknowledged uplink upstream")
-    final, dups = upstream(), 0
-    for i in ids:
-        got = final.get(up(i), [])
-        nums = [int(p) for p in dict.fromkeys(got)]
-        assert nums == sorted(nums), f"{i}: reordered"
-        assert len(nums) == len(sent[i]), f"{i}: {len(sent[i]) - len(nums)} uplinks missing"
-        dups += len(got) - len(nums)
+    dups = check_acknowledged_arrived(standin, sent, acked, up)
     print(f"\n  flapping upstream: {sum(len(v) for v in sent.values())} uplinks, all delivered, {dups} duplicates")
     for i in ids:
         edge.wait_state(admin, i, "connected", timeout=60)

@@ -13,7 +13,7 @@ from paho.mqtt.packettypes import PacketTypes
 import pytest
 
 from conftest import wait_for
-from edge import Edge, Sensor
+from edge import Edge, Sensor, check_acknowledged_arrived, counting_sensors
 
 
 def up(device_id, sub=""):
@@ -354,13 +354,7 @@ def test_fifty_devices_at_1000_msgs_per_second_through_a_30_s_outage(edge, stand
     admin = edge.admin()
     for i in ids:
         edge.wait_state(admin, i, "connected", timeout=60)
-    sensors, acked, sent = {}, {i: [] for i in ids}, {i: {} for i in ids}
-    for i in ids:
-        s = Sensor(edge.port, i, "pw-x")
-        s.c.max_inflight_messages_set(100)
-        s.c.on_publish = (lambda dev: lambda c, u, mid: acked[dev].append(mid))(i)
-        assert s.connect() == 0
-        sensors[i] = s
+    sensors, sent, acked = counting_sensors(edge.port, ids)
     seq = 0
     t0 = time.monotonic()
     killed = restarted = False
@@ -379,28 +373,7 @@ def test_fifty_devices_at_1000_msgs_per_second_through_a_30_s_outage(edge, stand
             sent[i][info.mid] = seq
         seq += 1
         time.sleep(max(0.0, t0 + seq * 0.05 - time.monotonic()))
-    wait_for(lambda: all(len(acked[i]) == len(sent[i]) for i in ids), 30, what="every PUBACK from the edge")
-
-    def upstream():
-        """Every device's uplinks as akenza got them: {topic: [payload, ...]} (one read of the record)."""
-        by_topic = {}
-        for t, p in standin.uplinks():
-            by_topic.setdefault(t, []).append(p)
-        return by_topic
-    want = {i: {f"{sent[i][m]}".encode() for m in acked[i]} for i in ids}
-
-    def all_arrived():
-        got = upstream()
-        return all(want[i] <= set(got.get(up(i), ())) for i in ids)
-    wait_for(all_arrived, 120, interval=0.5, what="every acknowledged uplink upstream")
-    dups = 0
-    final = upstream()
-    for i in ids:
-        got = final.get(up(i), [])
-        nums = [int(p) for p in firsts(got)]
-        assert nums == sorted(nums), f"{i}: reordered"
-        assert len(nums) == len(sent[i]), f"{i}: {len(sent[i]) - len(nums)} uplinks missing"
-        dups += len(got) - len(nums)
+    dups = check_acknowledged_arrived(standin, sent, acked, up, timeout=120)
     total = sum(len(sent[i]) for i in ids)
     print(f"\n  outage test: {total} uplinks acknowledged, all delivered, {dups} duplicates")
     assert total >= 45000
