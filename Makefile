@@ -160,6 +160,7 @@ lint:
 	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) $(STANDIN_SRC) $(SHIM_SRC) $(FUZZ_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability --inline-suppr \
 		--suppress=missingIncludeSystem -Iinclude plugin tools tests/standin tests/shims fuzz
+	$(PYTHON) -m pyflakes tests/*.py bench/*.py tools/*.py
 
 PREFIX ?= /usr/local
 install: all

@@ -546,7 +546,7 @@ def test_rotation_through_the_bridge(edge, standin):
 def test_akenzactl_tls(brokers, tmp_path, pki):
     """TLS to the broker: the server's certificate is verified against --cafile, always."""
     tls_port = free_port()
-    l = Local(brokers, tmp_path / "tls", extra="\n".join([
+    Local(brokers, tmp_path / "tls", extra="\n".join([
         f"listener {tls_port} 127.0.0.1", f"cafile {pki.ca_cert}", f"certfile {pki.server_cert}",
         f"keyfile {pki.server_key}"]))
     base = [str(AKENZACTL), "status", "-u", "admin", "-P", "adminpw", "-p", str(tls_port), "-W", "5"]
@@ -619,7 +619,7 @@ def test_dynamic_security_role(brokers, tmp_path):
                       f"plugin_opt_config_file {dyn}",
                       f"plugin {PLUGIN}", f"plugin_opt_devices {reg}", f"plugin_opt_keystore {keys}",
                       "plugin_opt_bridge false"])
-    b = brokers(conf, port, name="dynsec")
+    brokers(conf, port, name="dynsec")
 
     def ctrl(*args):
         run(["mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(port), "-u", "admin", "-P", "adminpw", "dynsec", *args])

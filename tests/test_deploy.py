@@ -3,7 +3,6 @@ example configuration in conf/ starts a real broker as it is."""
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 from conftest import AKENZACTL, PLUGIN, ROOT, free_port, run
 from edge import Sensor

@@ -1,6 +1,5 @@
 """The edge side against a real broker: registry, local passwords, per-device ACLs, reload, refusals."""
 import json
-import os
 import subprocess
 import time
 from pathlib import Path

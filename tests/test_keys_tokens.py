@@ -3,7 +3,6 @@ import base64
 import datetime
 import hashlib
 import html
-import json
 import os
 import re
 import subprocess

@@ -1,11 +1,9 @@
 """The akenza stand-in is faithful: akenza's reference client is accepted, every bad token refused."""
 import base64
-import datetime
 import html
 import json
 import re
 import subprocess
-import sys
 import time
 
 import jwt

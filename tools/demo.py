@@ -5,11 +5,9 @@ A throwaway CA, a local akenza stand-in (Mosquitto with TLS and the JWT-verifyin
 tests/standin), a demo device made with akenzactl, the edge broker with mosquitto_akenza.so, a plain
 sensor that logs in with a username and password, a reading going up and a downlink coming back."""
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
