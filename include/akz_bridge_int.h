@@ -75,6 +75,10 @@ struct dev {
 	bool in_flush;               /* on b->flush */
 	bool out_blocked;            /* the socket did not take all of the write buffer */
 	struct dev *flush_next;
+	int64_t flush_due_us;        /* when the held write buffer goes at the latest (0: this turn) */
+	int64_t last_flush_us;       /* when the write buffer last went out */
+	size_t noted_bytes;          /* the write buffer's size when note_output last saw it */
+	bool urgent;                 /* a read wrote something (a PUBACK): no holding this turn */
 	bool reconnect_now;
 	bool ever_connected;
 	bool news;                   /* the last state change was logged at the normal level */
@@ -170,6 +174,8 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	int handshakes;              /* connections between connect and CONNACK */
 	struct dev *reread;          /* devices with input left in OpenSSL: read_socket */
 	struct dev *flush;           /* devices with records in their write buffer (tlsio.c) */
+	int64_t next_flush_us;       /* the earliest flush_due_us of a held device */
+	int coalesce_us;             /* plugin_opt_uplink_coalesce_us */
 	bool connects_held;          /* a due device waits for a handshake slot */
 	bool pilot_done;             /* a TLS session exists (or the wait is over) */
 };

@@ -40,6 +40,7 @@
 #define TRIM_AFTER_MS 5000        /* quiet time after connects before memory is given back */
 #define READ_ROUNDS 64            /* loop_read calls per device and turn while OpenSSL holds input */
 #define HELD_SWEEP_MS 10          /* sweep interval while connects wait for a handshake slot */
+#define COALESCE_MAX_BYTES 8192   /* a write buffer this full goes at once, held or not */
 #define PILOT_MS 2000             /* longest wait for the first TLS session before the others */
 
 /* ---- time ---------------------------------------------------------------------------- */
@@ -548,13 +549,35 @@ static void expire_pending(struct dev *d, int64_t wall_now)
 }
 
 /* Puts d on b->flush if its write buffer holds records, to be written out at the end of the
- * loop turn (flush_outputs): a device's packets of one turn leave in one write(2). */
-static void note_output(struct dev *d)
+ * loop turn (flush_outputs): a device's packets of one turn leave in one write(2). uplinks:
+ * how many this call's pump handed to libmosquitto; stalled: uplinks wait that the window (or
+ * the socket) did not take.
+ * New uplinks of a busy device (its last write went less than two coalesce_us ago) may wait
+ * up to coalesce_us for the next ones. Why: akenza wants a connection per device, so at a few
+ * hundred uplinks a second per device almost every uplink would be a write(2) and a TCP
+ * segment of its own, each costing the edge (and akenza) more than the uplink itself. Not
+ * held: a device that sends seldom (nothing would join its packet), a stalled one (waiting
+ * would keep its window from draining, not fill its write), and anything else (PUBACKs of
+ * downlinks, pings), which goes this turn together with whatever was held. */
+static void note_output(struct dev *d, size_t uplinks, bool stalled)
 {
-	if(d->in_flush || d->mosq == NULL || akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) == 0) return;
+	struct akz_bridge *b = d->b;
+	size_t held = d->mosq ? akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) : 0;
+	bool added = held > d->noted_bytes, urgent = d->urgent;
+	d->noted_bytes = held;
+	d->urgent = false;
+	if(held == 0) return;
+	if(b->coalesce_us == 0 || urgent || stalled || (added && uplinks == 0)){
+		d->flush_due_us = 0;
+	}else if(added && !d->in_flush){
+		int64_t now = akz_mono_us();
+		bool busy = now - d->last_flush_us < 2 * (int64_t)b->coalesce_us;
+		d->flush_due_us = busy ? now + b->coalesce_us : 0;
+	}
+	if(d->in_flush) return;
 	d->in_flush = true;
-	d->flush_next = d->b->flush;
-	d->b->flush = d;
+	d->flush_next = b->flush;
+	b->flush = d;
 }
 
 /* Hands pending uplinks to libmosquitto while the window has room and the socket takes them:
@@ -563,14 +586,18 @@ static void note_output(struct dev *d)
 static void pump_uplinks(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
-	size_t qos0 = 0;
+	size_t qos0 = 0, handed = 0;
+	bool stalled = false;
 
-	while(d->state == ST_CONNECTED && !d->refreshing && d->inflight < WINDOW
-			&& !mosquitto_want_write(d->mosq)){
+	while(d->state == ST_CONNECTED && !d->refreshing){
 		pthread_mutex_lock(&b->lock);
 		struct akz_msg *m = akz_msgq_peek(&d->pending);
 		pthread_mutex_unlock(&b->lock);
 		if(m == NULL) break;
+		if(d->inflight >= WINDOW || mosquitto_want_write(d->mosq)){
+			stalled = true;
+			break;
+		}
 		if(b->ttl && (int64_t)time(NULL) - m->time > b->ttl){
 			expire_pending(d, (int64_t)time(NULL));
 			continue;
@@ -584,6 +611,7 @@ static void pump_uplinks(struct dev *d)
 			break;
 		}
 		m = pop_pending(d);
+		handed++;
 		if(qos == 1){
 			for(int i = 0; i < WINDOW; i++){
 				if(d->fl[i].m == NULL){
@@ -599,7 +627,7 @@ static void pump_uplinks(struct dev *d)
 		}
 	}
 	if(qos0) count_relayed(d, qos0);
-	note_output(d);
+	note_output(d, handed, stalled);
 	update_interest(d);
 }
 
@@ -608,7 +636,9 @@ static void pump_uplinks(struct dev *d)
 static bool flush_output(struct dev *d)
 {
 	if(d->mosq == NULL || d->fd < 0) return true;
+	if(d->b->coalesce_us) d->last_flush_us = akz_mono_us();
 	int rc = akz_tlsio_flush(mosquitto_ssl_get(d->mosq));
+	d->noted_bytes = akz_tlsio_pending(mosquitto_ssl_get(d->mosq));
 	if(rc < 0){
 		char why[160];
 		snprintf(why, sizeof(why), "write: %s", strerror(errno));
@@ -623,15 +653,28 @@ static bool flush_output(struct dev *d)
 	return true;
 }
 
-/* Writes out the write buffers filled during this loop turn. */
+/* Writes out the write buffers filled during this loop turn, except held ones (note_output)
+ * that are neither due nor full: they stay on b->flush, and b->next_flush_us says when the
+ * first of them is due. */
 static void flush_outputs(struct akz_bridge *b)
 {
+	struct dev *held = NULL;
+	int64_t now = b->flush && b->coalesce_us ? akz_mono_us() : INT64_MAX;
+
+	b->next_flush_us = INT64_MAX;
 	while(b->flush){
 		struct dev *d = b->flush;
 		b->flush = d->flush_next;
+		if(d->flush_due_us > now && akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) < COALESCE_MAX_BYTES){
+			d->flush_next = held;
+			held = d;
+			if(d->flush_due_us < b->next_flush_us) b->next_flush_us = d->flush_due_us;
+			continue;
+		}
 		d->in_flush = false;
 		flush_output(d);
 	}
+	b->flush = held;
 }
 
 /* Applies what a registry sync changed for this device: enabled flag and key. */
@@ -843,7 +886,7 @@ static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 		break;
 	}
 	if(d->mosq){
-		note_output(d);
+		note_output(d, 0, false);
 		update_interest(d);
 	}
 }
@@ -998,7 +1041,10 @@ static void handle_io(struct dev *d, uint32_t events)
 	 * write (loop_write does nothing then): while connecting, a writable socket is read too. */
 	if(d->state == ST_CONNECTING) events |= EPOLLIN;
 	if(events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)){
+		size_t before = akz_tlsio_pending(mosquitto_ssl_get(d->mosq));
 		read_socket(d);
+		/* What reading wrote (a downlink's PUBACK, a TLS alert) is not held: see note_output */
+		if(d->mosq && akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) > before) d->urgent = true;
 		/* During the TLS handshake libmosquitto takes a closed connection for "try again":
 		 * with a level-triggered epoll that would spin, so the end is taken as final here. */
 		if(d->fd >= 0 && d->state == ST_CONNECTING && (events & (EPOLLERR | EPOLLHUP | EPOLLRDHUP))){
@@ -1040,6 +1086,10 @@ void *bridge_main(void *arg)
 			b->next_sweep_ms = now + (b->connects_held ? HELD_SWEEP_MS : SWEEP_MS);
 		}
 		int timeout = (int)(b->next_sweep_ms - now);
+		if(b->flush){   /* held write buffers: wake when the first is due (ms, rounded up) */
+			int64_t wait_ms = (b->next_flush_us - akz_mono_us() + 999) / 1000;
+			if(wait_ms < timeout) timeout = (int)(wait_ms < 0 ? 0 : wait_ms);
+		}
 		int repoke = akz_wakeup_recheck(b->wakeup);
 		if(repoke >= 0 && repoke < timeout) timeout = repoke;
 		if(timeout < 0 || b->reread) timeout = 0;

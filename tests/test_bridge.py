@@ -567,9 +567,12 @@ def test_flapping_upstream_loses_nothing_acknowledged(edge, standin):
     moments and for 0.3-2.5 s, while 20 devices publish QoS 1 at 500 msg/s in total: every uplink
     the edge acknowledged arrives, in order per device (duplicates allowed, as QoS 1 does). Each
     kill finds uplinks in every state: queued, held in a device's write buffer, written and not
-    acknowledged, acknowledged by akenza and not yet counted."""
+    acknowledged, acknowledged by akenza and not yet counted. With a 100 ms uplink_coalesce_us
+    every device counts as busy (25 uplinks/s each), so write buffers are held across loop
+    turns when the connections go."""
     rng = random.Random(20261126)
     ids = [f"fp{i:02d}" for i in range(20)]
+    edge.options["uplink_coalesce_us"] = "100000"
     admin = start_with_devices(edge, standin, ids)
     sensors, sent, acked = counting_sensors(edge.port, ids, inflight=200)
     events, t = [], 3.0
@@ -614,3 +617,42 @@ def test_flapping_upstream_loses_nothing_acknowledged(edge, standin):
         edge.wait_state(admin, i, "connected", timeout=60)
     for s in sensors.values():
         s.close()
+
+
+def upstream_segments_out(edge, standin):
+    """TCP segments the edge has sent on its (one) upstream connection, from `ss -tin`."""
+    import subprocess
+    out = subprocess.run(["ss", "-tinpH", "state", "established", f"( dport = :{standin.port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    blocks = [b for b in re.split(r"\n(?=\S)", out) if f"pid={edge.broker.proc.pid}," in b]
+    assert len(blocks) == 1, out
+    return int(re.search(r"segs_out:(\d+)", blocks[0]).group(1))
+
+
+def test_a_busy_device_shares_segments_and_a_quiet_one_is_not_held(edge, standin):
+    """uplink_coalesce_us: a device sending every 2 ms has its packets held up to the limit for
+    the next ones, so 200 uplinks leave in far fewer than 200 TCP segments; a device whose last
+    write is older than twice the limit is not held: its uplink arrives long before the limit."""
+    edge.options["uplink_coalesce_us"] = "50000"
+    start_with_devices(edge, standin, ["co-1"])
+    s = edge.sensor("co-1")
+    time.sleep(0.5)
+    before = upstream_segments_out(edge, standin)
+    for i in range(200):
+        s.publish(up("co-1"), f"{i}".encode(), qos=0)
+        time.sleep(0.002)
+    wait_for(lambda: len(standin.uplinks(up("co-1"))) >= 200, 20, what="the 200 uplinks")
+    segments = upstream_segments_out(edge, standin) - before
+    assert list(dict.fromkeys(standin.uplinks(up("co-1")))) == [f"{i}".encode() for i in range(200)]
+    assert segments < 100, f"{segments} segments for 200 uplinks: the busy device's writes were not held"
+    # quiet now (nothing for far longer than 2 x 50 ms): an uplink goes in the loop turn it came in
+    waits = []
+    for i in range(5):
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        s.publish(up("co-1", "/quiet"), f"q{i}".encode(), qos=0)
+        wait_for(lambda: f"q{i}".encode() in standin.uplinks(up("co-1", "/quiet")), 5, interval=0.002,
+                 what=f"quiet uplink {i}")
+        waits.append(time.monotonic() - t0)
+    print(f"\n  coalescing: {segments} segments for 200 uplinks; quiet waits {[round(w * 1000, 1) for w in waits]} ms")
+    assert sorted(waits)[2] < 0.025, f"a quiet device's uplinks waited {waits} s (the hold is 0.05 s)"

@@ -67,6 +67,7 @@ static void test_config_defaults(void **state)
 	assert_string_equal(cfg.upstream_username, "unused");
 	assert_int_equal(cfg.token_lifetime, 1200);
 	assert_int_equal(cfg.upstream_dns_refresh, 60);
+	assert_int_equal(cfg.uplink_coalesce_us, 5000);
 	assert_true(cfg.bridge_enabled);
 	assert_false(cfg.allow_readable_keys);
 	assert_null(cfg.upstream_cafile);
@@ -101,6 +102,10 @@ static void test_config_refusals(void **state)
 	const char *range[] = {"devices", "d.json", "token_lifetime", "59"};
 	assert_int_equal(parse(&cfg, &p, range, 2), -1);
 	assert_non_null(strstr(p.last, "plugin_opt_token_lifetime: 59 is outside 60..86400"));
+
+	const char *hold[] = {"devices", "d.json", "uplink_coalesce_us", "100001"};
+	assert_int_equal(parse(&cfg, &p, hold, 2), -1);
+	assert_non_null(strstr(p.last, "plugin_opt_uplink_coalesce_us: 100001 is outside 0..100000"));
 
 	const char *nan[] = {"devices", "d.json", "upstream_port", "88x"};
 	assert_int_equal(parse(&cfg, &p, nan, 2), -1);
