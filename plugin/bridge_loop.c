@@ -574,6 +574,8 @@ static void note_output(struct dev *d, size_t uplinks, bool stalled)
 		bool busy = now - d->last_flush_us < 2 * (int64_t)b->coalesce_us;
 		d->flush_due_us = busy ? now + b->coalesce_us : 0;
 	}
+	/* bridge_main's wait ends by the first due buffer (one that goes this turn: at once) */
+	if(d->flush_due_us < b->next_flush_us) b->next_flush_us = d->flush_due_us;
 	if(d->in_flush) return;
 	d->in_flush = true;
 	d->flush_next = b->flush;
