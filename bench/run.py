@@ -240,6 +240,16 @@ def relay(target, port, qos, clients, msgs, rate=0, user=True, cafile=None):
 RIG = None
 
 
+def msg_rate(r):
+    """Relayed messages per second of one relay() run."""
+    return r["received"] / r["secs"] if r["secs"] else 0
+
+
+def cpu_us(r):
+    """The target's CPU microseconds per relayed message of one relay() run."""
+    return r["cpu"] / max(r["received"], 1) * 1e6
+
+
 def bench_bridge():
     global RIG
     n, msgs = 100, int(os.environ.get("BENCH_MSGS", "1000"))
@@ -269,8 +279,8 @@ def bench_bridge():
         rate, cpu, lost, dups = {}, {}, {}, {}
         for name in ("direct", "builtin", "ours"):
             runs = res[(name, qos)]
-            rate[name] = stat(runs, lambda r: r["received"] / r["secs"] if r["secs"] else 0)
-            cpu[name] = stat(runs, lambda r: r["cpu"] / max(r["received"], 1) * 1e6)
+            rate[name] = stat(runs, msg_rate)
+            cpu[name] = stat(runs, cpu_us)
             lost[name] = sum(r["lost"] for r in runs)
             dups[name] = sum(r["dups"] for r in runs)
         print(f" QoS {qos}:")
@@ -310,10 +320,8 @@ def bench_bridge():
         by_n[k] = (runs["builtin"], runs["ours"])
     for k in (1, 10, 100):
         b, o = by_n[k]
-        rb = stat(b, lambda r: r["received"] / r["secs"] if r["secs"] else 0)[0]
-        ro = stat(o, lambda r: r["received"] / r["secs"] if r["secs"] else 0)[0]
-        cb = stat(b, lambda r: r["cpu"] / max(r["received"], 1) * 1e6)[0]
-        co = stat(o, lambda r: r["cpu"] / max(r["received"], 1) * 1e6)[0]
+        rb, ro = stat(b, msg_rate)[0], stat(o, msg_rate)[0]
+        cb, co = stat(b, cpu_us)[0], stat(o, cpu_us)[0]
         row(f"  {k:3} devices: built-in bridge (msg/s)", rb, "/s")
         row(f"  {k:3} devices: mosquitto_akenza (msg/s)", ro, "/s", "built-in", rb)
         row(f"  {k:3} devices: edge CPU per message, built-in", cb, "us")

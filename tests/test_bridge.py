@@ -6,6 +6,7 @@ import re
 import shlex
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -621,7 +622,6 @@ def test_flapping_upstream_loses_nothing_acknowledged(edge, standin):
 
 def upstream_segments_out(edge, standin):
     """TCP segments the edge has sent on its (one) upstream connection, from `ss -tin`."""
-    import subprocess
     out = subprocess.run(["ss", "-tinpH", "state", "established", f"( dport = :{standin.port} )"],
                          capture_output=True, text=True, check=True).stdout
     blocks = [b for b in re.split(r"\n(?=\S)", out) if f"pid={edge.broker.proc.pid}," in b]
