@@ -157,9 +157,9 @@ bench: deps all $(BENCH_BIN)
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) bench/run.py
 
 lint:
-	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) $(STANDIN_SRC) $(SHIM_SRC) $(FUZZ_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
+	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) $(STANDIN_SRC) $(SHIM_SRC) $(FUZZ_SRC) $(BENCH_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability --inline-suppr \
-		--suppress=missingIncludeSystem -Iinclude plugin tools tests/standin tests/shims fuzz
+		--suppress=missingIncludeSystem -Iinclude plugin tools tests/standin tests/shims fuzz bench
 	$(PYTHON) -m pyflakes tests/*.py bench/*.py tools/*.py
 
 PREFIX ?= /usr/local
