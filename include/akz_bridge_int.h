@@ -19,7 +19,10 @@
 #include "akz_util.h"
 #include "akz_wakeup.h"
 
-#define WINDOW 32                 /* uplinks in flight per connection */
+/* Uplinks in flight per connection (handed to libmosquitto, no PUBACK yet); a power of two
+ * (take_inflight finds a slot by mid). libmosquitto walks its whole list of them on every
+ * PUBACK, so more is not free. */
+#define WINDOW 32
 
 enum dev_state { ST_DISABLED, ST_CONNECTING, ST_CONNECTED, ST_BACKOFF, ST_UNAUTHORIZED };
 
@@ -50,6 +53,11 @@ struct dev {
 	bool changed;                /* enabled or next_key changed by a sync */
 	bool reconnect_requested;    /* akz_bridge_reconnect: drop the connection and connect again */
 	bool in_ready, in_dirty;
+	/* The bridge thread will take new pending uplinks without being woken: a held write buffer
+	 * (its flush pumps first), a full window (the next PUBACK's read pumps) or a connection
+	 * not up (the CONNACK's read pumps) comes first. Set by the bridge thread at the end of
+	 * each pump, in the same locked step as its last look at pending (promise_pump). */
+	bool pump_promised;
 	struct akz_key *next_key;    /* key to switch to after a sync, or NULL */
 	struct akz_status_dev status;
 	int64_t status_published_ms;
@@ -75,9 +83,9 @@ struct dev {
 	bool in_flush;               /* on b->flush */
 	bool out_blocked;            /* the socket did not take all of the write buffer */
 	struct dev *flush_next;
-	int64_t flush_due_us;        /* when the held write buffer goes at the latest (0: this turn) */
+	int64_t flush_due_us;        /* on b->flush: when flush_outputs takes it (0: this turn) */
+	int64_t hold_until_us;       /* when held uplinks go at the latest (0: none held) */
 	int64_t last_flush_us;       /* when the write buffer last went out */
-	size_t noted_bytes;          /* the write buffer's size when note_output last saw it */
 	bool urgent;                 /* a read wrote something (a PUBACK): no holding this turn */
 	bool reconnect_now;
 	bool ever_connected;
@@ -174,7 +182,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	int handshakes;              /* connections between connect and CONNACK */
 	struct dev *reread;          /* devices with input left in OpenSSL: read_socket */
 	struct dev *flush;           /* devices with records in their write buffer (tlsio.c) */
-	int64_t next_flush_us;       /* the earliest flush_due_us of a held device */
+	int64_t next_flush_us;       /* the earliest flush_due_us on b->flush */
 	int coalesce_us;             /* plugin_opt_uplink_coalesce_us */
 	bool connects_held;          /* a due device waits for a handshake slot */
 	bool pilot_done;             /* a TLS session exists (or the wait is over) */

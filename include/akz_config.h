@@ -41,7 +41,7 @@ struct akz_config {
 	char *downlink_wakeup;       /* plugin_opt_downlink_wakeup: signal (default) or tick */
 	int status_interval_ms;      /* plugin_opt_status_interval: min ms between status publishes (default 1000) */
 	int uplink_coalesce_us;      /* plugin_opt_uplink_coalesce_us: longest a busy device's packets wait for
-	                                more to share their write (default 5000, 0 = never) */
+	                                more to share their write (default 20000, 0 = never) */
 };
 
 struct mosquitto_opt;

@@ -190,13 +190,19 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *devic
 	d->unacked++;
 	b->sum.queued++;
 	b->sum_dirty = true;
-	if(!d->in_ready){
-		d->in_ready = true;
-		d->ready_next = b->ready;
-		b->ready = d;
+	/* A busy device's uplinks mostly arrive while its write buffer is held or its window is
+	 * full: the bridge thread takes them then without a wake, which would cost a thread switch
+	 * and give it nothing to do (pump_promised). */
+	bool need_wake = false;
+	if(!d->pump_promised){
+		if(!d->in_ready){
+			d->in_ready = true;
+			d->ready_next = b->ready;
+			b->ready = d;
+		}
+		need_wake = !b->wake_pending;
+		b->wake_pending = true;
 	}
-	bool need_wake = !b->wake_pending;
-	b->wake_pending = true;
 	pthread_mutex_unlock(&b->lock);
 	/* While TICKs come (every broker loop turn), the bridge thread is woken at the end of the
 	 * turn, once for all the uplinks the turn brought: a wake per uplink cost an eventfd write,

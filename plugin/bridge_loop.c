@@ -40,7 +40,9 @@
 #define TRIM_AFTER_MS 5000        /* quiet time after connects before memory is given back */
 #define READ_ROUNDS 64            /* loop_read calls per device and turn while OpenSSL holds input */
 #define HELD_SWEEP_MS 10          /* sweep interval while connects wait for a handshake slot */
-#define COALESCE_MAX_BYTES 8192   /* a write buffer this full goes at once, held or not */
+#define COALESCE_MAX_BYTES 8192   /* held uplinks this large go at once */
+#define REFILL_MIN (WINDOW / 4)  /* free window slots worth a write of their own */
+#define HOLD_OVERHEAD 64          /* bytes an uplink adds to its payload: topic, MQTT, TLS */
 #define PILOT_MS 2000             /* longest wait for the first TLS session before the others */
 
 /* ---- time ---------------------------------------------------------------------------- */
@@ -210,11 +212,30 @@ static void schedule_retry(struct dev *d, enum dev_state st, const char *error)
 	set_state(d, st, error);
 }
 
+_Static_assert((WINDOW & (WINDOW - 1)) == 0, "WINDOW must be a power of two");
+
+/* The slot where the uplink with this mid is put, if free, and looked for first: libmosquitto
+ * numbers a connection's packets in sequence, so the window's mids rarely collide there. */
+static int home_slot(int mid)
+{
+	return (int)((unsigned)mid & (WINDOW - 1));
+}
+
+/* Puts m, handed to libmosquitto as mid, in a free window slot. The caller has checked that
+ * d->inflight < WINDOW, so there is one. Never fails. */
+static void put_inflight(struct dev *d, int mid, struct akz_msg *m)
+{
+	int i = home_slot(mid);
+	for(int n = 0; d->fl[i].m && n < WINDOW; n++) i = (i + 1) & (WINDOW - 1);
+	d->fl[i] = (struct inflight){.mid = mid, .m = m};
+	if(d->inflight++ == 0) d->waiting_ack_since_ms = akz_mono_ms();
+}
+
 /* Frees the window slot of mid. Returns its uplink (the caller owns it), or NULL if mid was not
  * one of ours (QoS 0 uplinks and the subscription also end up in on_publish). */
 static struct akz_msg *take_inflight(struct dev *d, int mid)
 {
-	for(int i = 0; i < WINDOW; i++){
+	for(int n = 0, i = home_slot(mid); n < WINDOW; n++, i = (i + 1) & (WINDOW - 1)){
 		if(d->fl[i].m && d->fl[i].mid == mid){
 			struct akz_msg *m = d->fl[i].m;
 			d->fl[i].m = NULL;
@@ -548,33 +569,13 @@ static void expire_pending(struct dev *d, int64_t wall_now)
 	d->expired += n;
 }
 
-/* Puts d on b->flush if its write buffer holds records, to be written out at the end of the
- * loop turn (flush_outputs): a device's packets of one turn leave in one write(2). uplinks:
- * how many this call's pump handed to libmosquitto; stalled: uplinks wait that the window (or
- * the socket) did not take.
- * New uplinks of a busy device (its last write went less than two coalesce_us ago) may wait
- * up to coalesce_us for the next ones. Why: akenza wants a connection per device, so at a few
- * hundred uplinks a second per device almost every uplink would be a write(2) and a TCP
- * segment of its own, each costing the edge (and akenza) more than the uplink itself. Not
- * held: a device that sends seldom (nothing would join its packet), a stalled one (waiting
- * would keep its window from draining, not fill its write), and anything else (PUBACKs of
- * downlinks, pings), which goes this turn together with whatever was held. */
-static void note_output(struct dev *d, size_t uplinks, bool stalled)
+/* Lists d on b->flush, to have its write buffer written out by flush_outputs at due_us (0: at
+ * the end of this loop turn), or earlier if something else makes it due. Never fails. */
+static void schedule_flush(struct dev *d, int64_t due_us)
 {
 	struct akz_bridge *b = d->b;
-	size_t held = d->mosq ? akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) : 0;
-	bool added = held > d->noted_bytes, urgent = d->urgent;
-	d->noted_bytes = held;
-	d->urgent = false;
-	if(held == 0) return;
-	if(b->coalesce_us == 0 || urgent || stalled || (added && uplinks == 0)){
-		d->flush_due_us = 0;
-	}else if(added && !d->in_flush){
-		int64_t now = akz_mono_us();
-		bool busy = now - d->last_flush_us < 2 * (int64_t)b->coalesce_us;
-		d->flush_due_us = busy ? now + b->coalesce_us : 0;
-	}
-	/* bridge_main's wait ends by the first due buffer (one that goes this turn: at once) */
+	if(!d->in_flush || due_us < d->flush_due_us) d->flush_due_us = due_us;
+	/* bridge_main's wait ends by the first due device (one due this turn: at once) */
 	if(d->flush_due_us < b->next_flush_us) b->next_flush_us = d->flush_due_us;
 	if(d->in_flush) return;
 	d->in_flush = true;
@@ -582,16 +583,93 @@ static void note_output(struct dev *d, size_t uplinks, bool stalled)
 	b->flush = d;
 }
 
-/* Hands pending uplinks to libmosquitto while the window has room and the socket takes them:
- * QoS 1 ones wait in the window for their PUBACK, QoS 0 ones count as relayed once handed over.
- * Stopping while libmosquitto still has bytes to write keeps its queue, and our memory, small. */
-static void pump_uplinks(struct dev *d)
+/* Lists d for this turn's flush if its write buffer holds records: a device's packets of one
+ * loop turn leave in one write(2). */
+static void note_output(struct dev *d)
+{
+	if(d->mosq && akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) > 0) schedule_flush(d, 0);
+}
+
+/* Whether a busy device's pending uplinks wait for more, up to coalesce_us, rather than go to
+ * libmosquitto now; starts the wait if so. Why: akenza wants a connection per device, so at a
+ * few hundred uplinks a second per device almost every uplink would be a TLS record, a write(2)
+ * and a TCP segment of its own, each costing the edge (and akenza) more than the uplink itself.
+ * They wait here, ahead of libmosquitto, so that they take no window slot: held in the TLS
+ * buffer instead, they filled a busy device's window, and libmosquitto walks its whole list of
+ * messages in flight on every PUBACK. Not held: a device that sends seldom (its last write
+ * went two limits ago or more: nothing would join), uplinks enough to fill the window's free
+ * slots (waiting would only leave it idle: an earlier variant that held a full window
+ * throttled one device to 5,300 msg/s), COALESCE_MAX_BYTES of them, and uplinks of a device
+ * whose read wrote something (d->urgent: a downlink's PUBACK), which ride along with it.
+ * Caller holds b->lock. */
+static bool hold_pending_locked(struct dev *d, int64_t now)
 {
 	struct akz_bridge *b = d->b;
-	size_t qos0 = 0, handed = 0;
-	bool stalled = false;
+	const struct akz_msgq *q = &d->pending;
 
-	while(d->state == ST_CONNECTED && !d->refreshing){
+	if(b->coalesce_us == 0 || d->urgent || q->count == 0) return false;
+	if(d->hold_until_us == 0 && now - d->last_flush_us >= 2 * (int64_t)b->coalesce_us) return false;
+	if(d->hold_until_us != 0 && now >= d->hold_until_us) return false;
+	/* What could go now: as many as the window has room for */
+	size_t room = (size_t)(WINDOW - d->inflight), n = q->count < room ? q->count : room;
+	if(n == 0) return false;   /* a full window: the next PUBACK's read pumps */
+	if((q->bytes / q->count + HOLD_OVERHEAD) * n >= COALESCE_MAX_BYTES) return false;
+	/* A full window reopens a PUBACK or two at a time: refilling it each time would send an
+	 * uplink or two per write again, so the refill waits for a quarter of the window. */
+	if(q->count >= room && room >= REFILL_MIN) return false;
+	if(d->hold_until_us == 0) d->hold_until_us = now + b->coalesce_us;
+	return true;
+}
+
+/* Tells the broker thread whether this thread will look at the device's pending uplinks
+ * without a wake (pump_promised in akz_bridge_int.h). An uplink queued since the pump's last
+ * look, which the broker thread did not wake us for, is taken next turn. */
+static void promise_pump(struct dev *d, bool promised)
+{
+	struct akz_bridge *b = d->b;
+	pthread_mutex_lock(&b->lock);
+	bool missed = !promised && !d->in_ready && akz_msgq_peek(&d->pending) != NULL;
+	d->pump_promised = promised;
+	bool wake = missed && !b->wake_pending;
+	if(missed){
+		d->in_ready = true;
+		d->ready_next = b->ready;
+		b->ready = d;
+		b->wake_pending = true;
+	}
+	pthread_mutex_unlock(&b->lock);
+	if(wake) bridge_wake(b);
+}
+
+/* Decides, for a connected device, whether its pending uplinks wait (hold_pending_locked); if
+ * they do, the flush at the hold's end takes them and the broker thread need not wake this
+ * thread for more (the promise is made in the same locked step as the look at pending). */
+static bool hold_uplinks(struct dev *d)
+{
+	struct akz_bridge *b = d->b;
+	int64_t now = akz_mono_us();
+
+	pthread_mutex_lock(&b->lock);
+	bool hold = hold_pending_locked(d, now);
+	if(hold) d->pump_promised = true;
+	pthread_mutex_unlock(&b->lock);
+	if(hold) schedule_flush(d, d->hold_until_us);
+	return hold;
+}
+
+/* Hands pending uplinks to libmosquitto while the window has room and the socket takes them:
+ * QoS 1 ones wait in the window for their PUBACK, QoS 0 ones count as relayed once handed over.
+ * Stopping while libmosquitto still has bytes to write keeps its queue, and our memory, small.
+ * release: the hold is over (flush_outputs); otherwise a busy device's uplinks may wait. */
+static void pump_uplinks(struct dev *d, bool release)
+{
+	struct akz_bridge *b = d->b;
+	size_t qos0 = 0;
+	bool stalled = false, up = d->state == ST_CONNECTED && !d->refreshing;
+
+	if(up && !release && b->coalesce_us && hold_uplinks(d)) return;
+	d->hold_until_us = 0;
+	while(up){
 		pthread_mutex_lock(&b->lock);
 		struct akz_msg *m = akz_msgq_peek(&d->pending);
 		pthread_mutex_unlock(&b->lock);
@@ -613,24 +691,19 @@ static void pump_uplinks(struct dev *d)
 			break;
 		}
 		m = pop_pending(d);
-		handed++;
 		if(qos == 1){
-			for(int i = 0; i < WINDOW; i++){
-				if(d->fl[i].m == NULL){
-					d->fl[i] = (struct inflight){.mid = mid, .m = m};
-					break;
-				}
-			}
-			if(d->inflight++ == 0) d->waiting_ack_since_ms = akz_mono_ms();
+			put_inflight(d, mid, m);
 		}else{
 			settle(d, m);
 			free(m);
 			qos0++;
 		}
 	}
+	d->urgent = false;
 	if(qos0) count_relayed(d, qos0);
-	note_output(d, handed, stalled);
+	note_output(d);
 	update_interest(d);
+	promise_pump(d, stalled || !up);
 }
 
 /* Writes out one device's write buffer. Returns false if the connection failed (and was
@@ -640,7 +713,6 @@ static bool flush_output(struct dev *d)
 	if(d->mosq == NULL || d->fd < 0) return true;
 	if(d->b->coalesce_us) d->last_flush_us = akz_mono_us();
 	int rc = akz_tlsio_flush(mosquitto_ssl_get(d->mosq));
-	d->noted_bytes = akz_tlsio_pending(mosquitto_ssl_get(d->mosq));
 	if(rc < 0){
 		char why[160];
 		snprintf(why, sizeof(why), "write: %s", strerror(errno));
@@ -655,28 +727,33 @@ static bool flush_output(struct dev *d)
 	return true;
 }
 
-/* Writes out the write buffers filled during this loop turn, except held ones (note_output)
- * that are neither due nor full: they stay on b->flush, and b->next_flush_us says when the
- * first of them is due. */
+/* Writes out the listed devices that are due: those whose buffer this turn filled, and those
+ * whose held uplinks' wait is over, which are handed to libmosquitto first. The others stay
+ * on b->flush, and b->next_flush_us says when the first of them is due. */
 static void flush_outputs(struct akz_bridge *b)
 {
 	struct dev *held = NULL;
-	int64_t now = b->flush && b->coalesce_us ? akz_mono_us() : INT64_MAX;
+	int64_t now = b->flush && b->coalesce_us ? akz_mono_us() : INT64_MAX, next = INT64_MAX;
 
-	b->next_flush_us = INT64_MAX;
 	while(b->flush){
 		struct dev *d = b->flush;
 		b->flush = d->flush_next;
-		if(d->flush_due_us > now && akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) < COALESCE_MAX_BYTES){
+		if(d->flush_due_us > now){
 			d->flush_next = held;
 			held = d;
-			if(d->flush_due_us < b->next_flush_us) b->next_flush_us = d->flush_due_us;
+			if(d->flush_due_us < next) next = d->flush_due_us;
 			continue;
 		}
+		/* Held uplinks, and those queued meanwhile without a wake (pump_promised), go now,
+		 * also when something else (a ping) made the flush due. d is on no list but still
+		 * in_flush, so note_output leaves it there. */
+		d->flush_due_us = 0;
+		if(d->mosq) pump_uplinks(d, true);
 		d->in_flush = false;
 		flush_output(d);
 	}
 	b->flush = held;
+	b->next_flush_us = next;
 }
 
 /* Applies what a registry sync changed for this device: enabled flag and key. */
@@ -888,7 +965,7 @@ static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 		break;
 	}
 	if(d->mosq){
-		note_output(d, 0, false);
+		note_output(d);
 		update_interest(d);
 	}
 }
@@ -995,7 +1072,7 @@ static void pump_ready(struct akz_bridge *b)
 		d->in_ready = false;
 		pthread_mutex_unlock(&b->lock);
 		/* No device on the list is freed before the next sweep, which this thread runs. */
-		if(d->mosq) pump_uplinks(d);
+		if(d->mosq) pump_uplinks(d, false);
 		pthread_mutex_lock(&b->lock);
 	}
 	bool more = b->ready != NULL;   /* more next turn: do not starve the sockets */
@@ -1045,7 +1122,8 @@ static void handle_io(struct dev *d, uint32_t events)
 	if(events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)){
 		size_t before = akz_tlsio_pending(mosquitto_ssl_get(d->mosq));
 		read_socket(d);
-		/* What reading wrote (a downlink's PUBACK, a TLS alert) is not held: see note_output */
+		/* What reading wrote (a downlink's PUBACK, a TLS alert) goes this turn, and takes held
+		 * uplinks along: see hold_pending_locked */
 		if(d->mosq && akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) > before) d->urgent = true;
 		/* During the TLS handshake libmosquitto takes a closed connection for "try again":
 		 * with a level-triggered epoll that would spin, so the end is taken as final here. */
@@ -1056,8 +1134,8 @@ static void handle_io(struct dev *d, uint32_t events)
 	if((events & EPOLLOUT) && d->fd >= 0 && (!d->out_blocked || flush_output(d))){
 		check_socket(d, mosquitto_loop_write(d->mosq, WINDOW));
 	}
-	/* PUBACKs free window slots: refill them at once. */
-	pump_uplinks(d);
+	/* PUBACKs free window slots: refill them, now or when enough are free (hold_pending_locked). */
+	pump_uplinks(d, false);
 }
 
 /* Reads the devices that were left with input in OpenSSL last turn. */

@@ -56,7 +56,7 @@ static const struct opt_spec specs[] = {
 	{"receipts_topic", OPT_STRING, OFF(receipts_prefix), "akenza/receipts/", 0, 0},
 	{"downlink_wakeup", OPT_STRING, OFF(downlink_wakeup), "signal", 0, 0},
 	{"status_interval", OPT_INT, OFF(status_interval_ms), "1000", 0, 3600000},
-	{"uplink_coalesce_us", OPT_INT, OFF(uplink_coalesce_us), "5000", 0, 100000},
+	{"uplink_coalesce_us", OPT_INT, OFF(uplink_coalesce_us), "20000", 0, 100000},
 };
 #undef OFF
 
