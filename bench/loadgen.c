@@ -35,8 +35,11 @@
  *       connects and disconnects CONNECTS times in a row (user USERFMT % i), prints
  *       "connects N refused R seconds S".
  *   loadgen sub -p PORT -t TOPIC -c COUNT [-w SECONDS] [-u USER -P PASS] [--cafile F --host H]
+ *               [--session ID]
  *       prints "ready" once subscribed, then counts messages until COUNT arrived or WAIT seconds
- *       passed without one (6 x WAIT before the first); prints
+ *       passed without one (6 x WAIT before the first); --session: client id ID and no clean
+ *       session, so that the subscription and the messages for it outlive a disconnect (and a
+ *       restart of a broker with persistence); prints
  *       "received N duplicates D first_to_last S lat_p50_us X lat_p99_us Y lat_max_us Z".
  * pub and sub run one thread and one epoll loop over non-blocking sockets (TLS with --cafile,
  * verifying the broker's certificate against it and the name --host). A refused connection, a
@@ -58,7 +61,7 @@
 
 struct opts {
 	int port, clients, msgs, qos, rate, count, wait_s, inflight;
-	const char *user_fmt, *pass, *prefix, *idfmt, *topic, *cafile, *host;
+	const char *user_fmt, *pass, *prefix, *idfmt, *topic, *cafile, *host, *session;
 };
 
 static int64_t now_ns(void)
@@ -297,8 +300,8 @@ static int queue_connect(struct loop *L, struct conn *c)
 	if(p == NULL) return -1;
 	p = put_str(p, "MQTT", 4);
 	*p++ = 4;   /* protocol level: 3.1.1 */
-	/* clean session; the password only with a user name, as 3.1.1 wants (and libmosquitto did) */
-	*p++ = (unsigned char)(0x02 | (c->has_user ? 0x80 : 0) | (c->has_user && o->pass ? 0x40 : 0));
+	/* clean session unless --session; the password only with a user name, as 3.1.1 wants */
+	*p++ = (unsigned char)((o->session ? 0 : 0x02) | (c->has_user ? 0x80 : 0) | (c->has_user && o->pass ? 0x40 : 0));
 	p = put_u16(p, KEEPALIVE_S);
 	p = put_str(p, c->id, idn);
 	if(c->has_user) p = put_str(p, c->user, un);
@@ -1007,7 +1010,8 @@ static int run_sub(const struct opts *o)
 		goto out;
 	}
 	struct conn *c = &L.cs[0];
-	snprintf(c->id, sizeof(c->id), "sink-%d", (int)getpid());
+	if(o->session) snprintf(c->id, sizeof(c->id), "%s", o->session);
+	else snprintf(c->id, sizeof(c->id), "sink-%d", (int)getpid());
 	if(o->user_fmt){
 		c->has_user = true;
 		snprintf(c->user, sizeof(c->user), "%s", o->user_fmt);
@@ -1047,7 +1051,8 @@ int main(int argc, char **argv)
 	static const struct option lo[] = {
 		{"prefix", required_argument, NULL, 1}, {"idfmt", required_argument, NULL, 2},
 		{"cafile", required_argument, NULL, 3}, {"host", required_argument, NULL, 4},
-		{"inflight", required_argument, NULL, 5}, {NULL, 0, NULL, 0}};
+		{"inflight", required_argument, NULL, 5}, {"session", required_argument, NULL, 6},
+		{NULL, 0, NULL, 0}};
 	if(argc < 2) return 2;
 	const char *mode = argv[1];
 	optind = 2;
@@ -1069,6 +1074,7 @@ int main(int argc, char **argv)
 		case 3: o.cafile = optarg; break;
 		case 4: o.host = optarg; break;
 		case 5: o.inflight = atoi(optarg); break;
+		case 6: o.session = optarg; break;
 		default: return 2;
 		}
 	}

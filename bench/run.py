@@ -149,12 +149,14 @@ def bench_connect():
 class Rig:
     """An upstream (TLS, anonymous), our edge (plugin, N devices) and a built-in-bridge edge."""
 
-    def __init__(self, n):
+    def __init__(self, n, persist=False):
+        """persist: the upstream keeps sessions across its restarts (a persistent sink's)."""
         self.n = n
         self.pki = PKI(WORK / "pki")
+        keep = f"persistence true\npersistence_location {WORK}/\n" if persist else ""
         self.up = broker(f"listener PORT 127.0.0.1\ncafile {self.pki.ca_cert}\ncertfile {self.pki.server_cert}\n"
                          f"keyfile {self.pki.server_key}\nallow_anonymous true\nmax_queued_messages 0\n"
-                         "max_inflight_messages 0\n", "upstream")
+                         f"max_inflight_messages 0\n{keep}", "upstream")
         keys = WORK / "bkeys"
         keys.mkdir(exist_ok=True)
         self.keys = keys
@@ -202,10 +204,12 @@ class Rig:
         admin.close()
 
 
-def sink(port, count, wait_s=10):
+def sink(port, count, wait_s=10, session=None):
+    """A subscriber to every uplink on the upstream, ready when this returns. session: a client id
+    whose subscription (and the uplinks for it) outlives the sink (loadgen sub --session)."""
     p = subprocess.Popen([str(LOADGEN), "sub", "-p", str(port), "-t", "/up/device/id/#", "-c", str(count),
-                          "-w", str(wait_s), "--cafile", str(RIG.pki.ca_cert), "--host", "localhost"],
-                         stdout=subprocess.PIPE, text=True)
+                          "-w", str(wait_s), "--cafile", str(RIG.pki.ca_cert), "--host", "localhost"] +
+                         (["--session", session] if session else []), stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     return p
 
@@ -389,7 +393,7 @@ def bench_spool():
     global RIG
     n, msgs = 100, int(os.environ.get("BENCH_MSGS", "1000"))
     print(f"\n== Spool: relayed QoS 1 uplinks/s by sync mode, {n} devices x {msgs} messages, vs the in-memory queue")
-    RIG = Rig(n)
+    RIG = Rig(n, persist=True)
     rates = {}
     for mode in ("memory", "none", "batch", "always"):
         e = RIG.ours("" if mode == "memory" else spool_opts(f"spool-{mode}", mode))
@@ -409,6 +413,11 @@ def bench_spool():
     e = RIG.ours(spool_opts("spool-drain", "batch", f"plugin_opt_spool_max_bytes {1 << 31}\n"
                             f"plugin_opt_spool_device_max_bytes {1 << 28}\n"))
     RIG.wait_connected(e, n)
+    # The sink's subscription must be there before the first device comes back and drains: a
+    # session kept across the upstream's restart (its persistence), which gets what arrives
+    # before the sink reconnects.
+    run([str(LOADGEN), "sub", "-p", str(RIG.up.port), "-t", "/up/device/id/#", "-c", "0", "-w", "1",
+         "--cafile", str(RIG.pki.ca_cert), "--host", "localhost", "--session", "drain-sink"])
     RIG.up.stop()
     t0 = time.monotonic()
     out = run([str(LOADGEN), "pub", "-p", str(e.port), "-n", str(n), "-m", str(per), "-q", "1",
@@ -421,7 +430,7 @@ def bench_spool():
     row("  spool files on disk", disk / 1048576, "MiB")
     row("  edge RSS holding the backlog", kb / 1024, "MiB")
     RIG.up.start()
-    s = sink(RIG.up.port, per * n, wait_s=180)
+    s = sink(RIG.up.port, per * n, wait_s=180, session="drain-sink")
     r = sink_result(s)
     row("  drained upstream (msg/s, first to last)", r["received"] / max(r["secs"], 1e-9), "/s",
         "live relay, batch", rates["batch"])
