@@ -199,6 +199,11 @@ void bridge_log(struct akz_bridge *b, int level, const char *fmt, ...)
 /* Marks the device's status for publishing. Caller holds b->lock. */
 void bridge_mark_dirty_locked(struct akz_bridge *b, struct dev *d);
 
+/* Puts the device on b->ready, for the bridge thread to hand its pending uplinks to
+ * libmosquitto. Returns true if the caller must wake the bridge thread (bridge_wake, after
+ * unlocking): no wake was pending. Caller holds b->lock; never fails. */
+bool bridge_mark_ready_locked(struct akz_bridge *b, struct dev *d);
+
 /* ---- bridge_loop.c: the bridge thread -------------------------------------------------- */
 
 /* The bridge thread: arg is the struct akz_bridge; returns NULL once b->stop is set. */

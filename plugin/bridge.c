@@ -70,6 +70,19 @@ void bridge_log(struct akz_bridge *b, int level, const char *fmt, ...)
 }
 
 /* Contract in akz_bridge_int.h. */
+bool bridge_mark_ready_locked(struct akz_bridge *b, struct dev *d)
+{
+	if(!d->in_ready){
+		d->in_ready = true;
+		d->ready_next = b->ready;
+		b->ready = d;
+	}
+	bool wake = !b->wake_pending;
+	b->wake_pending = true;
+	return wake;
+}
+
+/* Contract in akz_bridge_int.h. */
 void bridge_mark_dirty_locked(struct akz_bridge *b, struct dev *d)
 {
 	if(!d->in_dirty){
@@ -193,16 +206,7 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *devic
 	/* A busy device's uplinks mostly arrive while its write buffer is held or its window is
 	 * full: the bridge thread takes them then without a wake, which would cost a thread switch
 	 * and give it nothing to do (pump_promised). */
-	bool need_wake = false;
-	if(!d->pump_promised){
-		if(!d->in_ready){
-			d->in_ready = true;
-			d->ready_next = b->ready;
-			b->ready = d;
-		}
-		need_wake = !b->wake_pending;
-		b->wake_pending = true;
-	}
+	bool need_wake = !d->pump_promised && bridge_mark_ready_locked(b, d);
 	pthread_mutex_unlock(&b->lock);
 	/* While TICKs come (every broker loop turn), the bridge thread is woken at the end of the
 	 * turn, once for all the uplinks the turn brought: a wake per uplink cost an eventfd write,

@@ -630,13 +630,7 @@ static void promise_pump(struct dev *d, bool promised)
 	pthread_mutex_lock(&b->lock);
 	bool missed = !promised && !d->in_ready && akz_msgq_peek(&d->pending) != NULL;
 	d->pump_promised = promised;
-	bool wake = missed && !b->wake_pending;
-	if(missed){
-		d->in_ready = true;
-		d->ready_next = b->ready;
-		b->ready = d;
-		b->wake_pending = true;
-	}
+	bool wake = missed && bridge_mark_ready_locked(b, d);
 	pthread_mutex_unlock(&b->lock);
 	if(wake) bridge_wake(b);
 }
