@@ -53,9 +53,9 @@ struct dev {
 	bool changed;                /* enabled or next_key changed by a sync */
 	bool reconnect_requested;    /* akz_bridge_reconnect: drop the connection and connect again */
 	bool in_ready, in_dirty;
-	/* The bridge thread will take new pending uplinks without being woken: a held write buffer
-	 * (its flush pumps first), a full window (the next PUBACK's read pumps) or a connection
-	 * not up (the CONNACK's read pumps) comes first. Set by the bridge thread at the end of
+	/* The bridge thread will take new pending uplinks without being woken: held uplinks (the
+	 * flush at the hold's end pumps first), a full window (the next PUBACK's read pumps) or a
+	 * connection not up (the CONNACK's read pumps) comes first. Set by the bridge thread at the end of
 	 * each pump, in the same locked step as its last look at pending (promise_pump). */
 	bool pump_promised;
 	struct akz_key *next_key;    /* key to switch to after a sync, or NULL */
@@ -181,7 +181,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	int64_t pilot_until;         /* 0: no connect yet; else the end of the wait for a session */
 	int handshakes;              /* connections between connect and CONNACK */
 	struct dev *reread;          /* devices with input left in OpenSSL: read_socket */
-	struct dev *flush;           /* devices with records in their write buffer (tlsio.c) */
+	struct dev *flush;           /* devices with records to write (tlsio.c) or uplinks held */
 	int64_t next_flush_us;       /* the earliest flush_due_us on b->flush */
 	int coalesce_us;             /* plugin_opt_uplink_coalesce_us */
 	bool connects_held;          /* a due device waits for a handshake slot */

@@ -203,9 +203,9 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *devic
 	d->unacked++;
 	b->sum.queued++;
 	b->sum_dirty = true;
-	/* A busy device's uplinks mostly arrive while its write buffer is held or its window is
-	 * full: the bridge thread takes them then without a wake, which would cost a thread switch
-	 * and give it nothing to do (pump_promised). */
+	/* A busy device's uplinks mostly arrive while earlier ones are held or its window is full:
+	 * the bridge thread takes them then without a wake, which would cost a thread switch and
+	 * give it nothing to do (pump_promised). */
 	bool need_wake = !d->pump_promised && bridge_mark_ready_locked(b, d);
 	pthread_mutex_unlock(&b->lock);
 	/* While TICKs come (every broker loop turn), the bridge thread is woken at the end of the
