@@ -55,8 +55,8 @@ struct dev {
 	bool in_ready, in_dirty;
 	/* The bridge thread will take new pending uplinks without being woken: held uplinks (the
 	 * flush at the hold's end pumps first), a full window (the next PUBACK's read pumps) or a
-	 * connection not up (the CONNACK's read pumps) comes first. Set by the bridge thread at the end of
-	 * each pump, in the same locked step as its last look at pending (promise_pump). */
+	 * connection not up (the CONNACK's read pumps) comes first. Set by the bridge thread in
+	 * the same locked step as its last look at pending (pump_uplinks, hold_uplinks). */
 	bool pump_promised;
 	struct akz_key *next_key;    /* key to switch to after a sync, or NULL */
 	struct akz_status_dev status;
@@ -198,11 +198,6 @@ void bridge_log(struct akz_bridge *b, int level, const char *fmt, ...)
 
 /* Marks the device's status for publishing. Caller holds b->lock. */
 void bridge_mark_dirty_locked(struct akz_bridge *b, struct dev *d);
-
-/* Puts the device on b->ready, for the bridge thread to hand its pending uplinks to
- * libmosquitto. Returns true if the caller must wake the bridge thread (bridge_wake, after
- * unlocking): no wake was pending. Caller holds b->lock; never fails. */
-bool bridge_mark_ready_locked(struct akz_bridge *b, struct dev *d);
 
 /* ---- bridge_loop.c: the bridge thread -------------------------------------------------- */
 

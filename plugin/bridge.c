@@ -69,8 +69,10 @@ void bridge_log(struct akz_bridge *b, int level, const char *fmt, ...)
 	pthread_mutex_unlock(&b->log_lock);
 }
 
-/* Contract in akz_bridge_int.h. */
-bool bridge_mark_ready_locked(struct akz_bridge *b, struct dev *d)
+/* Puts the device on b->ready, for the bridge thread to hand its pending uplinks to
+ * libmosquitto. Returns true if the caller must wake the bridge thread (bridge_wake, after
+ * unlocking): no wake was pending. Caller holds b->lock; never fails. */
+static bool mark_ready_locked(struct akz_bridge *b, struct dev *d)
 {
 	if(!d->in_ready){
 		d->in_ready = true;
@@ -206,7 +208,7 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *devic
 	/* A busy device's uplinks mostly arrive while earlier ones are held or its window is full:
 	 * the bridge thread takes them then without a wake, which would cost a thread switch and
 	 * give it nothing to do (pump_promised). */
-	bool need_wake = !d->pump_promised && bridge_mark_ready_locked(b, d);
+	bool need_wake = !d->pump_promised && mark_ready_locked(b, d);
 	pthread_mutex_unlock(&b->lock);
 	/* While TICKs come (every broker loop turn), the bridge thread is woken at the end of the
 	 * turn, once for all the uplinks the turn brought: a wake per uplink cost an eventfd write,

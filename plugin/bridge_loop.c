@@ -621,18 +621,13 @@ static bool hold_pending_locked(struct dev *d, int64_t now)
 	return true;
 }
 
-/* Tells the broker thread whether this thread will look at the device's pending uplinks
- * without a wake (pump_promised in akz_bridge_int.h). An uplink queued since the pump's last
- * look, which the broker thread did not wake us for, is taken next turn. */
-static void promise_pump(struct dev *d, bool promised)
+/* Tells the broker thread whether it must wake this thread for the device's next uplinks
+ * (pump_promised in akz_bridge_int.h). */
+static void set_promise(struct dev *d, bool promised)
 {
-	struct akz_bridge *b = d->b;
-	pthread_mutex_lock(&b->lock);
-	bool missed = !promised && !d->in_ready && akz_msgq_peek(&d->pending) != NULL;
+	pthread_mutex_lock(&d->b->lock);
 	d->pump_promised = promised;
-	bool wake = missed && bridge_mark_ready_locked(b, d);
-	pthread_mutex_unlock(&b->lock);
-	if(wake) bridge_wake(b);
+	pthread_mutex_unlock(&d->b->lock);
 }
 
 /* Decides, for a connected device, whether its pending uplinks wait (hold_pending_locked); if
@@ -659,19 +654,21 @@ static void pump_uplinks(struct dev *d, bool release)
 {
 	struct akz_bridge *b = d->b;
 	size_t qos0 = 0;
-	bool stalled = false, up = d->state == ST_CONNECTED && !d->refreshing;
+	bool up = d->state == ST_CONNECTED && !d->refreshing;
 
 	if(up && !release && b->coalesce_us && hold_uplinks(d)) return;
 	d->hold_until_us = 0;
+	if(!up) set_promise(d, true);   /* the CONNACK's read pumps */
 	while(up){
+		bool full = d->inflight >= WINDOW || mosquitto_want_write(d->mosq);
 		pthread_mutex_lock(&b->lock);
 		struct akz_msg *m = akz_msgq_peek(&d->pending);
+		/* The promise goes with this look, in one locked step: an uplink queued after an empty
+		 * look wakes us; after a full window, the next PUBACK's read pumps. */
+		bool done = m == NULL || full;
+		if(done) d->pump_promised = m != NULL;
 		pthread_mutex_unlock(&b->lock);
-		if(m == NULL) break;
-		if(d->inflight >= WINDOW || mosquitto_want_write(d->mosq)){
-			stalled = true;
-			break;
-		}
+		if(done) break;
 		if(b->ttl && (int64_t)time(NULL) - m->time > b->ttl){
 			expire_pending(d, (int64_t)time(NULL));
 			continue;
@@ -682,6 +679,7 @@ static void pump_uplinks(struct dev *d, bool release)
 		if(rc != MOSQ_ERR_SUCCESS){
 			/* Left at the head of the queue: it goes with the next connection. */
 			snprintf(d->last_log, sizeof(d->last_log), "publish: %s", mosquitto_strerror(rc));
+			set_promise(d, false);   /* the next uplink tries again, as the next event does */
 			break;
 		}
 		m = pop_pending(d);
@@ -697,7 +695,6 @@ static void pump_uplinks(struct dev *d, bool release)
 	if(qos0) count_relayed(d, qos0);
 	note_output(d);
 	update_interest(d);
-	promise_pump(d, stalled || !up);
 }
 
 /* Writes out one device's write buffer. Returns false if the connection failed (and was
@@ -1160,7 +1157,7 @@ void *bridge_main(void *arg)
 			b->next_sweep_ms = now + (b->connects_held ? HELD_SWEEP_MS : SWEEP_MS);
 		}
 		int timeout = (int)(b->next_sweep_ms - now);
-		if(b->flush){   /* held write buffers: wake when the first is due (ms, rounded up) */
+		if(b->flush){   /* listed devices: wake when the first is due (ms, rounded up) */
 			int64_t wait_ms = (b->next_flush_us - akz_mono_us() + 999) / 1000;
 			if(wait_ms < timeout) timeout = (int)(wait_ms < 0 ? 0 : wait_ms);
 		}
