@@ -62,8 +62,13 @@ struct dev {
 	struct akz_status_dev status;
 	int64_t status_published_ms;
 
-	/* Bridge thread only. */
-	struct dev *next;            /* the thread's list of every device */
+	/* Guards what follows, and the device's libmosquitto client, while the bridge thread works
+	 * on the device: the broker thread may take it (try, never wait) to write an idle device's
+	 * uplink itself (bridge_send_direct). Taken before b->lock, never after. */
+	pthread_mutex_t io_lock;
+
+	/* Bridge thread only, or the broker thread holding io_lock. */
+	struct dev *next;            /* the thread's list of every device (bridge thread only) */
 	struct akz_key *key;
 	struct mosquitto *mosq;
 	enum dev_state state;
@@ -184,6 +189,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	struct dev *flush;           /* devices with records to write (tlsio.c) or uplinks held */
 	int64_t next_flush_us;       /* the earliest flush_due_us on b->flush */
 	int coalesce_us;             /* plugin_opt_uplink_coalesce_us */
+	bool direct;                 /* plugin_opt_uplink_direct */
 	bool connects_held;          /* a due device waits for a handshake slot */
 	bool pilot_done;             /* a TLS session exists (or the wait is over) */
 };
@@ -207,6 +213,17 @@ void *bridge_main(void *arg);
 /* Wakes the bridge thread out of epoll_wait. Any thread; never fails (a lost wake only means
  * the next sweep, within 100 ms, does the work). */
 void bridge_wake(struct akz_bridge *b);
+
+/* Writes the device's new uplink (the only one pending, pump_promised not set) from the calling
+ * broker thread, if the device is idle: connected, its window open, nothing buffered or held,
+ * and no write of its went out in the last two coalescing limits. Why: at a light load every
+ * uplink handed to a sleeping bridge thread waits for a thread wake-up (tens of us in a VM),
+ * the built-in bridge's lead in latency; a busy device's uplinks still go through the bridge
+ * thread, where they share writes. Returns true when it was written (or the socket was full
+ * and EPOLLOUT now watches it); false when the device was not idle, the bridge thread was
+ * working on it, or the write failed: then the caller hands it over as usual (mark ready and
+ * wake), and the bridge thread finds any error itself. Never blocks. */
+bool bridge_send_direct(struct dev *d);
 
 /* Frees a device the bridge thread no longer runs (or never adopted): its connection, keys,
  * and its queued uplinks, which go back to the spool. Bridge thread, or any thread once the

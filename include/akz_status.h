@@ -33,6 +33,7 @@ struct akz_status_summary {
 	uint64_t errors;
 	uint64_t connects;             /* upstream connections made (CONNACK accepted) */
 	uint64_t tls_resumed;          /* of those, on a resumed TLS session */
+	uint64_t uplinks_direct;       /* uplinks the broker thread wrote itself (plugin_opt_uplink_direct) */
 	struct akz_spool_stats spool;  /* all zero without a spool */
 };
 

@@ -208,8 +208,17 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *devic
 	/* A busy device's uplinks mostly arrive while earlier ones are held or its window is full:
 	 * the bridge thread takes them then without a wake, which would cost a thread switch and
 	 * give it nothing to do (pump_promised). */
-	bool need_wake = !d->pump_promised && mark_ready_locked(b, d);
+	bool direct = b->direct && d->pending.count == 1 && !d->pump_promised && !d->in_ready;
+	bool need_wake = !direct && !d->pump_promised && mark_ready_locked(b, d);
 	pthread_mutex_unlock(&b->lock);
+	/* An idle device's uplink goes out from here, without a thread wake-up (bridge_send_direct).
+	 * Only the broker thread queues uplinks, so none can join it meanwhile; the bridge thread
+	 * may take it first, which is as good. */
+	if(direct && !bridge_send_direct(d)){
+		pthread_mutex_lock(&b->lock);
+		need_wake = !d->pump_promised && mark_ready_locked(b, d);
+		pthread_mutex_unlock(&b->lock);
+	}
 	/* While TICKs come (every broker loop turn), the bridge thread is woken at the end of the
 	 * turn, once for all the uplinks the turn brought: a wake per uplink cost an eventfd write,
 	 * an epoll_wait and a thread switch per message. But the first uplink after the broker
@@ -235,8 +244,13 @@ static struct dev *new_dev(struct akz_bridge *b, const struct akz_device *rd)
 {
 	struct dev *d = calloc(1, sizeof(*d));
 	if(d == NULL) return NULL;
+	if(pthread_mutex_init(&d->io_lock, NULL)){
+		free(d);
+		return NULL;
+	}
 	d->id = strdup(rd->id);
 	if(d->id == NULL){
+		pthread_mutex_destroy(&d->io_lock);
 		free(d);
 		return NULL;
 	}
@@ -249,6 +263,7 @@ static struct dev *new_dev(struct akz_bridge *b, const struct akz_device *rd)
 		d->sd = akz_spool_device(b->spool, rd->id, strlen(rd->id));
 		if(d->sd == NULL){
 			akz_key_unref(d->key);
+			pthread_mutex_destroy(&d->io_lock);
 			free(d->id);
 			free(d);
 			return NULL;
@@ -693,6 +708,7 @@ int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char
 	b->receipts_prefix = strdup(cfg->receipts_prefix ? cfg->receipts_prefix : "akenza/receipts/");
 	b->status_interval_ms = cfg->status_interval_ms;
 	b->coalesce_us = cfg->uplink_coalesce_us;
+	b->direct = cfg->uplink_direct;
 	if(b->host == NULL || b->username == NULL || b->receipts_prefix == NULL){
 		snprintf(err, errlen, "out of memory");
 		goto fail;

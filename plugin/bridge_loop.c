@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <mosquitto.h>
@@ -590,6 +591,13 @@ static void note_output(struct dev *d)
 	if(d->mosq && akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) > 0) schedule_flush(d, 0);
 }
 
+/* Whether the device's last write went out less than two coalescing limits ago: a device that
+ * sends this often is busy, and its next uplinks may have company worth waiting for. */
+static bool wrote_lately(const struct dev *d, int64_t now)
+{
+	return d->b->coalesce_us && now - d->last_flush_us < 2 * (int64_t)d->b->coalesce_us;
+}
+
 /* Whether a busy device's pending uplinks wait for more, up to coalesce_us, rather than go to
  * libmosquitto now; starts the wait if so. Why: akenza wants a connection per device, so at a
  * few hundred uplinks a second per device almost every uplink would be a TLS record, a write(2)
@@ -608,7 +616,7 @@ static bool hold_pending_locked(struct dev *d, int64_t now)
 	const struct akz_msgq *q = &d->pending;
 
 	if(b->coalesce_us == 0 || d->urgent || q->count == 0) return false;
-	if(d->hold_until_us == 0 && now - d->last_flush_us >= 2 * (int64_t)b->coalesce_us) return false;
+	if(d->hold_until_us == 0 && !wrote_lately(d, now)) return false;
 	if(d->hold_until_us != 0 && now >= d->hold_until_us) return false;
 	/* What could go now: as many as the window has room for */
 	size_t room = (size_t)(WINDOW - d->inflight), n = q->count < room ? q->count : room;
@@ -646,20 +654,19 @@ static bool hold_uplinks(struct dev *d)
 	return hold;
 }
 
-/* Hands pending uplinks to libmosquitto while the window has room and the socket takes them:
- * QoS 1 ones wait in the window for their PUBACK, QoS 0 ones count as relayed once handed over.
- * Stopping while libmosquitto still has bytes to write keeps its queue, and our memory, small.
- * release: the hold is over (flush_outputs); otherwise a busy device's uplinks may wait. */
-static void pump_uplinks(struct dev *d, bool release)
+/* Hands a connected device's pending uplinks to libmosquitto while the window has room and the
+ * socket takes them: QoS 1 ones wait in the window for their PUBACK, QoS 0 ones count as
+ * relayed once handed over. Stopping while libmosquitto still has bytes to write keeps its
+ * queue, and our memory, small. Returns how many went; *emptied says whether the last look
+ * found the queue empty. Bridge thread, or broker thread holding io_lock; never fails (a
+ * failed publish leaves the uplink at the head of the queue). */
+static size_t hand_over_uplinks(struct dev *d, bool *emptied)
 {
 	struct akz_bridge *b = d->b;
-	size_t qos0 = 0;
-	bool up = d->state == ST_CONNECTED && !d->refreshing;
+	size_t qos0 = 0, n = 0;
 
-	if(up && !release && b->coalesce_us && hold_uplinks(d)) return;
-	d->hold_until_us = 0;
-	if(!up) set_promise(d, true);   /* the CONNACK's read pumps */
-	while(up){
+	*emptied = false;
+	for(;;){
 		bool full = d->inflight >= WINDOW || mosquitto_want_write(d->mosq);
 		pthread_mutex_lock(&b->lock);
 		struct akz_msg *m = akz_msgq_peek(&d->pending);
@@ -668,6 +675,7 @@ static void pump_uplinks(struct dev *d, bool release)
 		bool done = m == NULL || full;
 		if(done) d->pump_promised = m != NULL;
 		pthread_mutex_unlock(&b->lock);
+		*emptied = m == NULL;
 		if(done) break;
 		if(b->ttl && (int64_t)time(NULL) - m->time > b->ttl){
 			expire_pending(d, (int64_t)time(NULL));
@@ -680,9 +688,11 @@ static void pump_uplinks(struct dev *d, bool release)
 			/* Left at the head of the queue: it goes with the next connection. */
 			snprintf(d->last_log, sizeof(d->last_log), "publish: %s", mosquitto_strerror(rc));
 			set_promise(d, false);   /* the next uplink tries again, as the next event does */
+			ERR_clear_error();       /* OpenSSL's queue is per thread: leave none behind */
 			break;
 		}
 		m = pop_pending(d);
+		n++;
 		if(qos == 1){
 			put_inflight(d, mid, m);
 		}else{
@@ -691,31 +701,82 @@ static void pump_uplinks(struct dev *d, bool release)
 			qos0++;
 		}
 	}
-	d->urgent = false;
 	if(qos0) count_relayed(d, qos0);
+	return n;
+}
+
+/* Hands pending uplinks to libmosquitto (hand_over_uplinks), unless they are held, and lists
+ * the device for this turn's write. release: the hold is over (flush_outputs); otherwise a
+ * busy device's uplinks may wait. Bridge thread, with io_lock held. */
+static void pump_uplinks(struct dev *d, bool release)
+{
+	struct akz_bridge *b = d->b;
+	bool up = d->state == ST_CONNECTED && !d->refreshing, emptied;
+
+	if(up && !release && b->coalesce_us && hold_uplinks(d)) return;
+	d->hold_until_us = 0;
+	if(up) (void)hand_over_uplinks(d, &emptied);
+	else set_promise(d, true);   /* the CONNACK's read pumps */
+	d->urgent = false;
 	note_output(d);
 	update_interest(d);
 }
 
-/* Writes out one device's write buffer. Returns false if the connection failed (and was
- * dropped). A socket that takes only part gets EPOLLOUT interest until it has taken all. */
-static bool flush_output(struct dev *d)
+/* Writes out one device's write buffer. Returns 1 when all went, 0 when the socket took only
+ * part (it then has EPOLLOUT interest until it has taken all), -1 on a write error (errno set;
+ * the connection is left as it is). Bridge thread, or broker thread holding io_lock. */
+static int write_output(struct dev *d)
 {
-	if(d->mosq == NULL || d->fd < 0) return true;
+	if(d->mosq == NULL || d->fd < 0) return 1;
 	if(d->b->coalesce_us) d->last_flush_us = akz_mono_us();
 	int rc = akz_tlsio_flush(mosquitto_ssl_get(d->mosq));
-	if(rc < 0){
-		char why[160];
-		snprintf(why, sizeof(why), "write: %s", strerror(errno));
-		drop_connection(d, why, MOSQ_ERR_ERRNO);
-		return false;
-	}
+	if(rc < 0) return -1;
 	bool blocked = rc == 0;
 	if(blocked != d->out_blocked){
 		d->out_blocked = blocked;
 		update_interest(d);
 	}
-	return true;
+	return rc;
+}
+
+/* Writes out one device's write buffer (write_output). Returns false if the connection failed
+ * and was dropped. Bridge thread. */
+static bool flush_output(struct dev *d)
+{
+	if(write_output(d) >= 0) return true;
+	char why[160];
+	snprintf(why, sizeof(why), "write: %s", strerror(errno));
+	drop_connection(d, why, MOSQ_ERR_ERRNO);
+	return false;
+}
+
+/* Whether the broker thread may write the device's new uplink itself (bridge_send_direct):
+ * connected and idle, with nothing this thread has planned for it. Caller holds io_lock. */
+static bool idle_for_direct(const struct dev *d)
+{
+	return d->mosq && d->state == ST_CONNECTED && !d->refreshing && d->fd >= 0
+		&& !d->in_flush && !d->out_blocked && d->hold_until_us == 0 && d->inflight < WINDOW
+		&& !mosquitto_want_write(d->mosq) && !wrote_lately(d, akz_mono_us());
+}
+
+/* Contract in akz_bridge_int.h. */
+bool bridge_send_direct(struct dev *d)
+{
+	bool sent = false, emptied = false;
+
+	if(pthread_mutex_trylock(&d->io_lock)) return false;   /* the bridge thread is on it */
+	if(idle_for_direct(d)){
+		size_t n = hand_over_uplinks(d, &emptied);
+		/* A socket libmosquitto closed meanwhile is for the bridge thread to find (check_socket). */
+		sent = emptied && write_output(d) >= 0 && mosquitto_socket(d->mosq) == d->fd;
+		if(n){
+			pthread_mutex_lock(&d->b->lock);
+			d->b->sum.uplinks_direct += n;
+			pthread_mutex_unlock(&d->b->lock);
+		}
+	}
+	pthread_mutex_unlock(&d->io_lock);
+	return sent;
 }
 
 /* Writes out the listed devices that are due: those whose buffer this turn filled, and those
@@ -739,9 +800,11 @@ static void flush_outputs(struct akz_bridge *b)
 		 * also when something else (a ping) made the flush due. d is on no list but still
 		 * in_flush, so note_output leaves it there. */
 		d->flush_due_us = 0;
+		pthread_mutex_lock(&d->io_lock);
 		if(d->mosq) pump_uplinks(d, true);
 		d->in_flush = false;
 		flush_output(d);
+		pthread_mutex_unlock(&d->io_lock);
 	}
 	b->flush = held;
 	b->next_flush_us = next;
@@ -849,6 +912,7 @@ void bridge_destroy_dev(struct dev *d)
 	akz_key_unref(d->key);
 	akz_key_unref(d->next_key);
 	give_back(d);
+	pthread_mutex_destroy(&d->io_lock);
 	free(d->id);
 	free(d);
 }
@@ -1036,9 +1100,15 @@ static void sweep(struct akz_bridge *b, int64_t now)
 				bridge_destroy_dev(d);
 				continue;
 			}
-			if(changed) apply_change(d);
+			if(changed){
+				pthread_mutex_lock(&d->io_lock);
+				apply_change(d);
+				pthread_mutex_unlock(&d->io_lock);
+			}
 		}
+		pthread_mutex_lock(&d->io_lock);
 		sweep_device(d, now, wall_off);
+		pthread_mutex_unlock(&d->io_lock);
 		pp = &d->next;
 	}
 	report_outage(b, now);
@@ -1063,7 +1133,9 @@ static void pump_ready(struct akz_bridge *b)
 		d->in_ready = false;
 		pthread_mutex_unlock(&b->lock);
 		/* No device on the list is freed before the next sweep, which this thread runs. */
+		pthread_mutex_lock(&d->io_lock);
 		if(d->mosq) pump_uplinks(d, false);
+		pthread_mutex_unlock(&d->io_lock);
 		pthread_mutex_lock(&b->lock);
 	}
 	bool more = b->ready != NULL;   /* more next turn: do not starve the sockets */
@@ -1137,7 +1209,9 @@ static void reread_devices(struct akz_bridge *b)
 	while(d){
 		struct dev *next = d->reread_next;
 		d->in_reread = false;
+		pthread_mutex_lock(&d->io_lock);
 		handle_io(d, EPOLLIN);
+		pthread_mutex_unlock(&d->io_lock);
 		d = next;
 	}
 }
@@ -1179,10 +1253,12 @@ void *bridge_main(void *arg)
 				continue;
 			}
 			struct dev *d = evs[i].data.ptr;
+			pthread_mutex_lock(&d->io_lock);
 			if(d->mosq && (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP))){
 				akz_tlsio_readable(mosquitto_ssl_get(d->mosq));
 			}
 			handle_io(d, evs[i].events);
+			pthread_mutex_unlock(&d->io_lock);
 		}
 		reread_devices(b);
 		pump_ready(b);

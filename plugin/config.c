@@ -57,6 +57,7 @@ static const struct opt_spec specs[] = {
 	{"downlink_wakeup", OPT_STRING, OFF(downlink_wakeup), "signal", 0, 0},
 	{"status_interval", OPT_INT, OFF(status_interval_ms), "1000", 0, 3600000},
 	{"uplink_coalesce_us", OPT_INT, OFF(uplink_coalesce_us), "20000", 0, 100000},
+	{"uplink_direct", OPT_BOOL, OFF(uplink_direct), "true", 0, 0},
 };
 #undef OFF
 

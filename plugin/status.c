@@ -54,6 +54,7 @@ cJSON *akz_status_summary_object(const struct akz_status_summary *s)
 		{"downlinks", s->downlinks}, {"queued", s->queued}, {"refused", s->refused},
 		{"expired", s->expired}, {"orphaned", s->orphaned}, {"errors", s->errors},
 		{"connects", s->connects}, {"tls_resumed", s->tls_resumed},
+		{"uplinks_direct", s->uplinks_direct},
 		{"spool_bytes", s->spool.bytes}, {"spool_msgs", s->spool.msgs},
 		{"spool_disk_bytes", s->spool.disk_bytes}, {"spool_segments", s->spool.segments},
 		{"spool_replayed", s->spool.replayed}, {"spool_io_errors", s->spool.io_errors},

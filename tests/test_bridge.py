@@ -662,3 +662,39 @@ def test_a_busy_device_shares_segments_and_a_quiet_one_is_not_held(edge, standin
     print(f"\n  coalescing: {segments} segments for 200 uplinks, the last {tail * 1000:.0f} ms after the "
           f"burst; quiet waits {[round(w * 1000, 1) for w in waits]} ms")
     assert sorted(waits)[2] < 0.025, f"a quiet device's uplinks waited {waits} s (the hold is 0.05 s)"
+
+
+@pytest.mark.parametrize("direct", ["true", "false"])
+def test_an_idle_devices_uplink_is_written_by_the_broker_thread(edge, standin, direct):
+    """uplink_direct: an idle device's uplink leaves from the broker thread, without a hand-off
+    to the bridge thread (counted as uplinks_direct); a burst that follows goes through the
+    bridge thread, behind it and in order. Off, every uplink takes the hand-off."""
+    edge.options["uplink_direct"] = direct
+    edge.options["uplink_coalesce_us"] = "1000"   # idle: no write for 2 ms
+    edge.options["status_interval"] = "0"
+    admin = start_with_devices(edge, standin, ["dir-1"])
+    admin.subscribe("$SYS/broker/akenza/summary", 0)
+
+    def summary():
+        for t, p in reversed(admin.received()):
+            if t == "$SYS/broker/akenza/summary":
+                return json.loads(p)
+        return {}
+    s = edge.sensor("dir-1")
+    sent = []
+    for i in range(5):
+        time.sleep(0.05)
+        sent.append(f"idle-{i}".encode())
+        s.publish(up("dir-1"), sent[-1], qos=1).wait_for_publish(5)
+    for i in range(300):
+        sent.append(f"burst-{i}".encode())
+        s.publish(up("dir-1"), sent[-1], qos=1)
+    wait_for(lambda: len(standin.uplinks(up("dir-1"))) >= len(sent), 20, interval=0.01, what="every uplink")
+    assert list(dict.fromkeys(standin.uplinks(up("dir-1")))) == sent
+    st = wait_for(lambda: summary().get("uplinks", 0) >= len(sent) and summary(), 10, what="uplinks counted")
+    print(f"\n  uplink_direct {direct}: {st['uplinks_direct']} of {st['uplinks']} uplinks from the broker thread")
+    if direct == "true":
+        assert st["uplinks_direct"] >= 5, st
+        assert st["uplinks_direct"] < len(sent) // 2, f"a burst went out from the broker thread: {st}"
+    else:
+        assert st["uplinks_direct"] == 0, st
