@@ -158,6 +158,9 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	struct dev *dirty;
 	struct dev *incoming;
 	bool wake_pending;
+	int64_t load_start_us;       /* when the current count of uplinks relayed began */
+	int64_t load_count;          /* uplinks handed to libmosquitto since */
+	atomic_llong load_rate;      /* uplinks/s relayed over the last count's span (any thread reads) */
 	bool wake_at_tick;           /* broker thread only: uplinks arrived this loop turn */
 	int64_t last_tick_us;        /* broker thread only: when akz_bridge_tick last ran (0: never) */
 	bool woke_this_turn;         /* broker thread only: an uplink woke the bridge since that TICK */
@@ -189,6 +192,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	struct dev *flush;           /* devices with records to write (tlsio.c) or uplinks held */
 	int64_t next_flush_us;       /* the earliest flush_due_us on b->flush */
 	int coalesce_us;             /* plugin_opt_uplink_coalesce_us */
+	int coalesce_rate;           /* plugin_opt_uplink_coalesce_rate */
 	bool direct;                 /* plugin_opt_uplink_direct */
 	bool connects_held;          /* a due device waits for a handshake slot */
 	bool pilot_done;             /* a TLS session exists (or the wait is over) */

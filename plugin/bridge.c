@@ -708,6 +708,7 @@ int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char
 	b->receipts_prefix = strdup(cfg->receipts_prefix ? cfg->receipts_prefix : "akenza/receipts/");
 	b->status_interval_ms = cfg->status_interval_ms;
 	b->coalesce_us = cfg->uplink_coalesce_us;
+	b->coalesce_rate = cfg->uplink_coalesce_rate;
 	b->direct = cfg->uplink_direct;
 	if(b->host == NULL || b->username == NULL || b->receipts_prefix == NULL){
 		snprintf(err, errlen, "out of memory");

@@ -44,6 +44,7 @@
 #define COALESCE_MAX_BYTES 8192   /* held uplinks this large go at once */
 #define REFILL_MIN (WINDOW / 4)  /* free window slots worth a write of their own */
 #define HOLD_OVERHEAD 64          /* bytes an uplink adds to its payload: topic, MQTT, TLS */
+#define LOAD_WINDOW_US 10000      /* the edge's uplink rate is taken over this long at least */
 #define PILOT_MS 2000             /* longest wait for the first TLS session before the others */
 
 /* ---- time ---------------------------------------------------------------------------- */
@@ -591,11 +592,40 @@ static void note_output(struct dev *d)
 	if(d->mosq && akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) > 0) schedule_flush(d, 0);
 }
 
-/* Whether the device's last write went out less than two coalescing limits ago: a device that
- * sends this often is busy, and its next uplinks may have company worth waiting for. */
+/* Adds n uplinks handed to libmosquitto to the edge's uplink rate (b->load_rate), which is
+ * taken anew once LOAD_WINDOW_US have passed. Relayed, not accepted, uplinks are counted: a
+ * backlog drained after an outage is load too. A rate taken over a quiet spell is low: the
+ * spell is in the span. Any thread; never fails. */
+static void count_load(struct akz_bridge *b, size_t n)
+{
+	int64_t now = akz_mono_us();
+	pthread_mutex_lock(&b->lock);
+	b->load_count += (int64_t)n;
+	int64_t span = now - b->load_start_us;
+	if(span >= LOAD_WINDOW_US){
+		atomic_store_explicit(&b->load_rate, b->load_count * 1000000 / span, memory_order_relaxed);
+		b->load_start_us = now;
+		b->load_count = 0;
+	}
+	pthread_mutex_unlock(&b->lock);
+}
+
+/* Whether busy devices' uplinks are held now: holding saves the edge CPU (writes, TLS records,
+ * TCP segments) when it is loaded, and costs latency always, up to the limit: at the default
+ * limit one device sending 1,000 uplinks a second waited 10.6 ms at the median, on an edge
+ * that had the time to send each at once. Any thread. */
+static bool coalescing(const struct akz_bridge *b)
+{
+	return b->coalesce_us && (b->coalesce_rate == 0 ||
+			atomic_load_explicit(&b->load_rate, memory_order_relaxed) >= b->coalesce_rate);
+}
+
+/* Whether the device's last write went out less than two coalescing limits ago while the edge
+ * holds uplinks: a device that sends this often is busy, and its next uplinks may have company
+ * worth waiting for. */
 static bool wrote_lately(const struct dev *d, int64_t now)
 {
-	return d->b->coalesce_us && now - d->last_flush_us < 2 * (int64_t)d->b->coalesce_us;
+	return coalescing(d->b) && now - d->last_flush_us < 2 * (int64_t)d->b->coalesce_us;
 }
 
 /* Whether a busy device's pending uplinks wait for more, up to coalesce_us, rather than go to
@@ -702,6 +732,7 @@ static size_t hand_over_uplinks(struct dev *d, bool *emptied)
 		}
 	}
 	if(qos0) count_relayed(d, qos0);
+	if(n) count_load(b, n);
 	return n;
 }
 

@@ -58,6 +58,7 @@ static const struct opt_spec specs[] = {
 	{"status_interval", OPT_INT, OFF(status_interval_ms), "1000", 0, 3600000},
 	{"uplink_coalesce_us", OPT_INT, OFF(uplink_coalesce_us), "20000", 0, 100000},
 	{"uplink_direct", OPT_BOOL, OFF(uplink_direct), "true", 0, 0},
+	{"uplink_coalesce_rate", OPT_INT, OFF(uplink_coalesce_rate), "5000", 0, 100000000},
 };
 #undef OFF
 

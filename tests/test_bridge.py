@@ -569,11 +569,13 @@ def test_flapping_upstream_loses_nothing_acknowledged(edge, standin):
     the edge acknowledged arrives, in order per device (duplicates allowed, as QoS 1 does). Each
     kill finds uplinks in every state: queued, held in a device's write buffer, written and not
     acknowledged, acknowledged by akenza and not yet counted. With a 100 ms uplink_coalesce_us
-    every device counts as busy (25 uplinks/s each), so write buffers are held across loop
-    turns when the connections go."""
+    every device counts as busy (25 uplinks/s each), and with uplink_coalesce_rate 0 busy
+    devices are held at this light load too, so uplinks are held across loop turns when the
+    connections go."""
     rng = random.Random(20261126)
     ids = [f"fp{i:02d}" for i in range(20)]
     edge.options["uplink_coalesce_us"] = "100000"
+    edge.options["uplink_coalesce_rate"] = "0"
     admin = start_with_devices(edge, standin, ids)
     sensors, sent, acked = counting_sensors(edge.port, ids, inflight=200)
     events, t = [], 3.0
@@ -632,8 +634,10 @@ def upstream_segments_out(edge, standin):
 def test_a_busy_device_shares_segments_and_a_quiet_one_is_not_held(edge, standin):
     """uplink_coalesce_us: a device sending every 2 ms has its packets held up to the limit for
     the next ones, so 200 uplinks leave in far fewer than 200 TCP segments; a device whose last
-    write is older than twice the limit is not held: its uplink arrives long before the limit."""
+    write is older than twice the limit is not held: its uplink arrives long before the limit.
+    uplink_coalesce_rate 0 holds at any load (500 uplinks/s here)."""
     edge.options["uplink_coalesce_us"] = "50000"
+    edge.options["uplink_coalesce_rate"] = "0"
     start_with_devices(edge, standin, ["co-1"])
     s = edge.sensor("co-1")
     time.sleep(0.5)
@@ -671,6 +675,7 @@ def test_an_idle_devices_uplink_is_written_by_the_broker_thread(edge, standin, d
     bridge thread, behind it and in order. Off, every uplink takes the hand-off."""
     edge.options["uplink_direct"] = direct
     edge.options["uplink_coalesce_us"] = "1000"   # idle: no write for 2 ms
+    edge.options["uplink_coalesce_rate"] = "0"    # busy at any load
     edge.options["status_interval"] = "0"
     admin = start_with_devices(edge, standin, ["dir-1"])
     admin.subscribe("$SYS/broker/akenza/summary", 0)
@@ -698,3 +703,44 @@ def test_an_idle_devices_uplink_is_written_by_the_broker_thread(edge, standin, d
         assert st["uplinks_direct"] < len(sent) // 2, f"a burst went out from the broker thread: {st}"
     else:
         assert st["uplinks_direct"] == 0, st
+
+
+def test_a_lightly_loaded_edge_holds_no_uplinks(edge, standin):
+    """uplink_coalesce_rate: below that many uplinks a second through the edge (default 5,000),
+    a busy device's uplinks are not held, since holding saves CPU the edge has to spare and
+    costs each uplink up to the limit: 200 uplinks 2 ms apart (500/s) leave about one segment
+    each, and each goes from the broker thread. Above the rate (a burst as fast as the client
+    can send), they are held again."""
+    edge.options["uplink_coalesce_us"] = "50000"
+    edge.options["queue_max"] = "10000"   # the QoS 0 burst outruns the relay
+    admin = start_with_devices(edge, standin, ["lt-1"])
+    admin.subscribe("$SYS/broker/akenza/summary", 0)
+    s = edge.sensor("lt-1")
+    time.sleep(0.5)
+    before = upstream_segments_out(edge, standin)
+    for i in range(200):
+        s.publish(up("lt-1"), f"{i}".encode(), qos=0)
+        time.sleep(0.002)
+    wait_for(lambda: len(standin.uplinks(up("lt-1"))) >= 200, 20, interval=0.005, what="the 200 uplinks")
+    light = upstream_segments_out(edge, standin) - before
+    assert list(dict.fromkeys(standin.uplinks(up("lt-1")))) == [f"{i}".encode() for i in range(200)]
+    assert light >= 150, f"{light} segments for 200 uplinks at 500/s: they were held on an idle edge"
+
+    def summary():
+        for t, p in reversed(admin.received()):
+            if t == "$SYS/broker/akenza/summary":
+                return json.loads(p)
+        return {}
+    st = wait_for(lambda: summary().get("uplinks", 0) >= 200 and summary(), 10, what="uplinks counted")
+    assert st["uplinks_direct"] >= 150, st
+    # a burst far above 5,000/s: held again, so far fewer segments than uplinks
+    time.sleep(0.2)
+    before = upstream_segments_out(edge, standin)
+    for i in range(3000):
+        s.publish(up("lt-1", "/burst"), f"b{i}".encode(), qos=0)
+    wait_for(lambda: len(standin.uplinks(up("lt-1", "/burst"))) >= 3000, 20, interval=0.005, what="the burst")
+    heavy = upstream_segments_out(edge, standin) - before
+    assert list(dict.fromkeys(standin.uplinks(up("lt-1", "/burst")))) == [f"b{i}".encode() for i in range(3000)]
+    print(f"\n  light load: {light} segments for 200 uplinks, {st['uplinks_direct']} direct; "
+          f"burst: {heavy} segments for 3000 uplinks")
+    assert heavy < 1500, f"{heavy} segments for a 3,000-uplink burst: not held under load"

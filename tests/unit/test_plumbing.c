@@ -69,6 +69,7 @@ static void test_config_defaults(void **state)
 	assert_int_equal(cfg.upstream_dns_refresh, 60);
 	assert_int_equal(cfg.uplink_coalesce_us, 20000);
 	assert_true(cfg.uplink_direct);
+	assert_int_equal(cfg.uplink_coalesce_rate, 5000);
 	assert_true(cfg.bridge_enabled);
 	assert_false(cfg.allow_readable_keys);
 	assert_null(cfg.upstream_cafile);
