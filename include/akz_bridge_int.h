@@ -82,6 +82,7 @@ struct dev {
 	int64_t waiting_ack_since_ms;
 	int64_t minted_wall_offset;  /* wall minus monotonic clock when the token was minted */
 	bool refreshing;
+	unsigned sweep_phase;        /* swept while connected when b->sweep_turn % SWEEP_SPREAD is this */
 	bool handshaking;            /* counted in b->handshakes */
 	bool in_reread;              /* on b->reread */
 	struct dev *reread_next;
@@ -181,6 +182,8 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	double bucket;               /* connect-rate token bucket */
 	int64_t bucket_ms;
 	int64_t next_sweep_ms;
+	unsigned sweep_turn;         /* sweeps so far (wraps) */
+	size_t adopted;              /* devices adopted so far: spreads their sweep phases */
 	int64_t last_connect_ms;     /* when the last connection attempt started */
 	int64_t outage_report_ms;    /* when the sweep last summed up the devices not connected */
 	size_t failed_since_report;  /* connection failures since then */
