@@ -315,6 +315,18 @@ def bench_bridge():
         for name in ("direct", "builtin", "ours"):
             row(f"  {q} {name} (us)", med[name][0], "us " + spread(*med[name][1:], "{:.0f}"),
                 "built-in" if name == "ours" else None, med["builtin"][0] if name == "ours" else None)
+    # The same 10,000 uplinks from one device: one connection, as the built-in bridge has, and a
+    # device busy enough (every 1 ms) to be held if the edge counted as loaded.
+    print(f" The same from one device (median of {rounds} rounds):")
+    one = {}
+    for _ in range(rounds):
+        for name, tgt, user in (("builtin", builtin, False), ("ours", ours, True)):
+            one.setdefault(name, []).append(relay(tgt, tgt.port, 1, 1, 10000, rate=1000, user=user))
+    for q in ("p50", "p99"):
+        med = {name: stat(runs, lambda r: r[q]) for name, runs in one.items()}
+        row(f"  {q} builtin, 1 device (us)", med["builtin"][0], "us " + spread(*med["builtin"][1:], "{:.0f}"))
+        row(f"  {q} ours, 1 device (us)", med["ours"][0], "us " + spread(*med["ours"][1:], "{:.0f}"),
+            "built-in", med["builtin"][0])
     # akenza wants a connection per device; the built-in bridge carries every device on one. The
     # same 100,000 QoS 1 uplinks from fewer devices show what the connection count costs.
     print(f" QoS 1 by the number of sending devices, 100,000 uplinks each time (median of {rounds} rounds):")
