@@ -48,6 +48,14 @@ def upstream_payloads(observer, topic):
     return [p for t, p in observer.received() if t == topic]
 
 
+def last_summary(admin):
+    """The newest $SYS/broker/akenza/summary the admin client got, as a dict ({} if none yet)."""
+    for t, p in reversed(admin.received()):
+        if t == "$SYS/broker/akenza/summary":
+            return json.loads(p)
+    return {}
+
+
 @pytest.mark.parametrize("wakeup", ["signal", "tick"])
 def test_uplink_downlink_round_trip(edge, standin, wakeup):
     edge.options["downlink_wakeup"] = wakeup
@@ -489,13 +497,7 @@ def test_two_hundred_devices(edge, standin):
     edge.start(wrapper=wrapper)
     admin = edge.admin()
     admin.subscribe("$SYS/broker/akenza/summary", 0)
-
-    def summary():
-        for t, p in reversed(admin.received()):
-            if t == "$SYS/broker/akenza/summary":
-                return json.loads(p)
-        return None
-    wait_for(lambda: (summary() or {}).get("connected") == 200, 60, what="200 devices connected")
+    wait_for(lambda: last_summary(admin).get("connected") == 200, 60, what="200 devices connected")
     edge.broker.wait_log("raised the open-file limit from 300 to 656 for 200 devices")
     limits = Path(f"/proc/{edge.broker.proc.pid}/limits").read_text()
     assert re.search(r"Max open files\s+656\s", limits), limits
@@ -503,7 +505,8 @@ def test_two_hundred_devices(edge, standin):
     fds = len(os.listdir(f"/proc/{edge.broker.proc.pid}/fd"))
     assert fds < 200 + 50, f"{fds} descriptors open for 200 devices"
     # The first connection leaves a TLS session the others resume: one full handshake, not 200.
-    st = wait_for(lambda: (summary() or {}).get("connects") == 200 and summary(), 10, what="200 connects")
+    st = wait_for(lambda: last_summary(admin).get("connects") == 200 and last_summary(admin), 10,
+                  what="200 connects")
     assert st["tls_resumed"] >= 190, st
     obs = standin.observer()
     sensors = [edge.sensor(i) for i in ids[:20]]
@@ -631,6 +634,23 @@ def upstream_segments_out(edge, standin):
     return int(re.search(r"segs_out:(\d+)", blocks[0]).group(1))
 
 
+def send_spaced(edge, standin, device, n=200, gap=0.002):
+    """Publishes n QoS 0 uplinks (payloads "0".."n-1") gap s apart as the device, waits until the
+    stand-in has them all and checks their order. Returns the upstream TCP segments they took,
+    the seconds from the last send until all had arrived, and the sensor."""
+    s = edge.sensor(device)
+    time.sleep(0.5)
+    before = upstream_segments_out(edge, standin)
+    for i in range(n):
+        s.publish(up(device), f"{i}".encode(), qos=0)
+        time.sleep(gap)
+    sent = time.monotonic()
+    wait_for(lambda: len(standin.uplinks(up(device))) >= n, 20, interval=0.005, what=f"the {n} uplinks")
+    tail = time.monotonic() - sent
+    assert list(dict.fromkeys(standin.uplinks(up(device)))) == [f"{i}".encode() for i in range(n)]
+    return upstream_segments_out(edge, standin) - before, tail, s
+
+
 def test_a_busy_device_shares_segments_and_a_quiet_one_is_not_held(edge, standin):
     """uplink_coalesce_us: a device sending every 2 ms has its packets held up to the limit for
     the next ones, so 200 uplinks leave in far fewer than 200 TCP segments; a device whose last
@@ -639,20 +659,10 @@ def test_a_busy_device_shares_segments_and_a_quiet_one_is_not_held(edge, standin
     edge.options["uplink_coalesce_us"] = "50000"
     edge.options["uplink_coalesce_rate"] = "0"
     start_with_devices(edge, standin, ["co-1"])
-    s = edge.sensor("co-1")
-    time.sleep(0.5)
-    before = upstream_segments_out(edge, standin)
-    for i in range(200):
-        s.publish(up("co-1"), f"{i}".encode(), qos=0)
-        time.sleep(0.002)
-    sent = time.monotonic()
-    wait_for(lambda: len(standin.uplinks(up("co-1"))) >= 200, 20, interval=0.005, what="the 200 uplinks")
+    segments, tail, s = send_spaced(edge, standin, "co-1")
     # the last ones came without waking the bridge thread (its buffer was held): the held
     # buffer's flush must take them, not the next ping or PUBACK
-    tail = time.monotonic() - sent
     assert tail < 0.5, f"the burst's last uplinks arrived {tail:.2f} s after it ended (the hold is 0.05 s)"
-    segments = upstream_segments_out(edge, standin) - before
-    assert list(dict.fromkeys(standin.uplinks(up("co-1")))) == [f"{i}".encode() for i in range(200)]
     assert segments < 100, f"{segments} segments for 200 uplinks: the busy device's writes were not held"
     # quiet now (nothing for far longer than 2 x 50 ms): an uplink goes in the loop turn it came in
     waits = []
@@ -679,12 +689,6 @@ def test_an_idle_devices_uplink_is_written_by_the_broker_thread(edge, standin, d
     edge.options["status_interval"] = "0"
     admin = start_with_devices(edge, standin, ["dir-1"])
     admin.subscribe("$SYS/broker/akenza/summary", 0)
-
-    def summary():
-        for t, p in reversed(admin.received()):
-            if t == "$SYS/broker/akenza/summary":
-                return json.loads(p)
-        return {}
     s = edge.sensor("dir-1")
     sent = []
     for i in range(5):
@@ -696,7 +700,8 @@ def test_an_idle_devices_uplink_is_written_by_the_broker_thread(edge, standin, d
         s.publish(up("dir-1"), sent[-1], qos=1)
     wait_for(lambda: len(standin.uplinks(up("dir-1"))) >= len(sent), 20, interval=0.01, what="every uplink")
     assert list(dict.fromkeys(standin.uplinks(up("dir-1")))) == sent
-    st = wait_for(lambda: summary().get("uplinks", 0) >= len(sent) and summary(), 10, what="uplinks counted")
+    st = wait_for(lambda: last_summary(admin).get("uplinks", 0) >= len(sent) and last_summary(admin), 10,
+                  what="uplinks counted")
     print(f"\n  uplink_direct {direct}: {st['uplinks_direct']} of {st['uplinks']} uplinks from the broker thread")
     if direct == "true":
         assert st["uplinks_direct"] >= 5, st
@@ -715,25 +720,13 @@ def test_a_lightly_loaded_edge_holds_no_uplinks(edge, standin):
     edge.options["queue_max"] = "10000"   # the QoS 0 burst outruns the relay
     admin = start_with_devices(edge, standin, ["lt-1"])
     admin.subscribe("$SYS/broker/akenza/summary", 0)
-    s = edge.sensor("lt-1")
-    time.sleep(0.5)
-    before = upstream_segments_out(edge, standin)
-    for i in range(200):
-        s.publish(up("lt-1"), f"{i}".encode(), qos=0)
-        time.sleep(0.002)
-    wait_for(lambda: len(standin.uplinks(up("lt-1"))) >= 200, 20, interval=0.005, what="the 200 uplinks")
-    light = upstream_segments_out(edge, standin) - before
-    assert list(dict.fromkeys(standin.uplinks(up("lt-1")))) == [f"{i}".encode() for i in range(200)]
+    light, _, s = send_spaced(edge, standin, "lt-1")
     assert light >= 150, f"{light} segments for 200 uplinks at 500/s: they were held on an idle edge"
-
-    def summary():
-        for t, p in reversed(admin.received()):
-            if t == "$SYS/broker/akenza/summary":
-                return json.loads(p)
-        return {}
-    st = wait_for(lambda: summary().get("uplinks", 0) >= 200 and summary(), 10, what="uplinks counted")
+    st = wait_for(lambda: last_summary(admin).get("uplinks", 0) >= 200 and last_summary(admin), 10,
+                  what="uplinks counted")
     assert st["uplinks_direct"] >= 150, st
-    # a burst far above 5,000/s: held again, so far fewer segments than uplinks
+    # a burst far above 5,000/s: held again (83-204 segments measured; 532 with the gate stuck
+    # off, where only the queue that builds up while the relay catches up groups uplinks)
     time.sleep(0.2)
     before = upstream_segments_out(edge, standin)
     for i in range(3000):
@@ -743,4 +736,4 @@ def test_a_lightly_loaded_edge_holds_no_uplinks(edge, standin):
     assert list(dict.fromkeys(standin.uplinks(up("lt-1", "/burst")))) == [f"b{i}".encode() for i in range(3000)]
     print(f"\n  light load: {light} segments for 200 uplinks, {st['uplinks_direct']} direct; "
           f"burst: {heavy} segments for 3000 uplinks")
-    assert heavy < 1500, f"{heavy} segments for a 3,000-uplink burst: not held under load"
+    assert heavy < 400, f"{heavy} segments for a 3,000-uplink burst: not held under load"
