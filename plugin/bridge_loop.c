@@ -309,14 +309,21 @@ static void queue_receipt(struct dev *d, const struct akz_msg *m)
 	}
 }
 
-/* Counts uplinks as delivered: acknowledged by akenza (QoS 1) or written (QoS 0). */
-static void count_relayed(struct dev *d, size_t n)
+/* Counts uplinks as delivered: acknowledged by akenza (QoS 1) or written (QoS 0). Caller
+ * holds b->lock. */
+static void count_relayed_locked(struct dev *d, size_t n)
 {
-	pthread_mutex_lock(&d->b->lock);
 	d->unacked -= n;
 	d->b->sum.uplinks += n;
 	if(!d->removed) d->b->sum.queued -= n;
 	d->b->sum_dirty = true;
+}
+
+/* count_relayed_locked, taking the lock. */
+static void count_relayed(struct dev *d, size_t n)
+{
+	pthread_mutex_lock(&d->b->lock);
+	count_relayed_locked(d, n);
 	pthread_mutex_unlock(&d->b->lock);
 }
 
@@ -596,11 +603,9 @@ static void note_output(struct dev *d)
 /* Adds n uplinks handed to libmosquitto to the edge's uplink rate (b->load_rate), which is
  * taken anew once LOAD_WINDOW_US have passed. Relayed, not accepted, uplinks are counted: a
  * backlog drained after an outage is load too. A rate taken over a quiet spell is low: the
- * spell is in the span. Any thread; never fails. */
-static void count_load(struct akz_bridge *b, size_t n)
+ * spell is in the span. Caller holds b->lock; never fails. */
+static void count_load_locked(struct akz_bridge *b, size_t n, int64_t now)
 {
-	int64_t now = akz_mono_us();
-	pthread_mutex_lock(&b->lock);
 	b->load_count += (int64_t)n;
 	int64_t span = now - b->load_start_us;
 	if(span >= LOAD_WINDOW_US){
@@ -608,7 +613,6 @@ static void count_load(struct akz_bridge *b, size_t n)
 		b->load_start_us = now;
 		b->load_count = 0;
 	}
-	pthread_mutex_unlock(&b->lock);
 }
 
 /* Whether busy devices' uplinks are held now: holding saves the edge CPU (writes, TLS records,
@@ -688,10 +692,12 @@ static bool hold_uplinks(struct dev *d)
 /* Hands a connected device's pending uplinks to libmosquitto while the window has room and the
  * socket takes them: QoS 1 ones wait in the window for their PUBACK, QoS 0 ones count as
  * relayed once handed over. Stopping while libmosquitto still has bytes to write keeps its
- * queue, and our memory, small. Returns how many went; *emptied says whether the last look
- * found the queue empty. Bridge thread, or broker thread holding io_lock; never fails (a
- * failed publish leaves the uplink at the head of the queue). */
-static size_t hand_over_uplinks(struct dev *d, bool *emptied)
+ * queue, and our memory, small. Returns how many went, counted (as relayed for QoS 0, as load,
+ * and as direct when the broker thread hands them over: direct) in one locked step, since
+ * the broker thread does this per uplink; *emptied says whether the last look found the
+ * queue empty. Bridge thread, or broker thread holding io_lock; never fails (a failed
+ * publish leaves the uplink at the head of the queue). */
+static size_t hand_over_uplinks(struct dev *d, bool direct, bool *emptied)
 {
 	struct akz_bridge *b = d->b;
 	size_t qos0 = 0, n = 0;
@@ -732,8 +738,13 @@ static size_t hand_over_uplinks(struct dev *d, bool *emptied)
 			qos0++;
 		}
 	}
-	if(qos0) count_relayed(d, qos0);
-	if(n) count_load(b, n);
+	if(n == 0) return 0;
+	int64_t now = akz_mono_us();
+	pthread_mutex_lock(&b->lock);
+	if(qos0) count_relayed_locked(d, qos0);
+	count_load_locked(b, n, now);
+	if(direct) b->sum.uplinks_direct += n;
+	pthread_mutex_unlock(&b->lock);
 	return n;
 }
 
@@ -747,7 +758,7 @@ static void pump_uplinks(struct dev *d, bool release)
 
 	if(up && !release && b->coalesce_us && hold_uplinks(d)) return;
 	d->hold_until_us = 0;
-	if(up) (void)hand_over_uplinks(d, &emptied);
+	if(up) (void)hand_over_uplinks(d, false, &emptied);
 	else set_promise(d, true);   /* the CONNACK's read pumps */
 	d->urgent = false;
 	note_output(d);
@@ -798,14 +809,9 @@ bool bridge_send_direct(struct dev *d)
 
 	if(pthread_mutex_trylock(&d->io_lock)) return false;   /* the bridge thread is on it */
 	if(idle_for_direct(d)){
-		size_t n = hand_over_uplinks(d, &emptied);
+		(void)hand_over_uplinks(d, true, &emptied);
 		/* A socket libmosquitto closed meanwhile is for the bridge thread to find (check_socket). */
 		sent = emptied && write_output(d) >= 0 && mosquitto_socket(d->mosq) == d->fd;
-		if(n){
-			pthread_mutex_lock(&d->b->lock);
-			d->b->sum.uplinks_direct += n;
-			pthread_mutex_unlock(&d->b->lock);
-		}
 	}
 	pthread_mutex_unlock(&d->io_lock);
 	return sent;
