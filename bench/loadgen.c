@@ -35,12 +35,14 @@
  *       connects and disconnects CONNECTS times in a row (user USERFMT % i), prints
  *       "connects N refused R seconds S".
  *   loadgen sub -p PORT -t TOPIC -c COUNT [-w SECONDS] [-u USER -P PASS] [--cafile F --host H]
- *               [--session ID]
+ *               [--session ID] [--samples FILE]
  *       prints "ready" once subscribed, then counts messages until COUNT arrived or WAIT seconds
  *       passed without one (6 x WAIT before the first); --session: client id ID and no clean
  *       session, so that the subscription and the messages for it outlive a disconnect (and a
  *       restart of a broker with persistence); prints
- *       "received N duplicates D first_to_last S lat_p50_us X lat_p99_us Y lat_max_us Z".
+ *       "received N duplicates D first_to_last S lat_p50_us X lat_p99_us Y lat_max_us Z";
+ *       --samples: also writes every latency to FILE, in ns, one per line, sorted (so that rounds
+ *       can be pooled: a single round's p99 moves with whatever else the machine did meanwhile).
  * pub and sub run one thread and one epoll loop over non-blocking sockets (TLS with --cafile,
  * verifying the broker's certificate against it and the name --host). A refused connection, a
  * certificate that does not verify or a lost connection: a message on stderr and exit status 1.
@@ -61,7 +63,7 @@
 
 struct opts {
 	int port, clients, msgs, qos, rate, count, wait_s, inflight;
-	const char *user_fmt, *pass, *prefix, *idfmt, *topic, *cafile, *host, *session;
+	const char *user_fmt, *pass, *prefix, *idfmt, *topic, *cafile, *host, *session, *samples;
 };
 
 static int64_t now_ns(void)
@@ -996,6 +998,23 @@ static int cmp64(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
+/* Writes the n sorted latencies to path, one per line. Returns 0, or -1 with the reason on stderr. */
+static int write_samples(const char *path, const int64_t *lat, size_t n)
+{
+	FILE *f = fopen(path, "w");
+	if(f == NULL){
+		fprintf(stderr, "loadgen: %s: %s\n", path, strerror(errno));
+		return -1;
+	}
+	for(size_t i = 0; i < n; i++) fprintf(f, "%lld\n", (long long)lat[i]);
+	bool failed = ferror(f) != 0;
+	if(fclose(f) != 0 || failed){
+		fprintf(stderr, "loadgen: %s: write failed\n", path);
+		return -1;
+	}
+	return 0;
+}
+
 static int run_sub(const struct opts *o)
 {
 	struct sink s = {.cap = 2000000, .seen_cap = 10000L * 1000000 / 8 / 100};  /* 100 devices x 1e6 seq */
@@ -1037,6 +1056,7 @@ out:
 		double max = n ? (double)s.lat[n - 1] / 1000.0 : 0;
 		printf("received %ld duplicates %ld first_to_last %.3f lat_p50_us %.0f lat_p99_us %.0f lat_max_us %.0f\n",
 				s.received, s.dups, (double)(s.last - s.first) / 1e9, p50, p99, max);
+		if(o->samples && write_samples(o->samples, s.lat, n) < 0) rc = 1;
 	}
 	loop_free(&L);
 	free(s.lat);
@@ -1052,7 +1072,7 @@ int main(int argc, char **argv)
 		{"prefix", required_argument, NULL, 1}, {"idfmt", required_argument, NULL, 2},
 		{"cafile", required_argument, NULL, 3}, {"host", required_argument, NULL, 4},
 		{"inflight", required_argument, NULL, 5}, {"session", required_argument, NULL, 6},
-		{NULL, 0, NULL, 0}};
+		{"samples", required_argument, NULL, 7}, {NULL, 0, NULL, 0}};
 	if(argc < 2) return 2;
 	const char *mode = argv[1];
 	optind = 2;
@@ -1075,6 +1095,7 @@ int main(int argc, char **argv)
 		case 4: o.host = optarg; break;
 		case 5: o.inflight = atoi(optarg); break;
 		case 6: o.session = optarg; break;
+		case 7: o.samples = optarg; break;
 		default: return 2;
 		}
 	}
