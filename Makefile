@@ -41,6 +41,8 @@ STANDIN_SRC := $(wildcard tests/standin/*.c)
 SHIM_SRC := $(wildcard tests/shims/*.c)
 BENCH_SRC := $(wildcard bench/*.c)
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+BENCH_SHIM_SRC := $(wildcard bench/shims/*.c)
+BENCH_SHIM_SO := $(BENCH_SHIM_SRC:bench/shims/%.c=$(BUILD)/bench/%.so)
 FUZZ_SRC := $(wildcard fuzz/fuzz_*.c)
 FUZZ_BIN := $(FUZZ_SRC:fuzz/%.c=$(BUILD)/%)
 # Seconds each fuzz target runs in make fuzz: five targets, about a minute in all.
@@ -75,6 +77,11 @@ $(BUILD)/standin_auth.so: $(STANDIN_SRC) $(BUILD)/obj/plugin/topic.o
 $(BUILD)/bench/%: bench/%.c $(SHARED_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS) -ljwt
+
+# Shims preloaded into the benchmark's brokers (late acknowledgements, TCP_NODELAY): libc only.
+$(BUILD)/bench/%.so: bench/shims/%.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE -fPIC -shared $(WARN) -O2 -o $@ $< -ldl -lpthread
 
 $(BUILD)/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_common.h $(SHARED_OBJ)
 	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer -o $@ $< $(SHARED_OBJ) $(LDLIBS)
@@ -153,11 +160,11 @@ test: deps
 run: deps all $(BUILD)/standin_auth.so
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) tools/demo.py
 
-bench: deps all $(BENCH_BIN)
+bench: deps all $(BENCH_BIN) $(BENCH_SHIM_SO)
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) bench/run.py
 
 lint:
-	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) $(STANDIN_SRC) $(SHIM_SRC) $(FUZZ_SRC) $(BENCH_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
+	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) $(STANDIN_SRC) $(SHIM_SRC) $(FUZZ_SRC) $(BENCH_SRC) $(BENCH_SHIM_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability --inline-suppr \
 		--suppress=missingIncludeSystem -Iinclude plugin tools tests/standin tests/shims fuzz bench
 	$(PYTHON) -m pyflakes tests/*.py bench/*.py tools/*.py

@@ -1,13 +1,15 @@
 #!/usr/bin/python3
 """make bench: each figure beside a peer measured in the same run, printed as a ratio.
 
-Sections (run all, or name some: bench/run.py jwt connect bridge memory):
+Sections (run all, or name some: bench/run.py jwt connect bridge remote memory):
   jwt      tokens/s of our minting vs `openssl speed` signing, libjwt 1.x and akenza's reference client
   connect  local authenticated CONNECTs/s (cold, cached) vs Mosquitto's own password_file
   bridge   relayed uplinks/s, loss, CPU per message and latency vs Mosquitto's built-in bridge and
            vs publishing straight upstream (medians of BENCH_ROUNDS=3 alternating rounds; latency:
            the samples of BENCH_LAT_ROUNDS=15 short rounds pooled); QoS 1 from 1, 10 and 100
            devices; downlink latency
+  remote   the same latency with the upstream's acknowledgements BENCH_ACK_DELAY_MS=20 late (as from
+           akenza across a WAN), also vs the built-in bridge with TCP_NODELAY
   spool    relayed QoS 1 uplinks/s per spool_sync mode vs the in-memory queue; drain of a 1,000,000-
            message backlog (BENCH_BACKLOG) after an outage
   memory   memory per upstream device and time to bring N devices online (N = 1000, and
@@ -40,9 +42,10 @@ WORK = Path(tempfile.mkdtemp(prefix="akenza-bench-"))
 STARTED = []
 
 
-def broker(conf, name, port=None):
+def broker(conf, name, port=None, env=None):
+    """A Mosquitto on conf (PORT: a free port), with env added to its environment."""
     port = port or free_port()
-    b = Broker(WORK / name, conf.replace("PORT", str(port)), port, name)
+    b = Broker(WORK / name, conf.replace("PORT", str(port)), port, name, env=env)
     b.port = port
     STARTED.append(b)
     return b
@@ -150,14 +153,15 @@ def bench_connect():
 class Rig:
     """An upstream (TLS, anonymous), our edge (plugin, N devices) and a built-in-bridge edge."""
 
-    def __init__(self, n, persist=False):
-        """persist: the upstream keeps sessions across its restarts (a persistent sink's)."""
+    def __init__(self, n, persist=False, upstream_env=None):
+        """persist: the upstream keeps sessions across its restarts (a persistent sink's);
+        upstream_env: added to the upstream's environment (a preloaded shim)."""
         self.n = n
         self.pki = PKI(WORK / "pki")
         keep = f"persistence true\npersistence_location {WORK}/\n" if persist else ""
         self.up = broker(f"listener PORT 127.0.0.1\ncafile {self.pki.ca_cert}\ncertfile {self.pki.server_cert}\n"
                          f"keyfile {self.pki.server_key}\nallow_anonymous true\nmax_queued_messages 0\n"
-                         f"max_inflight_messages 0\n{keep}", "upstream")
+                         f"max_inflight_messages 0\n{keep}", "upstream", env=upstream_env)
         keys = WORK / "bkeys"
         keys.mkdir(exist_ok=True)
         self.keys = keys
@@ -185,12 +189,13 @@ class Rig:
                       f"plugin_opt_upstream_cafile {self.pki.ca_cert}\nplugin_opt_connect_rate 5000\n"
                       f"plugin_opt_queue_max 100000\nplugin_opt_status_interval 100\nmax_queued_messages 0\n{extra}", "ours")
 
-    def builtin(self):
-        return broker(f"listener PORT 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
+    def builtin(self, name="builtin", extra="", env=None):
+        """An edge with Mosquitto's built-in bridge; name is also its client id upstream."""
+        return broker(f"listener PORT 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n{extra}"
                       f"connection up\naddress localhost:{self.up.port}\nbridge_cafile {self.pki.ca_cert}\n"
                       "bridge_tls_version tlsv1.2\nbridge_protocol_version mqttv311\ncleansession true\n"
-                      "remote_clientid edge-bridge\ntopic /up/device/id/# out 1\ntopic /down/device/id/# in 1\n",
-                      "builtin")
+                      f"remote_clientid {name}\ntopic /up/device/id/# out 1\ntopic /down/device/id/# in 1\n",
+                      name, env=env)
 
     def wait_connected(self, edge, n, timeout=120):
         admin = Sensor(edge.port, "admin", "adminpw")
@@ -364,13 +369,46 @@ def bench_bridge():
 
 
 def show_pooled(runs, names, what):
-    """Rows of pooled p50, p90 and p99 for each name in runs; ours against the built-in bridge."""
+    """Rows of pooled p50, p90 and p99 for each name in runs, with the rounds' own spread; ours
+    (and a tuned built-in bridge) against the built-in bridge, and ours against the tuned one."""
     for q, label in ((0.5, "p50"), (0.9, "p90"), (0.99, "p99")):
         v = {name: pooled(runs[name], q) for name in names}
         for name in names:
             each = sorted(pooled([r], q) for r in runs[name])
+            vs = name in ("ours", "tuned")
             row(f"  {label} {name}{what} (us)", v[name], f"us [{each[0]:.0f}-{each[-1]:.0f}]",
-                "built-in" if name == "ours" else None, v["builtin"] if name == "ours" else None)
+                "built-in" if vs else None, v["builtin"] if vs else None)
+        if "tuned" in names:
+            row(f"  {label} ours vs the tuned built-in bridge", v["ours"], "us", "tuned", v["tuned"])
+
+
+def bench_remote():
+    """Uplink latency with the upstream's acknowledgements a WAN round trip late."""
+    global RIG
+    n, lat_msgs = 100, 20
+    delay = os.environ.get("BENCH_ACK_DELAY_MS", "20")
+    lat_rounds = int(os.environ.get("BENCH_LAT_ROUNDS", "15"))
+    print(f"\n== Added latency when akenza's acknowledgements come {delay} ms late, as across a WAN")
+    print("   (the upstream preloads late_acks.so: PUBACKs and other writes of <= 40 bytes go out late, its")
+    print("   deliveries to the subscriber at once). tuned: the built-in bridge with TCP_NODELAY (preloaded")
+    print("   tcp_nodelay.so; Mosquitto 2.0 has no option for it) and max_inflight_messages 0. QoS 1,")
+    print(f"   1,000 msg/s from {n} devices, {lat_rounds} rounds of {n * lat_msgs:,} uplinks, all samples pooled:")
+    RIG = Rig(n, upstream_env={"LD_PRELOAD": str(BUILD / "bench" / "late_acks.so"), "AKZ_ACK_DELAY_MS": delay})
+    ours = RIG.ours()
+    RIG.wait_connected(ours, n)
+    builtin = RIG.builtin()
+    tuned = RIG.builtin("tuned", "max_inflight_messages 0\n", env={"LD_PRELOAD": str(BUILD / "bench" / "tcp_nodelay.so")})
+    time.sleep(1)
+    lat = {}
+    for _ in range(lat_rounds):
+        for name, tgt, port, user, ca in (("direct", None, RIG.up.port, False, RIG.pki.ca_cert),
+                                          ("builtin", builtin, builtin.port, False, None),
+                                          ("tuned", tuned, tuned.port, False, None),
+                                          ("ours", ours, ours.port, True, None)):
+            r = relay(tgt, port, 1, n, lat_msgs, rate=1000, user=user, cafile=ca, samples=True)
+            assert r["lost"] == 0, f"{name}: {r['lost']} uplinks lost"
+            lat.setdefault(name, []).append(r)
+    show_pooled(lat, ("direct", "builtin", "tuned", "ours"), "")
 
 
 def downlink_latency(edge, user, msgs=1000, rate=200):
@@ -472,8 +510,8 @@ def bench_spool():
     row("  duplicates", r["dups"], "msgs")
 
 
-SECTIONS = {"jwt": bench_jwt, "connect": bench_connect, "bridge": bench_bridge, "memory": bench_memory,
-            "spool": bench_spool}
+SECTIONS = {"jwt": bench_jwt, "connect": bench_connect, "bridge": bench_bridge, "remote": bench_remote,
+            "memory": bench_memory, "spool": bench_spool}
 
 
 def main():
