@@ -391,7 +391,7 @@ def bench_remote():
     print(f"\n== Added latency when akenza's acknowledgements come {delay} ms late, as across a WAN")
     print("   (the upstream preloads late_acks.so: PUBACKs and other writes of <= 40 bytes go out late, its")
     print("   deliveries to the subscriber at once). tuned: the built-in bridge with TCP_NODELAY (preloaded")
-    print("   tcp_nodelay.so; Mosquitto 2.0 has no option for it) and max_inflight_messages 0. QoS 1,")
+    print("   tcp_nodelay.so; set_tcp_nodelay covers only accepted clients) and max_inflight_messages 0. QoS 1,")
     print(f"   1,000 msg/s from {n} devices, {lat_rounds} rounds of {n * lat_msgs:,} uplinks, all samples pooled:")
     RIG = Rig(n, upstream_env={"LD_PRELOAD": str(BUILD / "bench" / "late_acks.so"), "AKZ_ACK_DELAY_MS": delay})
     ours = RIG.ours()

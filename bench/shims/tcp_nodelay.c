@@ -1,7 +1,7 @@
 /* tcp_nodelay.c - LD_PRELOAD for a benchmark peer: TCP_NODELAY on every TCP socket it connects.
  *
- * Mosquitto 2.0's built-in bridge leaves Nagle's algorithm on, and has no option to turn it
- * off: behind an unacknowledged segment its next small PUBLISH waits for the TCP ACK, which
+ * Mosquitto 2.0's built-in bridge leaves Nagle's algorithm on (set_tcp_nodelay covers only the
+ * clients the broker accepts): behind an unacknowledged segment its next small PUBLISH waits for the TCP ACK, which
  * from a broker across a WAN is a round trip away. The benchmark shows that bridge as shipped
  * and, with this shim, as it would be tuned, to tell Nagle's share from the rest. */
 #include <dlfcn.h>
