@@ -325,22 +325,14 @@ def bench_bridge():
     lat_msgs = 20
     print(f" Added latency at a fixed 1,000 msg/s (QoS 1), from sensor publish to upstream delivery:"
           f" {lat_rounds} rounds of {n * lat_msgs:,} uplinks, all samples pooled:")
-    lat = {}
-    for _ in range(lat_rounds):
-        for name, tgt, port, user, ca in (("direct", None, RIG.up.port, False, RIG.pki.ca_cert),
-                                          ("builtin", builtin, builtin.port, False, None),
-                                          ("ours", ours, ours.port, True, None)):
-            lat.setdefault(name, []).append(relay(tgt, port, 1, n, lat_msgs, rate=1000, user=user, cafile=ca,
-                                                  samples=True))
-    show_pooled(lat, ("direct", "builtin", "ours"), "")
+    senders = (("direct", None, RIG.up.port, False, RIG.pki.ca_cert),
+               ("builtin", builtin, builtin.port, False, None),
+               ("ours", ours, ours.port, True, None))
+    show_pooled(latency_rounds(senders, lat_rounds, n, lat_msgs), ("direct", "builtin", "ours"), "")
     # The same from one device: one connection, as the built-in bridge has, and a device busy
     # enough (every 1 ms) to be held if the edge counted as loaded.
     print(f" The same from one device ({lat_rounds} rounds of 2,000 uplinks, pooled):")
-    one = {}
-    for _ in range(lat_rounds):
-        for name, tgt, user in (("builtin", builtin, False), ("ours", ours, True)):
-            one.setdefault(name, []).append(relay(tgt, tgt.port, 1, 1, 2000, rate=1000, user=user, samples=True))
-    show_pooled(one, ("builtin", "ours"), ", 1 device")
+    show_pooled(latency_rounds(senders[1:], lat_rounds, 1, 2000), ("builtin", "ours"), ", 1 device")
     # akenza wants a connection per device; the built-in bridge carries every device on one. The
     # same 100,000 QoS 1 uplinks from fewer devices show what the connection count costs.
     print(f" QoS 1 by the number of sending devices, 100,000 uplinks each time (median of {rounds} rounds):")
@@ -371,6 +363,18 @@ def bench_bridge():
     show_pooled(down, ("builtin", "ours"), ", downlink")
     row("  max builtin, downlink (us)", max(max(r["samples"]) for r in down["builtin"]), "us")
     row("  max ours, downlink (us)", max(max(r["samples"]) for r in down["ours"]), "us")
+
+
+def latency_rounds(senders, rounds, clients, msgs):
+    """rounds rounds in which each sender (name, target edge or None, port, log in as the device,
+    CA file) in turn publishes msgs QoS 1 uplinks from each of clients devices at 1,000 msg/s.
+    Returns each sender's relay() results with samples, by name."""
+    lat = {}
+    for _ in range(rounds):
+        for name, tgt, port, user, ca in senders:
+            lat.setdefault(name, []).append(relay(tgt, port, 1, clients, msgs, rate=1000, user=user, cafile=ca,
+                                                  samples=True))
+    return lat
 
 
 def show_pooled(runs, names, what):
@@ -404,15 +408,13 @@ def bench_remote():
     builtin = RIG.builtin()
     tuned = RIG.builtin("tuned", "max_inflight_messages 0\n", env={"LD_PRELOAD": str(BUILD / "bench" / "tcp_nodelay.so")})
     time.sleep(1)
-    lat = {}
-    for _ in range(lat_rounds):
-        for name, tgt, port, user, ca in (("direct", None, RIG.up.port, False, RIG.pki.ca_cert),
-                                          ("builtin", builtin, builtin.port, False, None),
-                                          ("tuned", tuned, tuned.port, False, None),
-                                          ("ours", ours, ours.port, True, None)):
-            r = relay(tgt, port, 1, n, lat_msgs, rate=1000, user=user, cafile=ca, samples=True)
-            assert r["lost"] == 0, f"{name}: {r['lost']} uplinks lost"
-            lat.setdefault(name, []).append(r)
+    lat = latency_rounds((("direct", None, RIG.up.port, False, RIG.pki.ca_cert),
+                          ("builtin", builtin, builtin.port, False, None),
+                          ("tuned", tuned, tuned.port, False, None),
+                          ("ours", ours, ours.port, True, None)), lat_rounds, n, lat_msgs)
+    for name, runs in lat.items():
+        lost = sum(r["lost"] for r in runs)
+        assert lost == 0, f"{name}: {lost} uplinks lost"
     show_pooled(lat, ("direct", "builtin", "tuned", "ours"), "")
 
 
