@@ -27,8 +27,24 @@ struct akz_key_opts {
  * broker thread may drop its reference (on reload) while the bridge thread still signs. */
 struct akz_key;
 
+/* What a key reference ("key" in the registry, a control API "uri", a command-line key) names. */
+enum akz_keyref {
+	AKZ_KEYREF_PATH,   /* a local file: a path, or a file: URI in any spelling of the scheme */
+	AKZ_KEYREF_STORE,  /* a URI whose scheme a loaded provider has an OSSL_STORE loader for */
+	AKZ_KEYREF_BAD,    /* empty, or a file: URI naming another host */
+};
+
+/* The one rule for key references. "file:" is compared without regard to case (as OpenSSL does)
+ * and file:/p, file:///p, file://localhost/p name the file /p; another scheme counts as a URI only
+ * if OpenSSL has a loader for it, so "keys:a.pem" is a path. For AKZ_KEYREF_PATH, *path points
+ * into ref at the file's path (relative paths stay relative); else it is NULL. Never fails. */
+enum akz_keyref akz_keyref_parse(const char *ref, const char **path);
+
 /* Loads the private key at `uri`: a plain path, a `file:` URI or any OSSL_STORE URI
- * (pkcs11:, tpm2:, ... where such a provider is configured).
+ * (pkcs11:, tpm2:, ... where such a provider is configured), as akz_keyref_parse tells them
+ * apart. A local file is checked before it is read (a regular file, not empty, at most 1 MiB,
+ * no group or other permission unless opts allow it), opened without blocking, and decoded from
+ * what was read, so a fifo or a device never stalls the caller.
  * Returns 0 and sets *out (one reference, release with akz_key_unref) on success.
  * Returns -1 on failure with a one-line reason in err that names the file; *out is NULL. */
 int akz_key_load(const char *uri, const struct akz_key_opts *opts, struct akz_key **out,

@@ -63,8 +63,14 @@ const struct akz_gateway *akz_registry_find_gateway(const struct akz_registry *r
 		const char *username);
 
 /* Why `id` cannot be a device id (an akenza deviceId, an MQTT topic level and a file name in
- * the key store), as a phrase such as "is empty"; NULL if it is fine. Never fails. */
+ * the key store): empty, longer than 128 bytes, "*" (a gateway's word for every device), '/', '+'
+ * or '#', or what akz_text_bad_reason refuses. As a phrase such as "is empty"; NULL if it is fine.
+ * Never fails. */
 const char *akz_registry_bad_id_reason(const char *id);
+
+/* Why `u` cannot be a local username of a device or gateway (empty, longer than 256 bytes, not
+ * UTF-8, control characters: MQTT's own rules), as a phrase; NULL if it is fine. Never fails. */
+const char *akz_registry_bad_username_reason(const char *u);
 
 /* The path of a file in the key store of the registry at registry_path (keystore_dir as in
  * akz_registry_load): <keystore>/<id><suffix>, e.g. suffix ".pem" gives a device's default key.

@@ -32,15 +32,15 @@
 #include "akz_regfile.h"
 #include "akz_registry.h"
 #include "akz_status.h"
+#include "akz_util.h"
 
-#define USERNAME_MAX 256
 #define PASSWORD_MAX 1024
 #define ERR_MAX 1024
 
 /* One command being answered. */
 struct req {
 	struct akz_plugin *p;
-	const char *user;          /* the requesting client, for the log */
+	const char *user;          /* the requesting client, escaped for the log */
 	const char *client;
 	const cJSON *cmd;
 	const char *command;
@@ -67,7 +67,7 @@ static void reply(struct req *r, cJSON *data, const char *error)
 		cJSON_Delete(data);
 		cJSON_Delete(o);
 		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: control: out of memory answering %s of user '%s'",
-				r->command, r->user);
+				akz_esc(r->command), r->user);
 	}
 }
 
@@ -83,7 +83,7 @@ static void fail(struct req *r, const char *fmt, ...)
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: control: %s from user '%s' (client '%s') refused: %s",
-			r->command, r->user, r->client, msg);
+			akz_esc(r->command), r->user, r->client, akz_esc(msg));
 	reply(r, NULL, msg);
 }
 
@@ -96,7 +96,7 @@ static void nomem(struct req *r)
 static void done(struct req *r, const char *what)
 {
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: control: %s %s by user '%s' (client '%s')",
-			r->command, what, r->user, r->client);
+			akz_esc(r->command), akz_esc(what), r->user, r->client);
 }
 
 /* ---- reading the request ------------------------------------------------------------------ */
@@ -161,25 +161,9 @@ static int get_id(struct req *r, const char **id)
 	return 0;
 }
 
-/* Whether a local username is usable: MQTT wants UTF-8 without NUL or control characters. */
-static const char *bad_username_reason(const char *u)
-{
-	size_t n = strlen(u);
-	if(n == 0) return "is empty";
-	if(n > USERNAME_MAX) return "is longer than 256 bytes";
-	for(const unsigned char *q = (const unsigned char *)u; *q;){
-		if(*q < 0x20 || *q == 0x7F) return "contains a control character";
-		int len = *q < 0x80 ? 1 : (*q >> 5) == 6 ? 2 : (*q >> 4) == 14 ? 3 : (*q >> 3) == 30 ? 4 : 0;
-		if(len == 0) return "is not valid UTF-8";
-		for(int k = 1; k < len; k++) if((q[k] & 0xC0) != 0x80) return "is not valid UTF-8";
-		q += len;
-	}
-	return NULL;
-}
-
 static int check_username(struct req *r, const char *u)
 {
-	const char *why = bad_username_reason(u);
+	const char *why = akz_registry_bad_username_reason(u);
 	if(why){
 		fail(r, "invalid username: it %s", why);
 		return -1;
@@ -430,7 +414,7 @@ static int save_tree(struct req *r, cJSON *root, bool quiet)
 		return -1;
 	}
 	free(tmp);
-	if(rc > 0) mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: control: %s", err);
+	if(rc > 0) mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: control: %s", akz_esc(err));
 	if(akz_plugin_apply_registry(p, reg)){
 		if(!quiet) fail(r, "saved to %s, but out of memory putting it in force: send SIGHUP to retry", path);
 		return -1;
@@ -995,7 +979,7 @@ static char *settle_key_files(struct req *r, const char *id, const char *old_kid
 	}
 	if(link(next, canon) != 0) goto out;
 	if(link(nextpub, canonpub) != 0 && errno != ENOENT){
-		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: control: %s: %s", canonpub, strerror(errno));
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: control: %s: %s", akz_esc(canonpub), strerror(errno));
 	}
 	akz_regfile_sync_dir(canon);
 	char err[ERR_MAX];
@@ -1015,7 +999,7 @@ static char *settle_key_files(struct req *r, const char *id, const char *old_kid
 out:
 	if(res == NULL){
 		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: control: commitKey '%s': the key stays in its "
-				"rotateKey file (the registry names it)", id);
+				"rotateKey file (the registry names it)", akz_esc(id));
 	}
 	free(canon);
 	free(canonpub);
@@ -1400,8 +1384,10 @@ int akz_control_callback(int event, void *event_data, void *userdata)
 
 	const char *user = mosquitto_client_username(ed->client);
 	const char *client = mosquitto_client_id(ed->client);
-	struct req r = {.p = userdata, .user = user ? user : "(none)", .client = client ? client : "?",
-		.command = "Unknown command"};
+	char user_esc[300], client_esc[300];   /* for the log only */
+	akz_escape(user_esc, sizeof(user_esc), user ? user : "(none)");
+	akz_escape(client_esc, sizeof(client_esc), client ? client : "?");
+	struct req r = {.p = userdata, .user = user_esc, .client = client_esc, .command = "Unknown command"};
 	cJSON *tree = cJSON_CreateObject();
 	r.responses = tree ? cJSON_AddArrayToObject(tree, "responses") : NULL;
 	if(r.responses == NULL){
@@ -1411,6 +1397,10 @@ int akz_control_callback(int event, void *event_data, void *userdata)
 	}
 	if(ed->payloadlen > AKZ_CONTROL_MAX_PAYLOAD){
 		fail(&r, "request larger than %d bytes", AKZ_CONTROL_MAX_PAYLOAD);
+	}else if(ed->payload && akz_json_has_nul(ed->payload, ed->payloadlen)){
+		/* cJSON would cut a string at the NUL without a word: "pw\u0000long-secret" would
+		 * set the password "pw". */
+		fail(&r, "the request holds a NUL character (raw or \\u0000)");
 	}else{
 		cJSON *req = ed->payload ? cJSON_ParseWithLength(ed->payload, ed->payloadlen) : NULL;
 		const cJSON *cmds = req ? cJSON_GetObjectItemCaseSensitive(req, "commands") : NULL;

@@ -61,27 +61,6 @@ static size_t b64url(const unsigned char *in, size_t len, char *out)
 	return o;
 }
 
-/* Length of the UTF-8 sequence starting at s (1..4), or 0 if it is not valid UTF-8
- * (overlong forms, surrogates and code points above U+10FFFF included). */
-static size_t utf8_seq_len(const unsigned char *s)
-{
-	if(s[0] < 0x80) return 1;
-	if(s[0] >= 0xC2 && s[0] <= 0xDF) return (s[1] & 0xC0) == 0x80 ? 2 : 0;
-	if(s[0] >= 0xE0 && s[0] <= 0xEF){
-		if((s[1] & 0xC0) != 0x80 || (s[2] & 0xC0) != 0x80) return 0;
-		if(s[0] == 0xE0 && s[1] < 0xA0) return 0;
-		if(s[0] == 0xED && s[1] >= 0xA0) return 0;
-		return 3;
-	}
-	if(s[0] >= 0xF0 && s[0] <= 0xF4){
-		if((s[1] & 0xC0) != 0x80 || (s[2] & 0xC0) != 0x80 || (s[3] & 0xC0) != 0x80) return 0;
-		if(s[0] == 0xF0 && s[1] < 0x90) return 0;
-		if(s[0] == 0xF4 && s[1] >= 0x90) return 0;
-		return 4;
-	}
-	return 0;
-}
-
 /* Writes id as the inside of a JSON string into out (size outlen), escaping '"' and '\\'.
  * Returns the length, or -1 with a reason: control characters and invalid UTF-8 are refused,
  * since no akenza device id carries them and a token must not depend on an escaping choice. */
@@ -89,16 +68,13 @@ static int json_escape_id(const char *id, char *out, size_t outlen, char *err, s
 {
 	const unsigned char *s = (const unsigned char *)id;
 	size_t o = 0;
+	const char *why = akz_text_bad_reason(id);
+	if(why){
+		akz_set_err(err, errlen, "device id %s", why);
+		return -1;
+	}
 	while(*s){
-		if(*s < 0x20 || *s == 0x7F){
-			akz_set_err(err, errlen, "device id contains a control character (0x%02x)", *s);
-			return -1;
-		}
-		size_t n = utf8_seq_len(s);
-		if(n == 0){
-			akz_set_err(err, errlen, "device id is not valid UTF-8");
-			return -1;
-		}
+		size_t n = akz_utf8_seq_len(s);
 		bool esc = (*s == '"' || *s == '\\');
 		if(o + n + esc + 1 > outlen){
 			akz_set_err(err, errlen, "device id too long");

@@ -9,10 +9,12 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <strings.h>
 #include <openssl/core_names.h>
 #include <openssl/decoder.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/bio.h>
 #include <openssl/pem.h>
 #include <openssl/store.h>
 #include <openssl/ui.h>
@@ -99,54 +101,103 @@ static int passphrase_cb(char *buf, int size, int rwflag, void *u)
 	return n;
 }
 
-/* The file a plain path or file: URI names, or NULL for a provider URI (pkcs11:, ...). */
-static const char *local_path(const char *uri)
+/* True if the URI scheme s[0..len) has an OSSL_STORE loader in some loaded provider (pkcs11:,
+ * tpm2:, ...). Names are compared as OpenSSL does, without regard to case. */
+static bool has_store_loader(const char *s, size_t len)
 {
-	if(strncmp(uri, "file://", 7) == 0) return uri + 7;
-	if(strncmp(uri, "file:", 5) == 0) return uri + 5;
-	if(strchr(uri, ':') && uri[0] != '/' && uri[0] != '.') return NULL;
-	return uri;
+	char scheme[32];
+	if(len >= sizeof(scheme)) return false;
+	memcpy(scheme, s, len);
+	scheme[len] = '\0';
+	ERR_set_mark();
+	OSSL_STORE_LOADER *l = OSSL_STORE_LOADER_fetch(NULL, scheme, NULL);
+	ERR_pop_to_mark();   /* "not found" is an answer here, not an error */
+	OSSL_STORE_LOADER_free(l);
+	return l != NULL;
 }
 
-/* For plain paths and file: URIs, the local file checks OpenSSL does not make: existence,
- * type, emptiness and permissions. Returns 0, or -1 with the reason. Other URIs pass. */
-static int check_key_file(const char *uri, const struct akz_key_opts *opts, char *err, size_t errlen)
+enum akz_keyref akz_keyref_parse(const char *ref, const char **path)
 {
-	const char *path = local_path(uri);
-	if(path == NULL) return 0;
+	*path = NULL;
+	size_t n = strspn(ref, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+-.");
+	bool scheme = n > 0 && ref[n] == ':' && ((ref[0] | 0x20) >= 'a' && (ref[0] | 0x20) <= 'z');
+	if(scheme && n == 4 && strncasecmp(ref, "file", 4) == 0){
+		const char *p = ref + 5;
+		if(strncmp(p, "//", 2) == 0){
+			/* file:///path and file://localhost/path, as OpenSSL's file loader: no other host. */
+			p += 2;
+			if(strncasecmp(p, "localhost/", 10) == 0) p += 9;
+			else if(*p != '/') return AKZ_KEYREF_BAD;
+		}
+		if(*p == '\0') return AKZ_KEYREF_BAD;
+		*path = p;
+		return AKZ_KEYREF_PATH;
+	}
+	if(scheme && has_store_loader(ref, n)) return AKZ_KEYREF_STORE;
+	*path = ref;   /* "keys:a.pem" names a file unless some provider loads "keys:" URIs */
+	return ref[0] ? AKZ_KEYREF_PATH : AKZ_KEYREF_BAD;
+}
 
+/* Opens and reads a key file of at most KEY_FILE_MAX bytes, never blocking: anything but a regular
+ * file (a fifo, a device, a directory, a socket) is refused before it is opened for reading, and
+ * again on the opened descriptor in case the path changed in between. With secret, a file that
+ * group or others can read is refused (unless opts allow it). Returns a NUL-terminated buffer
+ * (the caller cleanses and frees it, OPENSSL_clear_free(buf, *len + 1)) and its length, or NULL
+ * with the reason naming path. */
+static char *read_key_file(const char *path, bool secret, const struct akz_key_opts *opts, size_t *len,
+		char *err, size_t errlen)
+{
 	struct stat sb;
+	int fd = -1;
 	if(stat(path, &sb) != 0){
 		akz_set_err(err, errlen, "%s: %s", path, strerror(errno));
-		return -1;
+		return NULL;
 	}
-	if(S_ISDIR(sb.st_mode)){
-		akz_set_err(err, errlen, "%s: is a directory, not a key file", path);
-		return -1;
+	if(S_ISREG(sb.st_mode)){
+		fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+		if(fd < 0 || fstat(fd, &sb) != 0){
+			akz_set_err(err, errlen, "%s: %s", path, strerror(errno));
+			if(fd >= 0) close(fd);
+			return NULL;
+		}
 	}
-	if(!S_ISREG(sb.st_mode)){
-		akz_set_err(err, errlen, "%s: not a regular file", path);
-		return -1;
-	}
-	if(sb.st_size == 0){
-		akz_set_err(err, errlen, "%s: empty file", path);
-		return -1;
-	}
-	if(sb.st_size > KEY_FILE_MAX){
+	const char *bad = S_ISDIR(sb.st_mode) ? "is a directory, not a key file"
+			: !S_ISREG(sb.st_mode) ? "not a regular file (a fifo, a device or a socket is never read)"
+			: sb.st_size == 0 ? "empty file" : NULL;
+	if(bad){
+		akz_set_err(err, errlen, "%s: %s", path, bad);
+	}else if(sb.st_size > KEY_FILE_MAX){
 		akz_set_err(err, errlen, "%s: %lld bytes: larger than any key file (1 MiB at most)", path,
 				(long long)sb.st_size);
-		return -1;
-	}
-	if((sb.st_mode & 077) && !(opts && opts->allow_group_readable)){
+		bad = "too large";
+	}else if(secret && (sb.st_mode & 077) && !(opts && opts->allow_group_readable)){
 		akz_set_err(err, errlen, "%s: mode %04o: group or others can read it; chmod 600 it "
 				"(or set plugin_opt_allow_readable_keys)", path, (unsigned)(sb.st_mode & 07777));
-		return -1;
+		bad = "readable";
 	}
-	if(access(path, R_OK) != 0){
-		akz_set_err(err, errlen, "%s: %s", path, strerror(errno));
-		return -1;
+	if(bad){
+		if(fd >= 0) close(fd);
+		return NULL;
 	}
-	return 0;
+	size_t cap = (size_t)sb.st_size, n = 0;
+	char *buf = malloc(cap + 1);
+	if(buf == NULL) akz_set_err(err, errlen, "%s: out of memory", path);
+	while(buf && n < cap){
+		ssize_t r = read(fd, buf + n, cap - n);
+		if(r < 0 && errno == EINTR) continue;
+		if(r < 0){
+			akz_set_err(err, errlen, "%s: %s", path, strerror(errno));
+			OPENSSL_clear_free(buf, cap + 1);
+			buf = NULL;
+		}
+		if(r <= 0) break;
+		n += (size_t)r;
+	}
+	close(fd);
+	if(buf == NULL) return NULL;
+	buf[n] = '\0';
+	*len = n;
+	return buf;
 }
 
 /* Decides the JWT algorithm for a key, or explains why akenza would not take it. */
@@ -267,44 +318,12 @@ static bool is_single_plain_pem_key(const char *buf)
 	return false;
 }
 
-/* Reads a key file of at most KEY_FILE_MAX bytes into a NUL-terminated buffer. Returns it (the
- * caller cleanses and frees it) with its length, or NULL on any failure (the slow path reports). */
-static char *read_key_file(const char *path, size_t *len)
+/* Decodes buf (len bytes, NUL-terminated) with the shared context if it is a single plain PEM
+ * private key. Returns the key, or NULL when this path declines or fails: the caller then goes
+ * through OSSL_STORE, which decodes what this cannot and explains what nobody can. Never sets
+ * an error. */
+static EVP_PKEY *decode_plain_pem(const char *buf, size_t len)
 {
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if(fd < 0) return NULL;
-	struct stat sb;
-	char *buf = NULL;
-	size_t n = 0;
-	if(fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_size > 0 && sb.st_size <= KEY_FILE_MAX){
-		size_t cap = (size_t)sb.st_size;
-		buf = malloc(cap + 1);
-		while(buf && n < cap){
-			ssize_t r = read(fd, buf + n, cap - n);
-			if(r < 0 && errno == EINTR) continue;
-			if(r < 0){
-				OPENSSL_clear_free(buf, n);
-				buf = NULL;
-			}
-			if(r <= 0) break;
-			n += (size_t)r;
-		}
-	}
-	close(fd);
-	if(buf == NULL) return NULL;
-	buf[n] = '\0';
-	*len = n;
-	return buf;
-}
-
-/* Decodes path with the shared context if it is a single plain PEM private key. Returns the
- * key, or NULL when this path declines or fails: the caller then goes through OSSL_STORE,
- * which decodes what this cannot and explains what nobody can. Never sets an error. */
-static EVP_PKEY *decode_plain_pem(const char *path)
-{
-	size_t len = 0;
-	char *buf = read_key_file(path, &len);
-	if(buf == NULL) return NULL;
 	EVP_PKEY *pkey = NULL;
 	if(is_single_plain_pem_key(buf)){
 		pthread_mutex_lock(&fast_lock);
@@ -321,7 +340,6 @@ static EVP_PKEY *decode_plain_pem(const char *path)
 		pthread_mutex_unlock(&fast_lock);
 		ERR_clear_error();
 	}
-	OPENSSL_clear_free(buf, len + 1);
 	return pkey;
 }
 
@@ -333,8 +351,11 @@ void akz_keystore_cleanup(void)
 	pthread_mutex_unlock(&fast_lock);
 }
 
-/* Opens uri through OSSL_STORE and takes its private key. Returns it, or NULL with a reason. */
-static EVP_PKEY *load_pkey(const char *uri, const struct akz_key_opts *opts, char *err, size_t errlen)
+/* Takes the private key out of a store: the file contents in mem (len bytes) when mem is not
+ * NULL, so that OpenSSL never opens a path the checks did not see, else the provider URI uri.
+ * uri names the key in reasons. Returns the key, or NULL with a reason. */
+static EVP_PKEY *load_pkey(const char *uri, const char *mem, size_t len, const struct akz_key_opts *opts,
+		char *err, size_t errlen)
 {
 	struct pass_state ps = {.file = opts ? opts->passphrase_file : NULL};
 	struct found f = {0};
@@ -344,7 +365,9 @@ static EVP_PKEY *load_pkey(const char *uri, const struct akz_key_opts *opts, cha
 		return NULL;
 	}
 	ERR_clear_error();
-	OSSL_STORE_CTX *ctx = OSSL_STORE_open_ex(uri, NULL, NULL, ui, &ps, NULL, NULL, NULL);
+	BIO *bio = mem ? BIO_new_mem_buf(mem, (int)len) : NULL;
+	OSSL_STORE_CTX *ctx = mem ? (bio ? OSSL_STORE_attach(bio, "file", NULL, NULL, ui, &ps, NULL, NULL, NULL) : NULL)
+			: OSSL_STORE_open_ex(uri, NULL, NULL, ui, &ps, NULL, NULL, NULL);
 	if(ctx == NULL){
 		unsigned long e = ERR_peek_last_error();
 		akz_set_err(err, errlen, "%s: cannot open: %s", uri, e ? ERR_reason_error_string(e) : "no loader for this URI");
@@ -382,6 +405,7 @@ static EVP_PKEY *load_pkey(const char *uri, const struct akz_key_opts *opts, cha
 		akz_set_err(err, errlen, "%s: no private key found (not a PEM or DER key file)", uri);
 	}
 out:
+	BIO_free(bio);
 	UI_destroy_method(ui);
 	ERR_clear_error();
 	return f.pkey;
@@ -446,10 +470,25 @@ int akz_key_load(const char *uri, const struct akz_key_opts *opts, struct akz_ke
 		akz_set_err(err, errlen, "empty key path");
 		return -1;
 	}
-	if(check_key_file(uri, opts, err, errlen)) return -1;
-	const char *path = local_path(uri);
-	EVP_PKEY *pkey = path ? decode_plain_pem(path) : NULL;
-	if(pkey == NULL) pkey = load_pkey(uri, opts, err, errlen);
+	const char *path;
+	EVP_PKEY *pkey = NULL;
+	switch(akz_keyref_parse(uri, &path)){
+	case AKZ_KEYREF_BAD:
+		akz_set_err(err, errlen, "%s: a file: URI names a local file: file:///path or file:/path", uri);
+		return -1;
+	case AKZ_KEYREF_STORE:
+		pkey = load_pkey(uri, NULL, 0, opts, err, errlen);
+		break;
+	case AKZ_KEYREF_PATH: {
+		size_t len = 0;
+		char *buf = read_key_file(path, true, opts, &len, err, errlen);
+		if(buf == NULL) return -1;
+		pkey = decode_plain_pem(buf, len);
+		if(pkey == NULL) pkey = load_pkey(uri, buf, len, opts, err, errlen);
+		OPENSSL_clear_free(buf, len + 1);
+		break;
+	}
+	}
 	if(pkey == NULL) return -1;
 	enum akz_alg alg = choose_alg(pkey, uri, err, errlen);
 	if(alg == AKZ_ALG_NONE){
@@ -504,13 +543,18 @@ int akz_file_kid(const char *path, const struct akz_key_opts *opts, char kid[AKZ
 		akz_key_unref(k);
 		return 0;
 	}
-	FILE *f = fopen(path, "r");
-	if(f == NULL){
+	const char *file;
+	size_t len = 0;
+	char *buf = akz_keyref_parse(path, &file) == AKZ_KEYREF_PATH
+			? read_key_file(file, false, opts, &len, NULL, 0) : NULL;
+	if(buf == NULL){
 		akz_set_err(err, errlen, "%s", why);
 		return -1;
 	}
-	EVP_PKEY *pub = PEM_read_PUBKEY(f, NULL, NULL, NULL);
-	fclose(f);
+	BIO *bio = BIO_new_mem_buf(buf, (int)len);
+	EVP_PKEY *pub = bio ? PEM_read_bio_PUBKEY(bio, NULL, NULL, NULL) : NULL;
+	BIO_free(bio);
+	OPENSSL_clear_free(buf, len + 1);
 	ERR_clear_error();
 	if(pub == NULL){
 		akz_set_err(err, errlen, "%s", why);

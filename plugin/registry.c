@@ -10,9 +10,11 @@
 #include <cJSON.h>
 #include "akz_passwd.h"
 #include "akz_registry.h"
+#include "akz_util.h"
 
 #define REGISTRY_MAX_BYTES (64L * 1024 * 1024)
 #define ID_MAX 128
+#define USERNAME_MAX 256
 
 /* An open-addressing index from a name to a position in an array. */
 struct index {
@@ -123,18 +125,17 @@ const char *akz_registry_bad_id_reason(const char *id)
 	size_t n = strlen(id);
 	if(n == 0) return "is empty";
 	if(n > ID_MAX) return "is longer than 128 characters";
-	for(const unsigned char *p = (const unsigned char *)id; *p; p++){
-		if(*p == '/' || *p == '+' || *p == '#') return "contains '/', '+' or '#' (not allowed in a topic level)";
-		if(*p < 0x20 || *p == 0x7F) return "contains a control character";
-	}
-	/* cJSON hands us UTF-8 as it was in the file; check it is valid. */
-	for(const unsigned char *p = (const unsigned char *)id; *p;){
-		int len = *p < 0x80 ? 1 : (*p >> 5) == 6 ? 2 : (*p >> 4) == 14 ? 3 : (*p >> 3) == 30 ? 4 : 0;
-		if(len == 0) return "is not valid UTF-8";
-		for(int k = 1; k < len; k++) if((p[k] & 0xC0) != 0x80) return "is not valid UTF-8";
-		p += len;
-	}
-	return NULL;
+	if(strcmp(id, "*") == 0) return "is '*', which a gateway's \"devices\" takes for every device";
+	if(strpbrk(id, "/+#")) return "contains '/', '+' or '#' (not allowed in a topic level)";
+	return akz_text_bad_reason(id);
+}
+
+const char *akz_registry_bad_username_reason(const char *u)
+{
+	size_t n = strlen(u);
+	if(n == 0) return "is empty";
+	if(n > USERNAME_MAX) return "is longer than 256 bytes";
+	return akz_text_bad_reason(u);
 }
 
 /* Takes a string field. Returns a copy (caller frees), NULL if absent (when optional) or bad. */
@@ -183,13 +184,6 @@ static void check_password(struct loader *ld, const char *hash, const char *wher
 
 /* ---- key paths --------------------------------------------------------------------------- */
 
-static bool is_uri(const char *s)
-{
-	const char *colon = strchr(s, ':');
-	const char *slash = strchr(s, '/');
-	return colon && (slash == NULL || colon < slash) && colon != s;
-}
-
 /* The directory part of path ("." if none) into out. */
 static void dir_of(const char *path, char *out, size_t outlen)
 {
@@ -212,14 +206,19 @@ static void keystore_of(const char *regdir, const char *keystore, char *out, siz
 	else snprintf(out, outlen, "%s/keys", regdir);
 }
 
-/* The key location of a device: its "key" (relative paths against the registry's directory)
- * or <keystore>/<id>.pem. Returns a new string, or NULL when out of memory. */
+/* The key location of a device: its "key" (a local file by its path, relative ones against the
+ * registry's directory; a provider URI as it is) or <keystore>/<id>.pem. Returns a new string, or
+ * NULL when out of memory. */
 static char *resolve_key(const char *regdir, const char *keystore, const char *key, const char *id)
 {
 	char buf[PATH_MAX * 2], dir[PATH_MAX];
+	const char *path;
 	if(key){
-		if(is_uri(key) || key[0] == '/') snprintf(buf, sizeof(buf), "%s", key);
-		else snprintf(buf, sizeof(buf), "%s/%s", regdir, key);
+		/* A local file is named by its path, whatever file: spelling the registry used. */
+		enum akz_keyref kind = akz_keyref_parse(key, &path);
+		if(kind != AKZ_KEYREF_PATH) snprintf(buf, sizeof(buf), "%s", key);
+		else if(path[0] == '/') snprintf(buf, sizeof(buf), "%s", path);
+		else snprintf(buf, sizeof(buf), "%s/%s", regdir, path);
 	}else{
 		keystore_of(regdir, keystore, dir, sizeof(dir));
 		snprintf(buf, sizeof(buf), "%s/%s.pem", dir, id);
@@ -312,7 +311,8 @@ static int load_key(struct loader *ld, const char *id, const char *uri, const st
 {
 	struct stat sb;
 	memset(st, 0, sizeof(*st));
-	if(!is_uri(uri) && stat(uri, &sb) == 0 && S_ISREG(sb.st_mode)){
+	const char *path;
+	if(akz_keyref_parse(uri, &path) == AKZ_KEYREF_PATH && stat(path, &sb) == 0 && S_ISREG(sb.st_mode)){
 		*st = (struct stamp){.dev = sb.st_dev, .ino = sb.st_ino, .size = sb.st_size, .mode = sb.st_mode,
 			.uid = sb.st_uid, .mtim = sb.st_mtim, .ctim = sb.st_ctim, .ok = true};
 		struct akz_key *k = reusable_key(ld->prev, id, uri, st);
@@ -354,7 +354,9 @@ static void parse_device(struct loader *ld, const cJSON *o, size_t i, struct akz
 		bad = true;
 	}
 	if(d->username == NULL && d->id) d->username = strdup(d->id);
-	if(d->username && d->username[0] == '\0') problem(ld, "%s.username: empty", where);
+	if(d->username && (why = akz_registry_bad_username_reason(d->username)) != NULL){
+		problem(ld, "%s.username: '%s' %s", where, d->username, why);
+	}
 	check_password(ld, d->password, where);
 	if(d->id && !bad){
 		d->key_uri = resolve_key(regdir, keystore, key, d->id);
@@ -393,7 +395,10 @@ static void parse_gateway(struct loader *ld, const cJSON *o, size_t i, struct ak
 	check_known_fields(ld, o, where, known);
 	g->username = take_string(ld, o, "username", where, true, &bad);
 	g->password = take_string(ld, o, "password", where, true, &bad);
-	if(g->username && g->username[0] == '\0') problem(ld, "%s.username: empty", where);
+	const char *why;
+	if(g->username && (why = akz_registry_bad_username_reason(g->username)) != NULL){
+		problem(ld, "%s.username: '%s' %s", where, g->username, why);
+	}
 	check_password(ld, g->password, where);
 	const cJSON *devs = cJSON_GetObjectItemCaseSensitive(o, "devices");
 	if(!cJSON_IsArray(devs)){
@@ -479,6 +484,11 @@ static char *read_file(struct loader *ld)
 	}
 	fclose(f);
 	buf[n] = '\0';
+	if(akz_json_has_nul(buf, n)){
+		problem(ld, "holds a NUL character (raw or \\u0000): it would cut a string short");
+		free(buf);
+		return NULL;
+	}
 	return buf;
 }
 

@@ -30,6 +30,7 @@
 #include "akz_tls.h"
 #include "akz_tlsio.h"
 #include "akz_topic.h"
+#include "akz_util.h"
 #include "akz_wakeup.h"
 
 struct problems {
@@ -169,6 +170,35 @@ static void test_registry_long_path_report(void **state)
 	assert_null(reg);
 	assert_int_equal(p.n, 1);
 	assert_memory_equal(p.last, "/long-directory-name", 20);
+}
+
+/* Log escaping: one line stays one line, and the escape of a byte cannot be forged from text. */
+static void test_escape(void **state)
+{
+	(void)state;
+	char out[64];
+	akz_escape(out, sizeof(out), "a\nFORGED 'root' granted\r\t\x1b[31m\\n");
+	assert_string_equal(out, "a\\nFORGED 'root' granted\\r\\t\\x1b[31m\\\\n");
+	akz_escape(out, sizeof(out), "caf\xc3\xa9 \xc0\x80 \xc2\x9b \x7f \xff");
+	assert_string_equal(out, "caf\xc3\xa9 \\xc0\\x80 \\xc2\\x9b \\x7f \\xff");
+	akz_escape(out, 8, "abcdefghij");
+	assert_string_equal(out, "abcd...");
+	akz_escape(out, 8, "\n\n\n\n");
+	assert_string_equal(out, "\\n\\n...");
+	akz_escape(out, sizeof(out), NULL);
+	assert_string_equal(out, "(null)");
+	/* Eight buffers in turn: eight strings of one log line stay intact. */
+	const char *e[8];
+	for(int i = 0; i < 8; i++) e[i] = akz_esc(i % 2 ? "odd\n" : "even");
+	for(int i = 0; i < 8; i++) assert_string_equal(e[i], i % 2 ? "odd\\n" : "even");
+
+	static const char raw[] = "{\"a\":\"x\0y\"}";
+	assert_true(akz_json_has_nul(raw, sizeof(raw) - 1));
+	static const char *const with[] = {"{\"p\":\"pw\\u0000x\"}", "{\"p\":\"\\\\\\u0000\"}"};
+	static const char *const without[] = {"{\"p\":\"pw\\\\u0000x\"}",   /* "\\" then "u0000" */
+		"{\"p\":\"pw\\u0001x\"}", "{\"p\":\"x\\u000\"}"};
+	for(size_t i = 0; i < 2; i++) assert_true(akz_json_has_nul(with[i], strlen(with[i])));
+	for(size_t i = 0; i < 3; i++) assert_false(akz_json_has_nul(without[i], strlen(without[i])));
 }
 
 static void test_topics(void **state)
@@ -621,6 +651,7 @@ int main(void)
 		cmocka_unit_test(test_config_refusals),
 		cmocka_unit_test(test_config_long_receipts_prefix),
 		cmocka_unit_test(test_registry_long_path_report),
+		cmocka_unit_test(test_escape),
 		cmocka_unit_test(test_topics),
 		cmocka_unit_test(test_queue_fifo),
 		cmocka_unit_test(test_tls_ctx),

@@ -143,6 +143,17 @@ static void test_ids_and_paths(void **state)
 	assert_non_null(akz_registry_bad_id_reason("#"));
 	assert_non_null(akz_registry_bad_id_reason("tab\there"));
 	assert_non_null(akz_registry_bad_id_reason("bad\xc3"));
+	assert_non_null(akz_registry_bad_id_reason("*"));
+	assert_null(akz_registry_bad_id_reason("a*"));
+	assert_null(akz_registry_bad_id_reason("caf\xc3\xa9"));
+	/* What token minting refuses, the registry refuses: overlong forms, surrogates, code
+	 * points past U+10FFFF, C1 controls. */
+	static const char *const bad_utf8[] = {"a\xc0\x80", "a\xe0\x80\xaf", "a\xed\xa0\x80",
+		"a\xf4\x90\x80\x80", "a\xc2\x9b", "a\xf8\x88\x80\x80\x80"};
+	for(size_t i = 0; i < sizeof(bad_utf8) / sizeof(bad_utf8[0]); i++){
+		assert_non_null(akz_registry_bad_id_reason(bad_utf8[i]));
+		assert_non_null(akz_registry_bad_username_reason(bad_utf8[i]));
+	}
 	char longid[200];
 	memset(longid, 'x', sizeof(longid) - 1);
 	longid[sizeof(longid) - 1] = '\0';
@@ -163,9 +174,26 @@ static void test_ids_and_paths(void **state)
 	p = akz_registry_resolve_key("/etc/akz/devices.json", "keys/x.pem");
 	assert_string_equal(p, "/etc/akz/keys/x.pem");
 	free(p);
+	/* No provider here loads pkcs11: URIs, so that is a file name with a colon, as OpenSSL would
+	 * read it; every spelling of file: names the same file. */
 	p = akz_registry_resolve_key("/etc/akz/devices.json", "pkcs11:token=a;object=b");
-	assert_string_equal(p, "pkcs11:token=a;object=b");
+	assert_string_equal(p, "/etc/akz/pkcs11:token=a;object=b");
 	free(p);
+	static const char *const spellings[] = {"file:/k/a.pem", "FILE:/k/a.pem", "File:///k/a.pem",
+		"fIlE://localhost/k/a.pem", "/k/a.pem"};
+	for(size_t i = 0; i < sizeof(spellings) / sizeof(spellings[0]); i++){
+		p = akz_registry_resolve_key("/etc/akz/devices.json", spellings[i]);
+		assert_string_equal(p, "/k/a.pem");
+		free(p);
+	}
+	p = akz_registry_resolve_key("/etc/akz/devices.json", "keys:a.pem");
+	assert_string_equal(p, "/etc/akz/keys:a.pem");
+	free(p);
+	const char *path;
+	assert_int_equal(akz_keyref_parse("file://elsewhere/k/a.pem", &path), AKZ_KEYREF_BAD);
+	assert_int_equal(akz_keyref_parse("FILE:", &path), AKZ_KEYREF_BAD);
+	assert_int_equal(akz_keyref_parse("File:keys/a.pem", &path), AKZ_KEYREF_PATH);
+	assert_string_equal(path, "keys/a.pem");
 }
 
 static void test_next_key(void **state)
