@@ -10,21 +10,29 @@ struct akz_config;
 struct mosquitto_evt_basic_auth;
 struct mosquitto_evt_acl_check;
 
-/* State of local authentication: the cache of recent successful checks and the per-username
- * failure counters used to slow brute force down. Broker thread only. */
+/* State of local authentication: the cache of recent successful checks, the per-username
+ * failure counters that slow brute force down, the budget of failed checks (all and per client
+ * address), and which registry identity each client id is bound to. Broker thread only. */
 struct akz_auth;
 
 /* Returns a new state, or NULL when out of memory. */
 struct akz_auth *akz_auth_new(void);
 void akz_auth_free(struct akz_auth *auth);
 
-/* Forgets every cached success (after a reload or a password change). */
-void akz_auth_invalidate(struct akz_auth *auth);
+/* Puts reg in force for authentication (at start, and after every reload or control API change):
+ * forgets every cached answer, drops the client-id bindings of identities reg no longer has, and
+ * sizes the equalizing check of unknown usernames to reg's costliest hash. Never fails. */
+void akz_auth_sync(struct akz_auth *auth, const struct akz_registry *reg);
 
-/* The BASIC_AUTH decision: MOSQ_ERR_SUCCESS for a registry user with the right password,
- * MOSQ_ERR_AUTH for a wrong password, a disabled device or a user being slowed down,
- * MOSQ_ERR_PLUGIN_DEFER for a username the registry does not know. Logs every refusal with
- * username, address and reason, never the password. */
+/* The BASIC_AUTH decision. MOSQ_ERR_SUCCESS: a registry user with the right password and a client
+ * id that is not another registry identity's. MOSQ_ERR_AUTH: a registry user with a wrong
+ * password or none, a disabled device, a user locked after failures, a client id that belongs to
+ * another identity, or a login that would need a check while failed checks have used their budget.
+ * MOSQ_ERR_PLUGIN_DEFER: a username the registry does not know (password_file, dynsec... decide).
+ * A login that is not answered from memory costs one password check of the registry's cost,
+ * whatever the username; one that does not log anyone in is charged to the budget. Logs every
+ * refusal that cost a check with username, client, address and reason (escaped), never the
+ * password; the rest goes into a summary line every 10 s. */
 int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 		const struct akz_config *cfg, struct mosquitto_evt_basic_auth *ev);
 

@@ -7,6 +7,7 @@
 
 #define AKZ_PW_ITERATIONS_DEFAULT 210000   /* OWASP's 2023 figure for PBKDF2-HMAC-SHA512 */
 #define AKZ_PW_ITERATIONS_MAX 1000000     /* bounds the broker-thread stall per login (passwd.c) */
+#define AKZ_PW_ITERATIONS_WEAK 100000     /* fewer is warned about: under half of the default */
 #define AKZ_PW_SALT_LEN 12                 /* as mosquitto_passwd, so hashes move between the two */
 #define AKZ_PW_HASH_LEN 64
 

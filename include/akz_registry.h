@@ -83,6 +83,12 @@ char *akz_registry_keystore_path(const char *registry_path, const char *keystore
  * (caller frees), or NULL when out of memory. */
 char *akz_registry_resolve_key(const char *registry_path, const char *key);
 
+/* Reports, in one line through report (naming path), the users of reg whose password hash is
+ * weak: $6$ (one SHA-512), or $7$ with fewer than AKZ_PW_ITERATIONS_WEAK iterations. Such hashes
+ * load (mosquitto_passwd 2.0 writes $7$ with 101 iterations) but are cheap to guess from a copy
+ * of the registry. Reports nothing when there are none. Never fails. */
+void akz_registry_weak_hashes(const struct akz_registry *reg, const char *path, akz_report_fn report, void *ctx);
+
 /* True if the gateway may speak for device `id`. */
 bool akz_gateway_serves(const struct akz_gateway *gw, const char *id);
 

@@ -1,9 +1,9 @@
-/* auth.c - local username/password checks for registry users, with a cache and brute-force brakes. */
+/* auth.c - local username/password checks for registry users: a cache, brute-force brakes, a
+ * budget for failed checks, equal timing whatever the username, client ids bound to identities. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -17,38 +17,124 @@
 #include "akz_util.h"
 
 #define NBUCKETS 4096
-#define MAX_ENTRIES 100000     /* bounds the memory an attacker can make us spend on usernames */
+#define MAX_ENTRIES 100000     /* bounds the memory an attacker can make us spend on names */
 #define FAIL_LIMIT 5           /* failures within FAIL_WINDOW_MS before a lockout */
 #define FAIL_WINDOW_MS 60000
 #define LOCK_MIN_MS 5000
 #define LOCK_MAX_MS 300000
+/* A password refused (or passed on to the broker) is answered again without a check for this
+ * long after it was last tried: a sensor retrying an old password costs one check, not one per
+ * retry, and a repeat takes as long for every kind of username. */
+#define SEEN_MS 60000
+/* The budget of failed checks: the broker thread spends at most BUDGET_RATE_US of each second on
+ * password checks that do not log anyone in (wrong passwords, disabled devices, the equalizing
+ * check of other usernames), and one address at most ADDR_RATE_US of it, so that one address
+ * alone cannot use it all. Beyond it a login is answered at once without a check. Successful
+ * checks are not charged: a restart's reconnecting devices are not slowed down. */
+#define BUDGET_RATE_US 200000
+#define BUDGET_BURST_US 200000
+#define ADDR_RATE_US 50000
+#define ADDR_BURST_US 200000
+#define REPORT_MS 10000        /* one summary line at most this often */
+#define CIDS_PER_USER 8        /* client ids bound to one identity; the oldest gives way */
 
-/* What is remembered about one username. */
+enum kind { K_USER, K_ADDR, K_CID };
+
+/* A token bucket of broker-thread time, in microseconds; it may go below zero by one check. */
+struct bucket {
+	int64_t balance_us;
+	int64_t at_us;
+};
+
+/* What is remembered about one username (K_USER), client address (K_ADDR) or bound client id
+ * (K_CID), in one table keyed by (kind, name). */
 struct entry {
 	struct entry *next;
-	unsigned char mac[32];     /* HMAC(process key, password, stored hash) of the last success */
-	int64_t cached_until_ms;
-	int fails;
-	int64_t first_fail_ms;
-	int64_t locked_until_ms;
-	int lockouts;              /* consecutive lockouts: each one doubles the next */
-	char username[];
+	enum kind kind;
+	union {
+		struct {
+			unsigned char ok_mac[32];    /* HMAC(process key, password, stored hash) of the last success */
+			int64_t ok_until_ms;
+			unsigned char seen_mac[32];  /* the same of the last password that did not log in */
+			int64_t seen_until_ms;
+			int fails;
+			int64_t first_fail_ms;
+			int64_t locked_until_ms;
+			int lockouts;                /* consecutive lockouts: each one doubles the next */
+			bool lock_logged;
+			struct entry *cids[CIDS_PER_USER];   /* K_CID entries this identity holds */
+			unsigned cid_next;
+		} u;
+		struct {
+			struct bucket budget;
+			unsigned long refused;           /* answered without a check, this report interval */
+		} a;
+		struct {
+			struct entry *owner;             /* the K_USER entry of the identity */
+		} c;
+	};
+	char name[];
+};
+
+/* Counts of the current report interval. */
+struct report {
+	int64_t since_ms;
+	unsigned long over_budget, locked, repeats, checks_failed;
+	int64_t failed_us;
+	char top_addr[64];
+	unsigned long top_count;
 };
 
 struct akz_auth {
 	unsigned char key[32];     /* random per process: a cached MAC is useless anywhere else */
 	struct entry *buckets[NBUCKETS];
 	size_t nentries;
+	struct bucket budget;
+	struct akz_pw dummy;       /* as costly as the registry's costliest hash; matches nothing */
+	struct report rep;
 };
 
-static size_t bucket_of(const char *s)
+static size_t bucket_of(enum kind kind, const char *s)
 {
-	size_t h = 1469598103934665603ULL;
+	size_t h = 1469598103934665603ULL ^ (size_t)kind;
 	while(*s){
 		h ^= (unsigned char)*s++;
 		h *= 1099511628211ULL;
 	}
 	return h % NBUCKETS;
+}
+
+static void refill(struct bucket *b, int64_t now_us, int64_t rate, int64_t burst)
+{
+	int64_t dt = now_us - b->at_us;
+	b->at_us = now_us;
+	if(dt > 0) b->balance_us += dt * rate / 1000000;
+	if(b->balance_us > burst) b->balance_us = burst;
+}
+
+/* Sets the dummy: a check nobody can pass, costing what the costliest hash of reg (may be NULL)
+ * costs. Never fails. */
+static void make_dummy(struct akz_auth *a, const struct akz_registry *reg)
+{
+	struct akz_pw pw, best = {.kind = AKZ_PW_PBKDF2, .iterations = AKZ_PW_ITERATIONS_DEFAULT};
+	bool found = false;
+	char err[8];
+	size_t nd = akz_registry_device_count(reg), ng = akz_registry_gateway_count(reg);
+	for(size_t i = 0; i < nd + ng; i++){
+		const char *h = i < nd ? akz_registry_device_at(reg, i)->password : akz_registry_gateway_at(reg, i - nd)->password;
+		if(akz_pw_parse(h, &pw, err, sizeof(err)) != 0) continue;
+		int cost = pw.kind == AKZ_PW_PBKDF2 ? pw.iterations : 0;
+		int best_cost = best.kind == AKZ_PW_PBKDF2 ? best.iterations : 0;
+		if(!found || cost > best_cost) best = pw;
+		found = true;
+	}
+	a->dummy.kind = best.kind;
+	a->dummy.iterations = best.iterations;
+	if(RAND_bytes(a->dummy.salt, sizeof(a->dummy.salt)) != 1 || RAND_bytes(a->dummy.hash, sizeof(a->dummy.hash)) != 1){
+		memset(a->dummy.hash, 0, sizeof(a->dummy.hash));   /* still matches nothing in practice */
+	}
+	OPENSSL_cleanse(&pw, sizeof(pw));
+	OPENSSL_cleanse(&best, sizeof(best));
 }
 
 struct akz_auth *akz_auth_new(void)
@@ -58,7 +144,18 @@ struct akz_auth *akz_auth_new(void)
 		free(a);
 		return NULL;
 	}
+	if(a){
+		a->budget = (struct bucket){.balance_us = BUDGET_BURST_US, .at_us = akz_mono_us()};
+		a->rep.since_ms = akz_mono_ms();
+		make_dummy(a, NULL);
+	}
 	return a;
+}
+
+static void free_entry(struct entry *e)
+{
+	OPENSSL_cleanse(e, sizeof(*e));
+	free(e);
 }
 
 static void free_entries(struct akz_auth *a)
@@ -67,8 +164,7 @@ static void free_entries(struct akz_auth *a)
 		struct entry *e = a->buckets[i];
 		while(e){
 			struct entry *next = e->next;
-			OPENSSL_cleanse(e->mac, sizeof(e->mac));
-			free(e);
+			free_entry(e);
 			e = next;
 		}
 		a->buckets[i] = NULL;
@@ -80,27 +176,77 @@ void akz_auth_free(struct akz_auth *a)
 {
 	if(a == NULL) return;
 	free_entries(a);
-	OPENSSL_cleanse(a->key, sizeof(a->key));
+	OPENSSL_cleanse(a, sizeof(*a));
 	free(a);
 }
 
-void akz_auth_invalidate(struct akz_auth *a)
+/* Unlinks e from the table and frees it. */
+static void remove_entry(struct akz_auth *a, struct entry *e)
 {
-	for(size_t i = 0; i < NBUCKETS; i++){
-		for(struct entry *e = a->buckets[i]; e; e = e->next) e->cached_until_ms = 0;
+	for(struct entry **pp = &a->buckets[bucket_of(e->kind, e->name)]; *pp; pp = &(*pp)->next){
+		if(*pp == e){
+			*pp = e->next;
+			free_entry(e);
+			a->nentries--;
+			return;
+		}
 	}
 }
 
-/* Drops entries that carry nothing worth keeping. */
-static void prune(struct akz_auth *a, int64_t now)
+/* Drops every client id the identity of user entry u holds. */
+static void release_cids(struct akz_auth *a, struct entry *u)
 {
+	for(size_t i = 0; i < CIDS_PER_USER; i++){
+		if(u->u.cids[i]) remove_entry(a, u->u.cids[i]);
+		u->u.cids[i] = NULL;
+	}
+}
+
+static bool is_registry_user(const struct akz_registry *reg, const char *username)
+{
+	return akz_registry_find_device_by_username(reg, username) || akz_registry_find_gateway(reg, username);
+}
+
+void akz_auth_sync(struct akz_auth *a, const struct akz_registry *reg)
+{
+	for(size_t i = 0; i < NBUCKETS; i++){
+		for(struct entry *e = a->buckets[i]; e; e = e->next){
+			if(e->kind != K_USER) continue;
+			/* A changed hash, a device enabled or a new registry user: no old answer stands. */
+			e->u.ok_until_ms = 0;
+			e->u.seen_until_ms = 0;
+			if(!is_registry_user(reg, e->name)) release_cids(a, e);
+		}
+	}
+	make_dummy(a, reg);
+}
+
+/* True if e carries nothing worth keeping at now. */
+static bool is_idle(const struct entry *e, int64_t now_ms, int64_t now_us)
+{
+	switch(e->kind){
+	case K_USER:
+		for(size_t i = 0; i < CIDS_PER_USER; i++) if(e->u.cids[i]) return false;
+		return e->u.ok_until_ms < now_ms && e->u.seen_until_ms < now_ms && e->u.locked_until_ms < now_ms
+				&& (e->u.fails == 0 || now_ms - e->u.first_fail_ms > FAIL_WINDOW_MS);
+	case K_ADDR:
+		return e->a.budget.balance_us + (now_us - e->a.budget.at_us) * ADDR_RATE_US / 1000000 >= ADDR_BURST_US;
+	case K_CID:
+		return false;   /* its owner releases it */
+	}
+	return false;
+}
+
+/* Drops entries that carry nothing worth keeping. */
+static void prune(struct akz_auth *a, int64_t now_ms)
+{
+	int64_t now_us = akz_mono_us();
 	for(size_t i = 0; i < NBUCKETS; i++){
 		for(struct entry **pp = &a->buckets[i]; *pp;){
 			struct entry *e = *pp;
-			if(e->cached_until_ms < now && e->locked_until_ms < now
-					&& (e->fails == 0 || now - e->first_fail_ms > FAIL_WINDOW_MS)){
+			if(is_idle(e, now_ms, now_us)){
 				*pp = e->next;
-				free(e);
+				free_entry(e);
 				a->nentries--;
 			}else{
 				pp = &e->next;
@@ -109,19 +255,28 @@ static void prune(struct akz_auth *a, int64_t now)
 	}
 }
 
-/* The entry of username, created if missing. NULL when out of memory or the table is full. */
-static struct entry *entry_of(struct akz_auth *a, const char *username, int64_t now)
+static struct entry *find_entry(const struct akz_auth *a, enum kind kind, const char *name)
 {
-	size_t b = bucket_of(username);
-	for(struct entry *e = a->buckets[b]; e; e = e->next){
-		if(strcmp(e->username, username) == 0) return e;
+	for(struct entry *e = a->buckets[bucket_of(kind, name)]; e; e = e->next){
+		if(e->kind == kind && strcmp(e->name, name) == 0) return e;
 	}
-	if(a->nentries >= MAX_ENTRIES) prune(a, now);
+	return NULL;
+}
+
+/* The entry of (kind, name), created if missing. NULL when out of memory or the table is full. */
+static struct entry *entry_of(struct akz_auth *a, enum kind kind, const char *name, int64_t now_ms)
+{
+	struct entry *e = find_entry(a, kind, name);
+	if(e) return e;
+	if(a->nentries >= MAX_ENTRIES) prune(a, now_ms);
 	if(a->nentries >= MAX_ENTRIES) return NULL;
-	size_t len = strlen(username);
-	struct entry *e = calloc(1, sizeof(*e) + len + 1);
+	size_t len = strlen(name);
+	e = calloc(1, sizeof(*e) + len + 1);
 	if(e == NULL) return NULL;
-	memcpy(e->username, username, len + 1);
+	e->kind = kind;
+	memcpy(e->name, name, len + 1);
+	if(kind == K_ADDR) e->a.budget = (struct bucket){.balance_us = ADDR_BURST_US, .at_us = akz_mono_us()};
+	size_t b = bucket_of(kind, name);
 	e->next = a->buckets[b];
 	a->buckets[b] = e;
 	a->nentries++;
@@ -149,80 +304,229 @@ static void log_refusal(const struct mosquitto_evt_basic_auth *ev, const char *w
 	const char *addr = mosquitto_client_address(ev->client);
 	const char *cid = mosquitto_client_id(ev->client);
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: refused user '%s' (client '%s', address %s): %s",
-			ev->username, cid ? cid : "?", addr ? addr : "?", why);
+			akz_esc(ev->username), akz_esc(cid ? cid : "?"), akz_esc(addr ? addr : "?"), why);
+}
+
+/* Logs the summary of the last interval, if anything happened in it, and starts the next one. */
+static void report_if_due(struct akz_auth *a, int64_t now_ms)
+{
+	struct report *r = &a->rep;
+	if(now_ms - r->since_ms < REPORT_MS) return;
+	if(r->over_budget || r->locked || r->repeats || r->checks_failed){
+		int64_t span = now_ms - r->since_ms;
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: logins in the last %lld s: %lu failed password "
+				"checks took %lld ms of the broker thread (%lld%%; the limit is %d%%, %d%% per address); "
+				"answered without a check: %lu over that limit (most from %s: %lu), %lu of locked users, "
+				"%lu repeats of a password that had not logged in",
+				(long long)(span / 1000), r->checks_failed, (long long)(r->failed_us / 1000),
+				(long long)(r->failed_us / 10 / (span > 0 ? span : 1)), BUDGET_RATE_US / 10000,
+				ADDR_RATE_US / 10000, r->over_budget, r->top_count ? akz_esc(r->top_addr) : "-", r->top_count,
+				r->locked, r->repeats);
+	}
+	memset(r, 0, sizeof(*r));
+	r->since_ms = now_ms;
+	for(size_t i = 0; i < NBUCKETS; i++){
+		for(struct entry *e = a->buckets[i]; e; e = e->next) if(e->kind == K_ADDR) e->a.refused = 0;
+	}
 }
 
 /* Counts a failure; starts a lockout at the limit, each one twice as long as the last. */
-static void note_failure(struct entry *e, int64_t now, const struct mosquitto_evt_basic_auth *ev)
+static void note_failure(struct entry *e, int64_t now, const struct mosquitto_evt_basic_auth *ev, bool registry)
 {
 	if(e == NULL) return;
-	if(e->fails == 0 || now - e->first_fail_ms > FAIL_WINDOW_MS){
-		e->fails = 0;
-		e->first_fail_ms = now;
+	if(e->u.fails == 0 || now - e->u.first_fail_ms > FAIL_WINDOW_MS){
+		e->u.fails = 0;
+		e->u.first_fail_ms = now;
 	}
-	if(++e->fails < FAIL_LIMIT) return;
+	if(++e->u.fails < FAIL_LIMIT) return;
 	int64_t lock = LOCK_MIN_MS;
-	for(int i = 0; i < e->lockouts && lock < LOCK_MAX_MS; i++) lock *= 2;
+	for(int i = 0; i < e->u.lockouts && lock < LOCK_MAX_MS; i++) lock *= 2;
 	if(lock > LOCK_MAX_MS) lock = LOCK_MAX_MS;
-	e->lockouts++;
-	e->fails = 0;
-	e->locked_until_ms = now + lock;
+	e->u.lockouts++;
+	e->u.fails = 0;
+	e->u.locked_until_ms = now + lock;
+	e->u.lock_logged = false;
 	const char *addr = mosquitto_client_address(ev->client);
-	mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: %d failed logins for user '%s' (last from %s): "
-			"refusing it for %lld s", FAIL_LIMIT, ev->username, addr ? addr : "?", (long long)(lock / 1000));
+	if(registry){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: %d failed logins for user '%s' (last from %s): "
+				"refusing it for %lld s", FAIL_LIMIT, akz_esc(ev->username), akz_esc(addr ? addr : "?"),
+				(long long)(lock / 1000));
+	}else{
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: %d logins with different passwords for user '%s', "
+				"which is not in the registry (last from %s): for %lld s they go to the broker's own "
+				"checks at once", FAIL_LIMIT, akz_esc(ev->username), akz_esc(addr ? addr : "?"),
+				(long long)(lock / 1000));
+	}
+}
+
+/* The identity a client id is reserved for: a device's id or username, a gateway's username.
+ * Returns that identity's username, or NULL if the id is nobody's. */
+static const char *reserved_for(const struct akz_registry *reg, const char *cid)
+{
+	const struct akz_device *d = akz_registry_find_device(reg, cid);
+	if(d) return d->username;
+	d = akz_registry_find_device_by_username(reg, cid);
+	if(d) return d->username;
+	const struct akz_gateway *g = akz_registry_find_gateway(reg, cid);
+	return g ? g->username : NULL;
+}
+
+/* Binds the client's id to the identity of user entry u (may be NULL: nothing is recorded),
+ * unless it belongs to another identity: reserved for it (its device id or username, its gateway
+ * username) or bound to it by an earlier login. Returns NULL, or the refusal's reason written
+ * into why (size whylen). */
+static const char *bind_client_id(struct akz_auth *a, const struct akz_registry *reg, struct entry *u,
+		const char *username, const char *cid, int64_t now_ms, char *why, size_t whylen)
+{
+	if(cid == NULL) return NULL;
+	const char *owner = reserved_for(reg, cid);
+	if(owner && strcmp(owner, username) != 0){
+		snprintf(why, whylen, "client id '%s' is reserved for registry user '%s'", akz_esc(cid), akz_esc(owner));
+		return why;
+	}
+	struct entry *c = find_entry(a, K_CID, cid);
+	if(c && strcmp(c->c.owner->name, username) != 0){
+		snprintf(why, whylen, "client id '%s' is bound to registry user '%s', which logged in with it before",
+				akz_esc(cid), akz_esc(c->c.owner->name));
+		return why;
+	}
+	if(c || owner || u == NULL) return NULL;   /* bound already, or reserved for this identity */
+	c = entry_of(a, K_CID, cid, now_ms);
+	if(c == NULL) return NULL;   /* out of memory or table full: the reserved ids still hold */
+	struct entry **slot = &u->u.cids[u->u.cid_next++ % CIDS_PER_USER];
+	if(*slot) remove_entry(a, *slot);
+	*slot = c;
+	c->c.owner = u;
+	return NULL;
+}
+
+/* Charges a failed check of us microseconds to the budget and to the client's address. */
+static void charge(struct akz_auth *a, const char *addr, int64_t us, int64_t now_ms)
+{
+	a->budget.balance_us -= us;
+	a->rep.checks_failed++;
+	a->rep.failed_us += us;
+	struct entry *e = addr ? entry_of(a, K_ADDR, addr, now_ms) : NULL;
+	if(e) e->a.budget.balance_us -= us;
+}
+
+/* True if a check may run now for a client at addr: the budget and the address's share both
+ * have time left. Otherwise counts the refusal against addr. */
+static bool within_budget(struct akz_auth *a, const char *addr, int64_t now_ms)
+{
+	int64_t now_us = akz_mono_us();
+	refill(&a->budget, now_us, BUDGET_RATE_US, BUDGET_BURST_US);
+	struct entry *e = addr ? find_entry(a, K_ADDR, addr) : NULL;
+	if(e) refill(&e->a.budget, now_us, ADDR_RATE_US, ADDR_BURST_US);
+	if(a->budget.balance_us > 0 && (e == NULL || e->a.budget.balance_us > 0)) return true;
+	a->rep.over_budget++;
+	if(e == NULL && addr) e = entry_of(a, K_ADDR, addr, now_ms);
+	if(e && ++e->a.refused > a->rep.top_count){
+		a->rep.top_count = e->a.refused;
+		snprintf(a->rep.top_addr, sizeof(a->rep.top_addr), "%s", e->name);
+	}
+	return false;
+}
+
+/* After a good password: binds the client id, or refuses it (logged). Returns the decision. */
+static int admit(struct akz_auth *a, const struct akz_registry *reg, struct entry *e,
+		const struct mosquitto_evt_basic_auth *ev, int64_t now)
+{
+	char why[600];
+	if(bind_client_id(a, reg, e, ev->username, mosquitto_client_id(ev->client), now, why, sizeof(why))){
+		log_refusal(ev, why);
+		return MOSQ_ERR_AUTH;
+	}
+	return MOSQ_ERR_SUCCESS;
 }
 
 int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 		const struct akz_config *cfg, struct mosquitto_evt_basic_auth *ev)
 {
-	if(ev->username == NULL) return MOSQ_ERR_PLUGIN_DEFER;
+	if(ev->username == NULL) return MOSQ_ERR_PLUGIN_DEFER;   /* anonymous: the broker's decision */
+	int64_t now = akz_mono_ms();
+	report_if_due(auth, now);
 	const struct akz_device *dev = akz_registry_find_device_by_username(reg, ev->username);
 	const struct akz_gateway *gw = dev ? NULL : akz_registry_find_gateway(reg, ev->username);
-	if(dev == NULL && gw == NULL) return MOSQ_ERR_PLUGIN_DEFER;   /* password_file, dynsec... decide */
+	bool registry = dev || gw;
+	/* What a login that does not succeed returns: registry users are refused, everyone else is
+	 * for password_file or dynamic-security to decide. Every path below takes the same time for
+	 * both kinds: one check, or none. */
+	int no = registry ? MOSQ_ERR_AUTH : MOSQ_ERR_PLUGIN_DEFER;
+	const char *addr = mosquitto_client_address(ev->client);
 
-	int64_t now = akz_mono_ms();
-	struct entry *e = entry_of(auth, ev->username, now);
-	if(e && e->locked_until_ms > now){
-		char why[96];
-		snprintf(why, sizeof(why), "too many failed logins: locked for %lld more s",
-				(long long)((e->locked_until_ms - now + 999) / 1000));
-		log_refusal(ev, why);
-		return MOSQ_ERR_AUTH;
-	}
-	if(dev && !dev->enabled){
-		log_refusal(ev, "device is disabled in the registry");
-		return MOSQ_ERR_AUTH;
+	struct entry *e = find_entry(auth, K_USER, ev->username);
+	if(e && e->u.locked_until_ms > now){
+		auth->rep.locked++;
+		if(registry && !e->u.lock_logged){
+			char why[96];
+			snprintf(why, sizeof(why), "too many failed logins: locked for %lld more s",
+					(long long)((e->u.locked_until_ms - now + 999) / 1000));
+			log_refusal(ev, why);
+			e->u.lock_logged = true;
+		}
+		return no;
 	}
 	if(ev->password == NULL){
-		log_refusal(ev, "no password given");
-		note_failure(e, now, ev);
-		return MOSQ_ERR_AUTH;
+		if(registry) log_refusal(ev, "no password given");
+		return no;
 	}
-	const char *hash = dev ? dev->password : gw->password;
+	const char *hash = dev ? dev->password : gw ? gw->password : "";
 	unsigned char mac[32];
-	/* No MAC when caching is off: an HMAC costs as much as a cheap hash check. */
-	bool have_mac = cfg->auth_cache_seconds > 0 && make_mac(auth, ev->password, hash, mac) == 0;
-	if(e && have_mac && e->cached_until_ms > now && CRYPTO_memcmp(mac, e->mac, sizeof(mac)) == 0){
+	bool have_mac = make_mac(auth, ev->password, hash, mac) == 0;
+	bool usable = registry && (dev == NULL || dev->enabled);
+	if(e && have_mac && usable && cfg->auth_cache_seconds > 0 && e->u.ok_until_ms > now
+			&& CRYPTO_memcmp(mac, e->u.ok_mac, sizeof(mac)) == 0){
 		OPENSSL_cleanse(mac, sizeof(mac));
-		return MOSQ_ERR_SUCCESS;
+		e->u.fails = 0;   /* a good login ends a run of failures, cached or not */
+		e->u.lockouts = 0;
+		return admit(auth, reg, e, ev, now);
 	}
+	if(e && have_mac && e->u.seen_until_ms > now && CRYPTO_memcmp(mac, e->u.seen_mac, sizeof(mac)) == 0){
+		OPENSSL_cleanse(mac, sizeof(mac));
+		e->u.seen_until_ms = now + SEEN_MS;
+		auth->rep.repeats++;
+		return no;
+	}
+	if(!within_budget(auth, addr, now)){
+		OPENSSL_cleanse(mac, sizeof(mac));
+		return no;
+	}
+
+	/* The check. A disabled device's and an unknown username's cost the same as a registry
+	 * user's, and tell nothing by their timing; their result is never a login. */
+	int64_t t0 = akz_mono_us();
 	struct akz_pw pw;
 	char err[256];
-	bool ok = akz_pw_parse(hash, &pw, err, sizeof(err)) == 0 && akz_pw_verify(&pw, ev->password);
-	if(!ok){
-		log_refusal(ev, "wrong password");
-		note_failure(e, now, ev);
-		OPENSSL_cleanse(mac, sizeof(mac));
-		return MOSQ_ERR_AUTH;
+	bool ok;
+	if(registry){
+		ok = akz_pw_parse(hash, &pw, err, sizeof(err)) == 0 && akz_pw_verify(&pw, ev->password) && usable;
+		OPENSSL_cleanse(&pw, sizeof(pw));
+	}else{
+		(void)akz_pw_verify(&auth->dummy, ev->password);
+		ok = false;
 	}
-	if(e){
-		e->fails = 0;
-		e->lockouts = 0;
-		if(have_mac && cfg->auth_cache_seconds > 0){
-			memcpy(e->mac, mac, sizeof(mac));
-			e->cached_until_ms = now + (int64_t)cfg->auth_cache_seconds * 1000;
+	int64_t took = akz_mono_us() - t0;
+	if(e == NULL) e = entry_of(auth, K_USER, ev->username, now);
+	if(ok){
+		if(e){
+			e->u.fails = 0;
+			e->u.lockouts = 0;
+			if(have_mac && cfg->auth_cache_seconds > 0){
+				memcpy(e->u.ok_mac, mac, sizeof(mac));
+				e->u.ok_until_ms = now + (int64_t)cfg->auth_cache_seconds * 1000;
+			}
 		}
+		OPENSSL_cleanse(mac, sizeof(mac));
+		return admit(auth, reg, e, ev, now);
+	}
+	charge(auth, addr, took, now);
+	if(e && have_mac){
+		memcpy(e->u.seen_mac, mac, sizeof(mac));
+		e->u.seen_until_ms = now + SEEN_MS;
 	}
 	OPENSSL_cleanse(mac, sizeof(mac));
-	return MOSQ_ERR_SUCCESS;
+	if(registry) log_refusal(ev, usable ? "wrong password" : "device is disabled in the registry");
+	note_failure(e, now, ev, registry);
+	return no;
 }

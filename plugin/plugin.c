@@ -13,13 +13,20 @@
 #include "akz_plugin.h"
 #include "akz_registry.h"
 #include "akz_topic.h"
+#include "akz_util.h"
 
 #define AKZ_EXPORT __attribute__((visibility("default")))
 
 static void log_problem(void *ctx, const char *msg)
 {
 	(void)ctx;
-	mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: %s", msg);
+	mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: %s", akz_esc(msg));
+}
+
+static void log_warning(void *ctx, const char *msg)
+{
+	(void)ctx;
+	mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: %s", akz_esc(msg));
 }
 
 static struct akz_key_opts key_opts(const struct akz_config *cfg)
@@ -41,6 +48,7 @@ static struct akz_registry *load_registry(const struct akz_config *cfg, const st
 	if(akz_registry_reload(cfg->devices_path, cfg->keystore_dir, &ko, prev, log_problem, NULL, &reg)){
 		return NULL;
 	}
+	akz_registry_weak_hashes(reg, cfg->devices_path, log_warning, NULL);
 	return reg;
 }
 
@@ -98,9 +106,11 @@ static int on_message(int event, void *event_data, void *userdata)
 	 * would take ACL_DENIED as delivered, so it is disconnected without a PUBACK instead and
 	 * sends the message again when it reconnects (see DESIGN.md). */
 	const char *cid = mosquitto_client_id(ev->client);
+	char idbuf[256];
+	snprintf(idbuf, sizeof(idbuf), "%.*s", (int)idlen, id);
 	mosquitto_log_printf(MOSQ_LOG_WARNING,
-			"akenza: device '%.*s': refusing uplink from client '%s': %s; the client keeps it",
-			(int)idlen, id, cid ? cid : "?", why);
+			"akenza: device '%s': refusing uplink from client '%s': %s; the client keeps it",
+			akz_esc(idbuf), akz_esc(cid ? cid : "?"), why);
 	if(mosquitto_client_protocol_version(ev->client) == 5){
 		ev->reason_code = 0x97; /* quota exceeded */
 		return MOSQ_ERR_ACL_DENIED;
@@ -128,7 +138,7 @@ static void kick_removed(const struct akz_registry *old, const struct akz_regist
 		if(nd == NULL || !nd->enabled || strcmp(nd->password, d->password) != 0){
 			mosquitto_log_printf(MOSQ_LOG_NOTICE,
 					"akenza: device '%s' removed, disabled or its password changed: disconnecting user '%s'",
-					d->id, d->username);
+					akz_esc(d->id), akz_esc(d->username));
 			mosquitto_kick_client_by_username(d->username, false);
 		}
 	}
@@ -139,7 +149,7 @@ static void kick_removed(const struct akz_registry *old, const struct akz_regist
 		if(ng == NULL || strcmp(ng->password, g->password) != 0){
 			mosquitto_log_printf(MOSQ_LOG_NOTICE,
 					"akenza: gateway '%s' removed or its password changed: disconnecting it",
-					g->username);
+					akz_esc(g->username));
 			mosquitto_kick_client_by_username(g->username, false);
 		}
 	}
@@ -153,7 +163,7 @@ int akz_plugin_apply_registry(struct akz_plugin *p, struct akz_registry *reg)
 	}
 	struct akz_registry *old = p->reg;
 	p->reg = reg;
-	akz_auth_invalidate(p->auth);
+	akz_auth_sync(p->auth, reg);
 	kick_removed(old, reg);
 	akz_registry_free(old);
 	return 0;
@@ -170,18 +180,18 @@ static int on_reload(int event, void *event_data, void *userdata)
 	if(reg == NULL){
 		mosquitto_log_printf(MOSQ_LOG_ERR,
 				"akenza: reload of %s failed: keeping the previous registry (%zu devices) in force",
-				p->cfg.devices_path, akz_registry_device_count(p->reg));
+				akz_esc(p->cfg.devices_path), akz_registry_device_count(p->reg));
 		return MOSQ_ERR_SUCCESS;
 	}
 	size_t ndev = akz_registry_device_count(reg), ngw = akz_registry_gateway_count(reg);
 	if(akz_plugin_apply_registry(p, reg)){
 		mosquitto_log_printf(MOSQ_LOG_ERR,
 				"akenza: reload of %s: out of memory updating the bridge: keeping the previous registry",
-				p->cfg.devices_path);
+				akz_esc(p->cfg.devices_path));
 		return MOSQ_ERR_SUCCESS;
 	}
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: reloaded %s: %zu devices, %zu gateways",
-			p->cfg.devices_path, ndev, ngw);
+			akz_esc(p->cfg.devices_path), ndev, ngw);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -244,14 +254,15 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 	p->reg = load_registry(&p->cfg, NULL);
 	if(p->reg == NULL){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: refusing to start: registry %s has the problems above",
-				p->cfg.devices_path);
+				akz_esc(p->cfg.devices_path));
 		destroy(p);
 		return MOSQ_ERR_INVAL;
 	}
+	akz_auth_sync(p->auth, p->reg);
 	if(p->cfg.bridge_enabled){
 		char err[256];
 		if(akz_bridge_start(&p->cfg, &p->bridge, err, sizeof(err))){
-			mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: refusing to start: bridge: %s", err);
+			mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: refusing to start: bridge: %s", akz_esc(err));
 			destroy(p);
 			return MOSQ_ERR_INVAL;
 		}
@@ -279,7 +290,7 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 	}
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: %zu devices, %zu gateways from %s; bridge %s",
 			akz_registry_device_count(p->reg), akz_registry_gateway_count(p->reg),
-			p->cfg.devices_path, p->bridge ? "on" : "off");
+			akz_esc(p->cfg.devices_path), p->bridge ? "on" : "off");
 	*userdata = p;
 	return MOSQ_ERR_SUCCESS;
 

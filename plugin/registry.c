@@ -643,3 +643,31 @@ bool akz_gateway_serves(const struct akz_gateway *gw, const char *id)
 	for(size_t i = 0; i < gw->ndevices; i++) if(strcmp(gw->devices[i], id) == 0) return true;
 	return false;
 }
+
+void akz_registry_weak_hashes(const struct akz_registry *reg, const char *path, akz_report_fn report, void *ctx)
+{
+	char names[600] = "";
+	size_t used = 0, n = 0;
+	size_t nd = akz_registry_device_count(reg), ng = akz_registry_gateway_count(reg);
+	for(size_t i = 0; i < nd + ng; i++){
+		const char *user = i < nd ? reg->devices[i].username : reg->gateways[i - nd].username;
+		const char *hash = i < nd ? reg->devices[i].password : reg->gateways[i - nd].password;
+		struct akz_pw pw;
+		char err[8];
+		if(akz_pw_parse(hash, &pw, err, sizeof(err)) != 0) continue;
+		if(pw.kind == AKZ_PW_PBKDF2 && pw.iterations >= AKZ_PW_ITERATIONS_WEAK) continue;
+		/* The first names that fit; the count says how many there are. */
+		if(used < sizeof(names) - 64){
+			int k = snprintf(names + used, sizeof(names) - used, "%s'%s'", n ? ", " : "", user);
+			if(k > 0) used += (size_t)k < sizeof(names) - used ? (size_t)k : sizeof(names) - used - 1;
+		}
+		n++;
+	}
+	if(n == 0 || report == NULL) return;
+	char msg[1024];
+	snprintf(msg, sizeof(msg), "%s: %zu user%s with a weak password hash ($6$, or $7$ with fewer than %d "
+			"iterations; cheap to guess from a copy of the registry): %s%s; make new hashes with "
+			"akenzactl passwd", path, n, n == 1 ? "" : "s", AKZ_PW_ITERATIONS_WEAK, names,
+			used >= sizeof(names) - 64 ? ", ..." : "");
+	report(ctx, msg);
+}

@@ -192,9 +192,17 @@ def test_unknown_user_falls_through_to_password_file(local):
 
 
 def test_failures_slow_down(local):
+    """Five different wrong passwords within a minute lock the username; a password tried again is
+    answered from memory and counts once (a sensor retrying an old password does not lock itself)."""
     l = local([dev("a", "right")])
-    for _ in range(5):
+    for _ in range(6):
         s, rc = l.client("a", "wrong")
+        assert rc == 5
+    s, rc = l.client("a", "right")
+    assert rc == 0, "a repeated wrong password counted as more than one failure"
+    s.close()
+    for i in range(5):
+        s, rc = l.client("a", f"wrong-{i}")
         assert rc == 5
     s, rc = l.client("a", "right")
     assert rc == 5, "the right password must be refused while locked"
@@ -202,6 +210,24 @@ def test_failures_slow_down(local):
     assert "5 failed logins for user 'a'" in log and "locked for" in log
     other, rc = l.client("app", "apppw")
     assert rc == 0, "a lockout of one user does not affect others"
+
+
+def test_cached_login_resets_the_failure_count(local):
+    """Four failures, a good login answered from the cache, one more failure: no lockout."""
+    l = local([dev("a", "right")])
+    s, rc = l.client("a", "right")   # checked, then cached
+    assert rc == 0
+    s.close()
+    for i in range(4):
+        assert l.client("a", f"bad-{i}")[1] == 5
+    s, rc = l.client("a", "right")   # from the cache
+    assert rc == 0
+    s.close()
+    assert l.client("a", "bad-4")[1] == 5
+    s, rc = l.client("a", "right")
+    assert rc == 0, "the cached login did not reset the failure count"
+    s.close()
+    assert "failed logins for user 'a'" not in l.broker.log()
 
 
 def test_reload(local):
