@@ -33,7 +33,7 @@
  * checks are not charged: a restart's reconnecting devices are not slowed down. */
 #define BUDGET_RATE_US 200000
 #define BUDGET_BURST_US 200000
-#define ADDR_RATE_US 50000
+#define ADDR_RATE_US 100000
 #define ADDR_BURST_US 200000
 #define REPORT_MS 10000        /* one summary line at most this often */
 #define CIDS_PER_USER 8        /* client ids bound to one identity; the oldest gives way */
