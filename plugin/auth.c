@@ -32,9 +32,9 @@
  * alone cannot use it all. Beyond it a login is answered at once without a check. Successful
  * checks are not charged: a restart's reconnecting devices are not slowed down. */
 #define BUDGET_RATE_US 200000
-#define BUDGET_BURST_US 200000
+#define BUDGET_BURST_US 300000
 #define ADDR_RATE_US 100000
-#define ADDR_BURST_US 200000
+#define ADDR_BURST_US 300000
 #define REPORT_MS 10000        /* one summary line at most this often */
 #define CIDS_PER_USER 8        /* client ids bound to one identity; the oldest gives way */
 
@@ -212,10 +212,12 @@ void akz_auth_sync(struct akz_auth *a, const struct akz_registry *reg)
 	for(size_t i = 0; i < NBUCKETS; i++){
 		for(struct entry *e = a->buckets[i]; e; e = e->next){
 			if(e->kind != K_USER) continue;
-			/* A changed hash, a device enabled or a new registry user: no old answer stands. */
 			e->u.ok_until_ms = 0;
-			e->u.seen_until_ms = 0;
-			if(!is_registry_user(reg, e->name)) release_cids(a, e);
+			/* A registry user's hash or state may have changed, or the username is new to the
+			 * registry: its remembered refusals no longer stand. Other usernames keep theirs,
+			 * so a change does not make an admin's next login cost a check. */
+			if(is_registry_user(reg, e->name)) e->u.seen_until_ms = 0;
+			else release_cids(a, e);
 		}
 	}
 	make_dummy(a, reg);

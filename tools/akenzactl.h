@@ -4,6 +4,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdio.h>
 #include "akz_keystore.h"
 
 /* Long options shared by every command that reads keys (ids from 1000 up, clear of letters). */
@@ -46,8 +47,16 @@ struct cJSON;
  * stderr (error answer, refused connection or subscription, not authorised, no answer in time). */
 int ctl_request(const struct ctl_conn *conn, struct cJSON *command, struct cJSON **data);
 
-/* Reads one line into buf without its newline; no echo when stdin is a terminal (the prompt
- * goes to stderr then). Returns 0, or -1 at end of input. (cmd_registry.c) */
+/* Reads one line of f into buf (size bytes) without its line end. Returns 0; -1 at end of input;
+ * -2 if the line holds a NUL byte (a secret cut short without a word); -3 if it does not fit.
+ * (cmd_registry.c) */
+int ctl_read_line(FILE *f, char *buf, size_t size);
+
+/* The reason for a ctl_read_line return code, as a phrase. */
+const char *ctl_read_line_error(int rc);
+
+/* ctl_read_line of stdin, without echo when stdin is a terminal (the prompt goes to stderr
+ * then). Same returns. (cmd_registry.c) */
 int ctl_read_secret(const char *prompt, char *buf, size_t size);
 
 /* Prints "akenzactl: <message>" on stderr. */

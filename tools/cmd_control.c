@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/stat.h>
 #include <cJSON.h>
 #include <openssl/crypto.h>
 #include "akenzactl.h"
@@ -17,7 +18,10 @@ enum {
 };
 
 enum { L_CAFILE = CTL_OPT_FIRST_FREE, L_CAPATH, L_CERT, L_KEY, L_USERNAME, L_PASSWORD, L_TYPE, L_BITS,
-	L_KEYURI, L_ENABLE, L_DISABLE, L_DEVICES, L_HELP };
+	L_KEYURI, L_ENABLE, L_DISABLE, L_DEVICES, L_HELP, L_ADMIN_PW_FILE };
+
+/* The environment variable that may hold the admin password (-P and --admin-password-file win). */
+#define ADMIN_PW_ENV "AKENZACTL_ADMIN_PASSWORD"
 
 static const struct option longopts[] = {
 	{"cafile", required_argument, NULL, L_CAFILE}, {"capath", required_argument, NULL, L_CAPATH},
@@ -27,13 +31,18 @@ static const struct option longopts[] = {
 	{"key-uri", required_argument, NULL, L_KEYURI}, {"enable", no_argument, NULL, L_ENABLE},
 	{"disable", no_argument, NULL, L_DISABLE}, {"disabled", no_argument, NULL, L_DISABLE},
 	{"devices", required_argument, NULL, L_DEVICES}, {"help", no_argument, NULL, L_HELP},
+	{"admin-password-file", required_argument, NULL, L_ADMIN_PW_FILE},
 	{NULL, 0, NULL, 0}};
 
 static const char conn_help[] =
 	"connection options (every command):\n"
-	"            -h HOST (localhost) -p PORT (1883, 8883 with TLS) -u USER -P PASSWORD\n"
+	"            -h HOST (localhost) -p PORT (1883, 8883 with TLS) -u USER\n"
+	"            --admin-password-file FILE (its first line) | env " ADMIN_PW_ENV " | -P PASSWORD\n"
 	"            --cafile FILE | --capath DIR (TLS; the server is always verified) --cert FILE --key FILE\n"
 	"            -W SECONDS (wait for the answer, default 10)\n"
+	"-P puts the admin password on the command line, where every local user can read it (ps,\n"
+	"/proc/PID/cmdline) and the shell history keeps it: prefer the file (chmod 600) or the\n"
+	"environment variable, which only the same user and root can read.\n"
 	"The user needs the broker's permission to publish to $CONTROL/akenza/v1 and to subscribe to\n"
 	"$CONTROL/akenza/v1/response (acl_file or dynamic-security).\n";
 
@@ -88,8 +97,49 @@ struct args {
 	struct ctl_conn conn;
 	unsigned given;
 	const char *username, *password, *type, *keyuri, *devices;
+	const char *admin_pw_file;
 	long bits;
+	char admin_pw[1024];    /* read from the file or the environment; cleansed after use */
 };
+
+/* Sets the admin password from --admin-password-file or the environment when -P did not give
+ * one. Returns 0, or 2 after printing why. */
+static int admin_password(struct args *a)
+{
+	if(a->admin_pw_file && a->conn.password){
+		ctl_error("-P and --admin-password-file exclude each other");
+		return 2;
+	}
+	if(a->admin_pw_file){
+		FILE *f = fopen(a->admin_pw_file, "r");
+		struct stat sb;
+		if(f == NULL){
+			ctl_error("%s: %s", a->admin_pw_file, strerror(errno));
+			return 2;
+		}
+		/* A pipe (--admin-password-file <(pass show broker)) is fine; a file others read is not. */
+		if(fstat(fileno(f), &sb) == 0 && S_ISREG(sb.st_mode) && (sb.st_mode & 077)){
+			ctl_error("%s: mode %04o: group or others can read it; chmod 600 it", a->admin_pw_file,
+					(unsigned)(sb.st_mode & 07777));
+			fclose(f);
+			return 2;
+		}
+		int rc = ctl_read_line(f, a->admin_pw, sizeof(a->admin_pw));
+		fclose(f);
+		if(rc){
+			ctl_error("%s: no admin password on its first line: %s", a->admin_pw_file, ctl_read_line_error(rc));
+			return 2;
+		}
+		a->conn.password = a->admin_pw;
+	}else if(a->conn.password == NULL && getenv(ADMIN_PW_ENV)){
+		if(snprintf(a->admin_pw, sizeof(a->admin_pw), "%s", getenv(ADMIN_PW_ENV)) >= (int)sizeof(a->admin_pw)){
+			ctl_error("%s: too long", ADMIN_PW_ENV);
+			return 2;
+		}
+		a->conn.password = a->admin_pw;
+	}
+	return 0;
+}
 
 static void print_sub_help(FILE *out, const char *group, const struct sub *s)
 {
@@ -145,6 +195,7 @@ static int parse_args(int argc, char **argv, const char *group, const struct sub
 			if(parse_int("-W", optarg, 1, 3600, &v)) return 2;
 			a->conn.timeout_s = (int)v;
 			break;
+		case L_ADMIN_PW_FILE: a->admin_pw_file = optarg; break;
 		case L_CAFILE: a->conn.cafile = optarg; break;
 		case L_CAPATH: a->conn.capath = optarg; break;
 		case L_CERT: a->conn.cert = optarg; break;
@@ -187,7 +238,7 @@ static int parse_args(int argc, char **argv, const char *group, const struct sub
 		ctl_error("--enable and --disable exclude each other");
 		return 2;
 	}
-	return 0;
+	return admin_password(a);
 }
 
 /* "a,b,c" or "*" as a JSON array. NULL when out of memory. */
@@ -221,8 +272,10 @@ static cJSON *build_command(const struct sub *s, const struct args *a, const cha
 	const char *password = a->password;
 	/* create needs a password: read it rather than put it on the command line (ps shows those). */
 	if(ok && password == NULL && (s->opts & O_PASSWORD) && strncmp(s->command, "create", 6) == 0){
-		if(ctl_read_secret("Password: ", pwbuf, pwlen) || pwbuf[0] == '\0'){
-			ctl_error("no password given (--password or standard input)");
+		int rrc = ctl_read_secret("Password: ", pwbuf, pwlen);
+		if(rrc || pwbuf[0] == '\0'){
+			ctl_error("no password given (--password or standard input)%s%s", rrc < -1 ? ": " : "",
+					rrc < -1 ? ctl_read_line_error(rrc) : "");
 			cJSON_Delete(cmd);
 			return NULL;
 		}
@@ -324,13 +377,20 @@ static int run_sub(int argc, char **argv, const char *group, const struct sub *s
 	struct args a = {0};
 	const char *positional = NULL;
 	int prc = parse_args(argc, argv, group, s, &a, &positional);
-	if(prc) return prc == 1 ? 0 : 2;
+	if(prc){
+		OPENSSL_cleanse(a.admin_pw, sizeof(a.admin_pw));
+		return prc == 1 ? 0 : 2;
+	}
 	char pwbuf[1024];
 	cJSON *cmd = build_command(s, &a, positional, pwbuf, sizeof(pwbuf));
-	if(cmd == NULL) return 1;
+	if(cmd == NULL){
+		OPENSSL_cleanse(a.admin_pw, sizeof(a.admin_pw));
+		return 1;
+	}
 	cJSON *data = NULL;
 	int rc = ctl_request(&a.conn, cmd, &data);   /* takes cmd */
 	OPENSSL_cleanse(pwbuf, sizeof(pwbuf));
+	OPENSSL_cleanse(a.admin_pw, sizeof(a.admin_pw));
 	if(rc == 0) print_data(s, data);
 	cJSON_Delete(data);
 	return rc;

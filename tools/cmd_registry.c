@@ -10,6 +10,34 @@
 #include "akenzactl.h"
 #include "akz_passwd.h"
 #include "akz_registry.h"
+#include "akz_util.h"
+
+int ctl_read_line(FILE *f, char *buf, size_t size)
+{
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t n = getline(&line, &cap, f);
+	int rc = 0;
+	if(n < 0){
+		rc = -1;
+	}else{
+		while(n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) n--;
+		if(memchr(line, '\0', (size_t)n)) rc = -2;       /* strlen would cut the secret short */
+		else if((size_t)n >= size) rc = -3;
+		else{
+			memcpy(buf, line, (size_t)n);
+			buf[n] = '\0';
+		}
+	}
+	if(line) OPENSSL_clear_free(line, cap);
+	return rc;
+}
+
+const char *ctl_read_line_error(int rc)
+{
+	return rc == -2 ? "it holds a NUL byte, which would cut it short" : rc == -3 ? "it is too long"
+			: "nothing to read";
+}
 
 int ctl_read_secret(const char *prompt, char *buf, size_t size)
 {
@@ -21,14 +49,12 @@ int ctl_read_secret(const char *prompt, char *buf, size_t size)
 		quiet.c_lflag &= ~(tcflag_t)ECHO;
 		tcsetattr(STDIN_FILENO, TCSAFLUSH, &quiet);
 	}
-	char *ok = fgets(buf, (int)size, stdin);
+	int rc = ctl_read_line(stdin, buf, size);
 	if(tty){
 		tcsetattr(STDIN_FILENO, TCSAFLUSH, &old);
 		fputc('\n', stderr);
 	}
-	if(ok == NULL) return -1;
-	buf[strcspn(buf, "\r\n")] = '\0';
-	return 0;
+	return rc;
 }
 
 int cmd_passwd(int argc, char **argv)
@@ -65,8 +91,9 @@ int cmd_passwd(int argc, char **argv)
 		return 2;
 	}
 	char pw[1024], again[1024], err[256];
-	if(ctl_read_secret("Password: ", pw, sizeof(pw))){
-		ctl_error("no password on standard input");
+	int rrc = ctl_read_secret("Password: ", pw, sizeof(pw));
+	if(rrc){
+		ctl_error("no password on standard input%s%s", rrc == -1 ? "" : ": ", rrc == -1 ? "" : ctl_read_line_error(rrc));
 		return 1;
 	}
 	if(isatty(STDIN_FILENO)){
@@ -88,10 +115,17 @@ int cmd_passwd(int argc, char **argv)
 	return 0;
 }
 
+/* Problems name what the file holds: escaped, so that a field name cannot write to the terminal. */
 static void print_problem(void *ctx, const char *msg)
 {
 	(void)ctx;
-	fprintf(stderr, "%s\n", msg);
+	fprintf(stderr, "%s\n", akz_esc(msg));
+}
+
+static void print_warning(void *ctx, const char *msg)
+{
+	(void)ctx;
+	fprintf(stderr, "warning: %s\n", akz_esc(msg));
 }
 
 int cmd_check_registry(int argc, char **argv)
@@ -99,7 +133,8 @@ int cmd_check_registry(int argc, char **argv)
 	static const char help[] =
 		"usage: akenzactl check-registry [--keystore DIR] [--passphrase-file F] [--allow-readable] FILE\n"
 		"Checks a device registry as the plugin would at start: JSON, fields, password hashes,\n"
-		"duplicates, gateways, and every device key. Prints every problem; exits 1 if there is any.\n";
+		"duplicates, gateways, and every device key. Prints every problem; exits 1 if there is any.\n"
+		"Warns (exit 0) about weak password hashes: $6$, or $7$ with fewer than 100000 iterations.\n";
 	enum { OPT_KEYSTORE = CTL_OPT_FIRST_FREE };
 	static const struct option lo[] = {
 		{"keystore", required_argument, NULL, OPT_KEYSTORE},
@@ -129,6 +164,7 @@ int cmd_check_registry(int argc, char **argv)
 		ctl_error("%s has problems (above)", argv[optind]);
 		return 1;
 	}
+	akz_registry_weak_hashes(reg, argv[optind], print_warning, NULL);
 	size_t enabled = 0;
 	for(size_t i = 0; i < akz_registry_device_count(reg); i++){
 		if(akz_registry_device_at(reg, i)->enabled) enabled++;
