@@ -6,6 +6,7 @@
 #include "akz_auth.h"
 #include "akz_registry.h"
 #include "akz_topic.h"
+#include "akz_util.h"
 
 /* The registry identity behind a local username: a device or a gateway (or neither). */
 struct principal {
@@ -81,8 +82,8 @@ int akz_acl_check(const struct akz_registry *reg, const char *receipts_prefix,
 	if(!ok && ev->access != MOSQ_ACL_READ){
 		const char *cid = mosquitto_client_id(ev->client);
 		mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: denied %s on '%s' to user '%s' (client '%s')",
-				ev->access == MOSQ_ACL_WRITE ? "publish" : "subscribe", ev->topic, username,
-				cid ? cid : "?");
+				ev->access == MOSQ_ACL_WRITE ? "publish" : "subscribe", akz_esc(ev->topic), akz_esc(username),
+				akz_esc(cid ? cid : "?"));
 	}
 	return ok ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
 }

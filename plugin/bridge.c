@@ -314,7 +314,7 @@ static void report_orphan(void *ctx, const char *id, uint64_t bytes, uint64_t ms
 	if(rd && rd->enabled) return;
 	o->msgs += msgs;
 	mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: spool holds %" PRIu64 " undelivered uplinks (%"
-			PRIu64 " bytes) of device '%s', which is %s: kept until it is back", msgs, bytes, id,
+			PRIu64 " bytes) of device '%s', which is %s: kept until it is back", msgs, bytes, akz_esc(id),
 			rd ? "disabled" : "not in the registry");
 }
 
@@ -392,7 +392,7 @@ int akz_bridge_sync(struct akz_bridge *b, const struct akz_registry *reg)
 				if(d->status.state && strcmp(d->status.state, "connected") == 0) b->sum.connected--;
 				if(dropped){
 					mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: device '%s' removed with %zu "
-							"uplinks not yet acknowledged by akenza: %s", d->id, dropped, b->spool
+							"uplinks not yet acknowledged by akenza: %s", akz_esc(d->id), dropped, b->spool
 							? "the spool keeps them until it comes back" : "they are discarded");
 				}
 				akz_status_clear_device(d->id);
@@ -495,7 +495,7 @@ static void flush_log(struct akz_bridge *b)
 
 	while(l){
 		struct log_line *next = l->next;
-		mosquitto_log_printf(l->level, "%s", l->text);
+		mosquitto_log_printf(l->level, "%s", akz_esc(l->text));   /* one line, whatever it quotes */
 		free(l);
 		l = next;
 	}
@@ -527,7 +527,7 @@ static size_t publish_handed_over(struct akz_bridge *b)
 		}else{
 			mosquitto_property_free_all(&props);
 			mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: message on '%s' not published: %s",
-					m->topic, mosquitto_strerror(rc));
+					akz_esc(m->topic), mosquitto_strerror(rc));
 		}
 	}
 	return relayed;
@@ -676,7 +676,7 @@ static int open_spool(struct akz_bridge *b, const struct akz_config *cfg, char *
 		struct akz_spool_stats st;
 		akz_spool_get_stats(b->spool, &st);
 		mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: spool %s (sync %s): %" PRIu64 " undelivered "
-				"uplinks (%" PRIu64 " bytes) recovered in %" PRIu64 " segments", cfg->spool_dir,
+				"uplinks (%" PRIu64 " bytes) recovered in %" PRIu64 " segments", akz_esc(cfg->spool_dir),
 				cfg->spool_sync, st.msgs, st.bytes, st.segments);
 	}
 	return rc;

@@ -7,6 +7,7 @@
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
 #include "akz_status.h"
+#include "akz_util.h"
 
 char *akz_status_device_json(const struct akz_status_dev *s)
 {
@@ -30,12 +31,12 @@ char *akz_status_device_json(const struct akz_status_dev *s)
 static void publish_retained(const char *topic, char *text)
 {
 	if(text == NULL){
-		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: out of memory rendering %s", topic);
+		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: out of memory rendering %s", akz_esc(topic));
 		return;
 	}
 	int rc = mosquitto_broker_publish_copy(NULL, topic, (int)strlen(text), text, 0, true, NULL);
 	if(rc != MOSQ_ERR_SUCCESS){
-		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: cannot publish %s: %s", topic, mosquitto_strerror(rc));
+		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: cannot publish %s: %s", akz_esc(topic), mosquitto_strerror(rc));
 	}
 	free(text);
 }
@@ -91,6 +92,6 @@ void akz_status_clear_device(const char *id)
 	/* An empty retained message removes the retained status. */
 	int rc = mosquitto_broker_publish_copy(NULL, topic, 0, NULL, 0, true, NULL);
 	if(rc != MOSQ_ERR_SUCCESS){
-		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: cannot clear %s: %s", topic, mosquitto_strerror(rc));
+		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: cannot clear %s: %s", akz_esc(topic), mosquitto_strerror(rc));
 	}
 }

@@ -2,12 +2,14 @@
 cannot reach $CONTROL topics, the upstream TLS version is pinned (no fallback)."""
 import json
 import re
+import threading
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from conftest import wait_for
-from edge import Edge, Sensor
+from conftest import AKENZACTL, PLUGIN, cpu_seconds, free_port, run, wait_for
+from edge import Edge, Sensor, make_key, password_hash
 
 SECRET = "Sensor-Secret-7431"
 WRONG = "Wrong-Guess-9902"
@@ -121,3 +123,173 @@ def test_broker_refuses_a_key_others_can_read(brokers, tmp_path, pki):
     b.conffile.write_text(e.conf() + f"\nlog_dest file {b.logfile}\nlog_type all\nuser root\n")
     b.start()
     assert b.proc.poll() is None
+
+
+# ---- logins: the budget of failed checks, equal timing, client ids ---------------------------
+
+def akenzactl_hash(password, iterations=210000):
+    """A $7$ hash as akenzactl passwd makes it (210,000 iterations: ~0.1 s per check here)."""
+    return run([str(AKENZACTL), "passwd", "--iterations", str(iterations)], input=password + "\n").stdout.strip()
+
+
+class Plain:
+    """An edge broker with the plugin, no bridge: registry users, an admin in a password_file."""
+
+    def __init__(self, brokers, d, devices, gateways=(), extra=""):
+        self.dir = Path(d)
+        self.keys = self.dir / "keys"
+        for dev in devices:
+            make_key(self.keys, dev["id"])
+        self.registry = self.dir / "devices.json"
+        self.registry.write_text(json.dumps({"devices": devices, "gateways": list(gateways)}))
+        self.port = free_port()
+        pw = self.dir / "admin.pw"
+        run(["mosquitto_passwd", "-b", "-c", str(pw), "admin", "adminpw"])
+        acl = self.dir / "acl"
+        acl.write_text("user admin\ntopic readwrite #\n")
+        self.broker = brokers("\n".join([
+            f"listener {self.port} 127.0.0.1", "allow_anonymous false", f"password_file {pw}",
+            f"acl_file {acl}", f"plugin {PLUGIN}", f"plugin_opt_devices {self.registry}",
+            "plugin_opt_bridge false", extra]), self.port, name="plain")
+
+    def login(self, user, password, client_id=None, source="127.0.0.1", clean=True, protocol=mqtt.MQTTv311):
+        """Connects (from the loopback address source); returns (client or None, CONNACK code)."""
+        kw = {"client_id": client_id or f"t-{user}-{time.monotonic_ns()}", "protocol": protocol}
+        if protocol != mqtt.MQTTv5:
+            kw["clean_session"] = clean
+        c = mqtt.Client(**kw)
+        c.username_pw_set(user, password)
+        got = []
+        c.on_connect = lambda cl, u, f, rc, props=None: got.append(getattr(rc, "value", rc))
+        c.connect("127.0.0.1", self.port, 30, bind_address=source)
+        c.loop_start()
+        wait_for(lambda: got, 15, what=f"CONNACK for {user}")
+        if got[0] != 0:
+            c.loop_stop()
+            c.disconnect()
+            return None, got[0]
+        return c, 0
+
+
+def test_a_wrong_password_flood_gets_a_bounded_share_of_the_broker_thread(brokers, tmp_path):
+    """8 threads from 2 addresses send wrong passwords for 30 usernames: the failed checks stay
+    within their budget (200 ms per second for all, 100 ms per address, 300 ms of burst), the rest
+    is answered without a check, and one summary line per 10 s says so."""
+    h = akenzactl_hash("right")
+    devices = [{"id": f"fl-{i:02d}", "password": h} for i in range(30)]
+    p = Plain(brokers, tmp_path / "flood", devices)
+    stop = time.monotonic() + 4
+    answered = []
+
+    def flood(n):
+        k = 0
+        while time.monotonic() < stop:
+            k += 1
+            _, rc = p.login(f"fl-{(n * 7 + k) % 30:02d}", f"guess-{n}-{k}", source=f"127.0.0.{2 + n % 2}")
+            answered.append(rc)
+    threads = [threading.Thread(target=flood, args=(n,)) for n in range(8)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    elapsed = time.monotonic() - t0
+    assert answered and all(rc == 5 for rc in answered)
+    time.sleep(10.5 - min(elapsed, 10))
+    p.login("fl-00", "one-more")                 # the summary is written at the next login
+    p.broker.wait_log("akenza: logins in the last")
+    log = p.broker.log()
+    summary = re.search(r"logins in the last \d+ s: (\d+) failed password checks took (\d+) ms .*?"
+                        r"answered without a check: (\d+) over that limit", log)
+    assert summary, log[-3000:]
+    checks, ms, over = (int(x) for x in summary.groups())
+    assert over > 0 and over + checks >= len(answered) // 2, (checks, over, len(answered))
+    # the budget's bound: burst + rate x time, plus the one check that may overdraw it per address
+    assert ms <= 300 + 200 * elapsed + 2 * 400, (ms, elapsed)
+    assert log[:summary.start()].count("): wrong password") == checks   # one line per check, no more
+
+
+def test_a_wrong_password_costs_one_check_for_every_kind_of_username(brokers, tmp_path):
+    """A wrong password for a registry user, a disabled device and a username the registry does not
+    know each costs the broker one check of the registry's hash (CPU time of the broker process,
+    which the machine's load does not inflate as it does wall time); a repeat costs none."""
+    h = akenzactl_hash("right")
+    p = Plain(brokers, tmp_path / "timing", [{"id": "reg", "password": h},
+                                              {"id": "off", "password": h, "enabled": False}])
+    pid = p.broker.proc.pid
+    cost = {}
+    n = 0
+    for who in ("reg", "off", "nobody", "reg", "off", "nobody"):
+        n += 1
+        time.sleep(0.7)                            # the budget refills 140 ms meanwhile
+        c0 = cpu_seconds(pid)
+        _, rc = p.login(who, f"wrong-{n}", source=f"127.0.0.{10 + n}")
+        cost[who] = cost.get(who, 0) + cpu_seconds(pid) - c0
+        assert rc == 5
+    assert cost["reg"] >= 0.08, cost                 # two checks of 210,000 iterations
+    assert cost["off"] >= cost["reg"] / 2 and cost["nobody"] >= cost["reg"] / 2, cost
+    c0 = cpu_seconds(pid)
+    for who, last in (("reg", "wrong-4"), ("off", "wrong-5"), ("nobody", "wrong-6")):
+        _, rc = p.login(who, last, source="127.0.0.40")   # each username's last password again
+        assert rc == 5
+    assert cpu_seconds(pid) - c0 < cost["reg"] / 2, "a repeated password was checked again"
+    log = p.broker.log()
+    assert "refused user 'off'" in log and "device is disabled" in log
+    assert "refused user 'nobody'" not in log      # deferred to the password_file, which refuses
+
+
+def test_a_device_cannot_use_another_identitys_client_id(brokers, tmp_path):
+    """dev-2 (its own password) cannot kick dev-3 with dev-3's id as client id, nor take over the
+    persistent session of dev-3's own client id with its queued downlink; gateways neither. dev-3
+    keeps its session and gets the downlink."""
+    h = password_hash("pw")
+    p = Plain(brokers, tmp_path / "cid", [{"id": "dev-2", "password": h}, {"id": "dev-3", "password": h}],
+              [{"username": "gw", "password": h, "devices": ["dev-3"]}])
+    admin, rc = p.login("admin", "adminpw")
+    assert rc == 0
+    # dev-3 online under its own id: dev-2 and the gateway cannot kick it
+    three, rc = p.login("dev-3", "pw", client_id="dev-3")
+    assert rc == 0
+    kicked = []
+    three.on_disconnect = lambda *a: kicked.append(a)
+    for user in ("dev-2", "gw"):
+        for proto in (mqtt.MQTTv311, mqtt.MQTTv5):
+            _, rc = p.login(user, "pw", client_id="dev-3", protocol=proto)
+            assert rc in (5, 0x87), (user, proto, rc)
+    time.sleep(0.5)
+    assert kicked == [], "dev-3 was disconnected"
+    three.loop_stop()
+    three.disconnect()
+    # dev-3's persistent session under a client id of its own choosing, with a queued downlink
+    s3, rc = p.login("dev-3", "pw", client_id="sensor-three", clean=False)
+    subscribed = []
+    s3.on_subscribe = lambda *a: subscribed.append(a)
+    s3.subscribe("/down/device/id/dev-3/#", 1)
+    wait_for(lambda: subscribed, 10, what="SUBACK")
+    s3.loop_stop()
+    s3.disconnect()
+    admin.publish("/down/device/id/dev-3/cmd", b"for dev-3 only", 1).wait_for_publish(10)
+    _, rc = p.login("dev-2", "pw", client_id="sensor-three", clean=False)
+    assert rc == 5
+    log = p.broker.log()
+    assert "refused user 'dev-2' (client 'sensor-three', address 127.0.0.1): client id 'sensor-three' is bound " \
+           "to registry user 'dev-3'" in log, log[-2000:]
+    assert "refused user 'dev-2' (client 'dev-3', address 127.0.0.1): client id 'dev-3' is reserved for " \
+           "registry user 'dev-3'" in log
+    got = []
+    s3 = mqtt.Client(client_id="sensor-three", clean_session=False)
+    s3.username_pw_set("dev-3", "pw")
+    s3.on_message = lambda c, u, m: got.append((m.topic, m.payload))
+    s3.connect("127.0.0.1", p.port, 30)
+    s3.loop_start()
+    wait_for(lambda: got, 10, what="the queued downlink")
+    assert got == [("/down/device/id/dev-3/cmd", b"for dev-3 only")]
+    s3.loop_stop()
+    s3.disconnect()
+    # a device's own id and a new client id of its own stay usable
+    c, rc = p.login("dev-2", "pw", client_id="dev-2")
+    assert rc == 0
+    c.loop_stop()
+    c.disconnect()
+    admin.loop_stop()
+    admin.disconnect()
