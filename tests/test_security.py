@@ -2,6 +2,7 @@
 cannot reach $CONTROL topics, the upstream TLS version is pinned (no fallback)."""
 import json
 import re
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -293,3 +294,161 @@ def test_a_device_cannot_use_another_identitys_client_id(brokers, tmp_path):
     c.disconnect()
     admin.loop_stop()
     admin.disconnect()
+
+
+# ---- key references, log lines, identifiers ----------------------------------------------------
+
+def control_broker(brokers, tmp_path):
+    from test_control import Control, Local
+    local = Local(brokers, tmp_path / "ctl")
+    return local, Control(local.port)
+
+
+def test_every_spelling_of_a_key_file_gets_the_file_checks(brokers, tmp_path):
+    """createDevice with FILE:, File:// or a colon in a relative path: the same checks as a plain
+    path (mode, regular file); a fifo or a directory is refused before anything reads it, and the
+    broker answers at once instead of waiting for a writer."""
+    import os
+    local, ctl = control_broker(brokers, tmp_path)
+    readable, _ = make_key(tmp_path / "loose", "loose")
+    readable.chmod(0o644)
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    for uri, want in ((f"FILE:{readable}", "group or others can read it"),
+                      (f"File://{readable}", "group or others can read it"),
+                      (f"fIlE://localhost{readable}", "group or others can read it"),
+                      (f"FILE:{fifo}", "not a regular file"),
+                      (f"file://{fifo}", "not a regular file"),
+                      (f"File:{tmp_path}", "is a directory"),
+                      ("file://elsewhere/k.pem", "file:///path")):
+        t0 = time.monotonic()
+        err = ctl.err("createDevice", id="k1", password="pw", key={"uri": uri})
+        assert want in err, (uri, err)
+        assert time.monotonic() - t0 < 10
+    # A relative path with a colon is a path (no provider loads "keys:" URIs), resolved beside
+    # the registry; the key loads when the file is fine.
+    good, _ = make_key(local.dir, "keys:good")
+    assert good.name == "keys:good.pem"
+    d = ctl.ok("createDevice", id="k2", password="pw", key={"uri": "keys:good.pem"})
+    assert d["key"]["uri"] == str(good)
+    d = ctl.ok("createDevice", id="k3", password="pw", key={"uri": f"FILE://{good}"})
+    assert d["key"]["uri"] == str(good)
+    # check-registry: a fifo named by FILE: is refused without blocking
+    reg = tmp_path / "fifo.json"
+    reg.write_text(json.dumps({"devices": [{"id": "f", "password": password_hash("pw"), "key": f"FILE:{fifo}"}]}))
+    r = run([str(AKENZACTL), "check-registry", str(reg)], check=False, timeout=20)
+    assert r.returncode == 1 and "not a regular file" in r.stderr, r.stderr
+    ctl.close()
+
+
+def test_control_requests_cannot_forge_log_lines(brokers, tmp_path):
+    """A newline or an escape sequence in a command name, a gateway username, a field name or an id
+    shows in the broker log as \\n or \\x1b inside its line, never as a line of its own."""
+    local, ctl = control_broker(brokers, tmp_path)
+    forged = "x\nFORGED-LINE user 'root' granted\x1b[2J"
+    before = len(ctl.raw)
+    ctl.send_raw(json.dumps({"commands": [
+        {"command": forged},
+        {"command": "createGateway", "username": forged, "password": "pw", "devices": ["seed"]},
+        {"command": "getDevice", "id": forged},
+        {"command": "listDevices", forged: 1}]}))
+    answers = ctl.next_raw(before)["responses"]
+    assert len(answers) == 4 and all("error" in a for a in answers), answers
+    local.broker.wait_log("FORGED-LINE", timeout=10)
+    log = local.broker.log()
+    lines = log.splitlines()
+    assert not any(l.split(": ", 1)[-1].startswith("FORGED-LINE") for l in lines), log[-2000:]
+    assert "\x1b" not in log
+    assert "x\\nFORGED-LINE user 'root' granted\\x1b[2J" in log
+    ctl.close()
+
+
+def test_nul_characters_are_refused(brokers, tmp_path):
+    """A password (or any string) with a NUL, raw or as \\u0000, would be cut short by the C
+    string it becomes: the control API, the registry and akenzactl passwd refuse it."""
+    local, ctl = control_broker(brokers, tmp_path)
+    before = len(ctl.raw)
+    ctl.send_raw(b'{"commands":[{"command":"createDevice","id":"n1","password":"pw\\u0000long-secret",'
+                 b'"key":{"type":"ec"},"correlationData":"nul"}]}')
+    a = ctl.next_raw(before)["responses"][0]
+    assert "NUL" in a["error"], a
+    assert "n1" not in local.registry.read_text()
+    reg = tmp_path / "nul.json"
+    reg.write_text('{"devices": [{"id": "a\\u0000b", "password": "x"}]}')
+    r = run([str(AKENZACTL), "check-registry", str(reg)], check=False)
+    assert r.returncode == 1 and "NUL" in r.stderr, r.stderr
+    r = subprocess.run([str(AKENZACTL), "passwd"], input=b"pw\x00long-secret\n", capture_output=True, timeout=30)
+    assert r.returncode == 1 and b"NUL" in r.stderr, r.stderr
+    ctl.close()
+
+
+BAD_IDS = [b"a\xc0\x80b", b"a\xed\xa0\x80b", b"a\xf4\x90\x80\x80b", b"a\xc2\x9bb", b"*"]
+
+
+def test_registry_and_control_api_refuse_what_token_minting_refuses(brokers, tmp_path):
+    """Overlong UTF-8 (C0 80), a surrogate, a code point past U+10FFFF, a C1 control: the token
+    minting refuses each as a device id, and so do check-registry and createDevice; '*' (a
+    gateway's every device) is no device id either."""
+    forms_key, _ = make_key(tmp_path / "k", "k")
+    local, ctl = control_broker(brokers, tmp_path)
+    for raw in BAD_IDS:
+        if raw != b"*":
+            r = subprocess.run([str(AKENZACTL).encode(), b"token", b"--device", raw, b"--key", str(forms_key).encode()],
+                               capture_output=True, timeout=30)
+            assert r.returncode == 1, raw
+        reg = tmp_path / "bad.json"
+        reg.write_bytes(b'{"devices": [{"id": "' + raw + b'", "password": "' + password_hash("pw").encode() + b'"}]}')
+        r = subprocess.run([str(AKENZACTL), "check-registry", str(reg)], capture_output=True, timeout=30)
+        assert r.returncode == 1 and b"devices[0].id" in r.stderr, (raw, r.stderr)
+        before = len(ctl.raw)
+        ctl.send_raw(b'{"commands":[{"command":"createDevice","id":"' + raw + b'","password":"pw",'
+                     b'"key":{"type":"ec"}}]}')
+        a = ctl.next_raw(before)["responses"][0]
+        assert "invalid id" in a.get("error", ""), (raw, a)
+        ctl.send_raw(b'{"commands":[{"command":"createGateway","username":"' + raw + b'","password":"pw",'
+                     b'"devices":["seed"]}]}')
+        a = ctl.next_raw(before + 1)["responses"][0]
+        if raw != b"*":
+            assert "invalid username" in a.get("error", ""), (raw, a)
+    ctl.close()
+
+
+def test_weak_hashes_are_named(brokers, tmp_path):
+    """$6$ and $7$ with few iterations load, with a warning naming the users, from check-registry
+    and the broker."""
+    weak6 = run(["mosquitto_passwd", "-H", "sha512", "-b", "-c", str(tmp_path / "p6"), "u", "pw"]).stdout
+    h6 = (tmp_path / "p6").read_text().strip().split(":", 1)[1]
+    devices = [{"id": "strong", "password": akenzactl_hash("pw")},
+               {"id": "weak7", "password": password_hash("pw")},        # mosquitto_passwd: 101 iterations
+               {"id": "weak6", "password": h6}]
+    assert weak6 == ""
+    p = Plain(brokers, tmp_path / "weak", devices)
+    r = run([str(AKENZACTL), "check-registry", str(p.registry)])
+    assert "OK: 3 devices" in r.stdout
+    assert "2 users with a weak password hash" in r.stderr and "'weak7', 'weak6'" in r.stderr, r.stderr
+    assert "'strong'" not in r.stderr
+    line = [l for l in p.broker.log().splitlines() if "weak password hash" in l]
+    assert line and "'weak7', 'weak6'" in line[0] and "'strong'" not in line[0]
+
+
+def test_akenzactl_takes_the_admin_password_from_a_file_or_the_environment(brokers, tmp_path):
+    import os
+    local, ctl = control_broker(brokers, tmp_path)
+    ctl.close()
+    base = [str(AKENZACTL), "device", "list", "-p", str(local.port), "-u", "admin"]
+    f = tmp_path / "admin.secret"
+    f.write_text("adminpw\n")
+    f.chmod(0o600)
+    r = run(base + ["--admin-password-file", str(f)], check=False)
+    assert r.returncode == 0 and "seed" in r.stdout, r.stderr
+    env = dict(os.environ, AKENZACTL_ADMIN_PASSWORD="adminpw")
+    r = run(base, check=False, env=env)
+    assert r.returncode == 0 and "seed" in r.stdout, r.stderr
+    r = run(base, check=False, env=dict(os.environ, AKENZACTL_ADMIN_PASSWORD="wrong"))
+    assert r.returncode == 1
+    f.chmod(0o644)
+    r = run(base + ["--admin-password-file", str(f)], check=False)
+    assert r.returncode == 2 and "chmod 600" in r.stderr
+    r = run(base + ["--admin-password-file", str(f), "-P", "adminpw"], check=False)
+    assert r.returncode == 2 and "exclude" in r.stderr
+    assert "ps" in run([str(AKENZACTL), "device", "list", "--help"]).stdout
