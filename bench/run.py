@@ -644,6 +644,12 @@ def bench_auth():
             "plugin_opt_bridge false\n")
     seconds = float(os.environ.get("BENCH_FLOOD_SECONDS", "10"))
     users = [f"u{i:02d}" for i in range(n_users)]
+    b = broker(conf, "auth-idle")
+    rtts, _, _ = flood_round(b, users, ["127.0.0.1"], 3, threads=0)
+    b.stop()
+    print(" no flood (3 s):")
+    row("admin round trip through the broker, longest", max(rtts), "ms")
+    row("admin round trip, median", rtts[len(rtts) // 2], "ms")
     for label, sources in (("one address", ["127.0.0.1"]),
                            ("10 addresses", [f"127.0.0.{i}" for i in range(2, 12)])):
         b = broker(conf, f"auth-flood-{len(sources)}")

@@ -120,7 +120,7 @@ static void make_dummy(struct akz_auth *a, const struct akz_registry *reg)
 	bool found = false;
 	char err[8];
 	size_t nd = akz_registry_device_count(reg), ng = akz_registry_gateway_count(reg);
-	for(size_t i = 0; i < nd + ng; i++){
+	for(size_t i = 0; reg && i < nd + ng; i++){
 		const char *h = i < nd ? akz_registry_device_at(reg, i)->password : akz_registry_gateway_at(reg, i - nd)->password;
 		if(akz_pw_parse(h, &pw, err, sizeof(err)) != 0) continue;
 		int cost = pw.kind == AKZ_PW_PBKDF2 ? pw.iterations : 0;
