@@ -134,8 +134,9 @@ enum akz_keyref akz_keyref_parse(const char *ref, const char **path)
 		return AKZ_KEYREF_PATH;
 	}
 	if(scheme && has_store_loader(ref, n)) return AKZ_KEYREF_STORE;
+	if(ref[0] == '\0') return AKZ_KEYREF_BAD;
 	*path = ref;   /* "keys:a.pem" names a file unless some provider loads "keys:" URIs */
-	return ref[0] ? AKZ_KEYREF_PATH : AKZ_KEYREF_BAD;
+	return AKZ_KEYREF_PATH;
 }
 
 /* Opens and reads a key file of at most KEY_FILE_MAX bytes, never blocking: anything but a regular
