@@ -32,9 +32,13 @@
  * alone cannot use it all. Beyond it a login is answered at once without a check. Successful
  * checks are not charged: a restart's reconnecting devices are not slowed down. */
 #define BUDGET_RATE_US 200000
-#define BUDGET_BURST_US 300000
 #define ADDR_RATE_US 100000
-#define ADDR_BURST_US 300000
+/* Both may hold up to this many checks' worth of time (and at least BURST_MIN_US), so that a few
+ * failures in a row, an admin's first login and a mistyped password, do not make the next login
+ * from that address wait, however slow a check is on this machine. The burst is also the longest
+ * the broker thread spends on failed checks at a stretch. */
+#define BURST_CHECKS 3
+#define BURST_MIN_US 300000
 #define REPORT_MS 10000        /* one summary line at most this often */
 #define CIDS_PER_USER 8        /* client ids bound to one identity; the oldest gives way */
 
@@ -91,8 +95,16 @@ struct akz_auth {
 	size_t nentries;
 	struct bucket budget;
 	struct akz_pw dummy;       /* as costly as the registry's costliest hash; matches nothing */
+	int64_t check_us;          /* what a check takes here: a moving average of the last ones */
 	struct report rep;
 };
+
+/* The most time a budget may hold. */
+static int64_t burst_us(const struct akz_auth *a)
+{
+	int64_t b = BURST_CHECKS * a->check_us;
+	return b > BURST_MIN_US ? b : BURST_MIN_US;
+}
 
 static size_t bucket_of(enum kind kind, const char *s)
 {
@@ -145,7 +157,7 @@ struct akz_auth *akz_auth_new(void)
 		return NULL;
 	}
 	if(a){
-		a->budget = (struct bucket){.balance_us = BUDGET_BURST_US, .at_us = akz_mono_us()};
+		a->budget = (struct bucket){.balance_us = BURST_MIN_US, .at_us = akz_mono_us()};
 		a->rep.since_ms = akz_mono_ms();
 		make_dummy(a, NULL);
 	}
@@ -223,8 +235,8 @@ void akz_auth_sync(struct akz_auth *a, const struct akz_registry *reg)
 	make_dummy(a, reg);
 }
 
-/* True if e carries nothing worth keeping at now. */
-static bool is_idle(const struct entry *e, int64_t now_ms, int64_t now_us)
+/* True if e carries nothing worth keeping at now (burst: the budgets' size). */
+static bool is_idle(const struct entry *e, int64_t now_ms, int64_t now_us, int64_t burst)
 {
 	switch(e->kind){
 	case K_USER:
@@ -232,7 +244,7 @@ static bool is_idle(const struct entry *e, int64_t now_ms, int64_t now_us)
 		return e->u.ok_until_ms < now_ms && e->u.seen_until_ms < now_ms && e->u.locked_until_ms < now_ms
 				&& (e->u.fails == 0 || now_ms - e->u.first_fail_ms > FAIL_WINDOW_MS);
 	case K_ADDR:
-		return e->a.budget.balance_us + (now_us - e->a.budget.at_us) * ADDR_RATE_US / 1000000 >= ADDR_BURST_US;
+		return e->a.budget.balance_us + (now_us - e->a.budget.at_us) * ADDR_RATE_US / 1000000 >= burst;
 	case K_CID:
 		return false;   /* its owner releases it */
 	}
@@ -246,7 +258,7 @@ static void prune(struct akz_auth *a, int64_t now_ms)
 	for(size_t i = 0; i < NBUCKETS; i++){
 		for(struct entry **pp = &a->buckets[i]; *pp;){
 			struct entry *e = *pp;
-			if(is_idle(e, now_ms, now_us)){
+			if(is_idle(e, now_ms, now_us, burst_us(a))){
 				*pp = e->next;
 				free_entry(e);
 				a->nentries--;
@@ -277,7 +289,7 @@ static struct entry *entry_of(struct akz_auth *a, enum kind kind, const char *na
 	if(e == NULL) return NULL;
 	e->kind = kind;
 	memcpy(e->name, name, len + 1);
-	if(kind == K_ADDR) e->a.budget = (struct bucket){.balance_us = ADDR_BURST_US, .at_us = akz_mono_us()};
+	if(kind == K_ADDR) e->a.budget = (struct bucket){.balance_us = burst_us(a), .at_us = akz_mono_us()};
 	size_t b = bucket_of(kind, name);
 	e->next = a->buckets[b];
 	a->buckets[b] = e;
@@ -417,9 +429,9 @@ static void charge(struct akz_auth *a, const char *addr, int64_t us, int64_t now
 static bool within_budget(struct akz_auth *a, const char *addr, int64_t now_ms)
 {
 	int64_t now_us = akz_mono_us();
-	refill(&a->budget, now_us, BUDGET_RATE_US, BUDGET_BURST_US);
+	refill(&a->budget, now_us, BUDGET_RATE_US, burst_us(a));
 	struct entry *e = addr ? find_entry(a, K_ADDR, addr) : NULL;
-	if(e) refill(&e->a.budget, now_us, ADDR_RATE_US, ADDR_BURST_US);
+	if(e) refill(&e->a.budget, now_us, ADDR_RATE_US, burst_us(a));
 	if(a->budget.balance_us > 0 && (e == NULL || e->a.budget.balance_us > 0)) return true;
 	a->rep.over_budget++;
 	if(e == NULL && addr) e = entry_of(a, K_ADDR, addr, now_ms);
@@ -509,6 +521,7 @@ int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 		ok = false;
 	}
 	int64_t took = akz_mono_us() - t0;
+	auth->check_us = auth->check_us ? (3 * auth->check_us + took) / 4 : took;
 	if(e == NULL) e = entry_of(auth, K_USER, ev->username, now);
 	if(ok){
 		if(e){
