@@ -66,6 +66,10 @@ class Sensor:
         self.c.connect("127.0.0.1", self.port, keepalive=30)
         self.c.loop_start()
         wait_for(lambda: self.connect_rc is not None, timeout, what="CONNACK")
+        if self.connect_rc != 0:
+            # paho would try again every second or two, with the same password, for ever
+            self.c.loop_stop()
+            self.c.disconnect()
         return self.connect_rc
 
     def subscribe(self, topic, qos=1, timeout=10):
