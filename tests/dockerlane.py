@@ -87,24 +87,31 @@ class Engine:
 
     def stop(self, timeout=60):
         """Stops the dockerd this engine started: SIGTERM (it stops its containers and containerd),
-        SIGKILL after timeout seconds."""
+        SIGKILL after timeout seconds; then unmounts what it left mounted in its state directory
+        (the namespace file of its network controller), so that `make clean` can remove it."""
         pid, self.own_pid = self.own_pid, None
         if pid is None:
             return
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
-            return
+            pid = None
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while pid is not None:
             try:
                 if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
+                    break
             except ChildProcessError:   # not our child (adopted): poll for its exit
                 if not Path(f"/proc/{pid}").exists():
-                    return
+                    break
+            if time.monotonic() > deadline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    break
+                deadline = time.monotonic() + 10
             time.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
+        unmount_under(self.dir)
 
     def docker(self, *args, **kw):
         return docker_cmd(self.host, *args, **kw)
@@ -115,6 +122,18 @@ class Engine:
 
     def has_image(self, ref):
         return self.docker("image", "inspect", ref, check=False, timeout=30).returncode == 0
+
+
+def unmount_under(path):
+    """Unmounts every mount below path, the deepest first."""
+    prefix = str(Path(path).resolve()) + "/"
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+        if point.startswith(prefix):
+            points.append(point)
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", point], check=True, timeout=30)
 
 
 def host_mirrors():

@@ -177,7 +177,8 @@ def check_gateway(gw, cid, standin, restart, readme_logs):
         s.publish(UP, p)                    # PUBACKed: in the spool
     s.close()
     restart()
-    wait_for(lambda: "20 undelivered uplinks" in gw.logs(cid), 30, 0.5, what="the spool's backlog after the restart")
+    recovered = f": {len(backlog)} undelivered uplinks"
+    wait_for(lambda: recovered in gw.logs(cid), 30, 0.5, what="the spool's backlog after the restart")
     data = [m for m in inspect(engine, cid)["Mounts"] if m["Destination"] == "/mosquitto/data"]
     assert len(data) == 1 and data[0]["Type"] == "volume", data
     assert list(Path(data[0]["Source"], "akenza-spool").glob("*.seg")), "the spool is not in the data volume"
