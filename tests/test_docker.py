@@ -143,6 +143,10 @@ def check_gateway(gw, cid, standin, restart, readme_logs):
     engine = gw.engine
     c = inspect(engine, cid)
     assert c["HostConfig"]["NetworkMode"] == "host"
+    mounts = {m["Destination"]: m for m in c["Mounts"]}
+    assert mounts["/mosquitto/keys"]["Source"] == str(gw.dir / "keys") and mounts["/mosquitto/keys"]["RW"] is False
+    assert mounts["/mosquitto/config"]["Source"] == str(gw.dir / "config")
+    assert mounts["/mosquitto/data"]["Type"] == "volume"
     # the broker itself (the container's first process) runs as 1883, as the kernel sees it
     pid = c["State"]["Pid"]
     status = open(f"/proc/{pid}/status").read()
@@ -179,9 +183,8 @@ def check_gateway(gw, cid, standin, restart, readme_logs):
     restart()
     recovered = f": {len(backlog)} undelivered uplinks"
     wait_for(lambda: recovered in gw.logs(cid), 30, 0.5, what="the spool's backlog after the restart")
-    data = [m for m in inspect(engine, cid)["Mounts"] if m["Destination"] == "/mosquitto/data"]
-    assert len(data) == 1 and data[0]["Type"] == "volume", data
-    assert list(Path(data[0]["Source"], "akenza-spool").glob("*.seg")), "the spool is not in the data volume"
+    spool = Path(mounts["/mosquitto/data"]["Source"], "akenza-spool")
+    assert list(spool.glob("*.seg")), "the spool is not in the data volume"
     assert not set(backlog) & set(standin.uplinks(UP)), "uplinks went up while akenza was away"
     standin.start()
     wait_for(lambda: set(backlog) <= set(standin.uplinks(UP)), 60, 0.5, what="the backlog at the stand-in")
