@@ -174,12 +174,20 @@ class Plain:
 
 def test_a_wrong_password_flood_gets_a_bounded_share_of_the_broker_thread(brokers, tmp_path):
     """8 threads from 2 addresses send wrong passwords for 30 usernames: the failed checks stay
-    within their budget (200 ms per second for all, 100 ms per address, 300 ms of burst), the rest
-    is answered without a check, and one summary line per 10 s says so."""
+    within their budget (200 ms per second for all, 100 ms per address, a burst of three checks),
+    the rest is answered without a check, and a summary line per 10 s says so."""
     h = akenzactl_hash("right")
     devices = [{"id": f"fl-{i:02d}", "password": h} for i in range(30)]
     p = Plain(brokers, tmp_path / "flood", devices)
-    stop = time.monotonic() + 4
+    started = time.monotonic()
+    # What one check takes in this build (sanitizers make it slower): the flood lasts long enough
+    # to exceed what the budget allows, whatever that is.
+    p.login("fl-00", "warm-up", source="127.0.0.4")
+    t0 = time.monotonic()
+    p.login("fl-01", "timed", source="127.0.0.5")
+    check = time.monotonic() - t0
+    time.sleep(3 * check)
+    stop = time.monotonic() + max(4, 15 * check)
     answered = []
 
     def flood(n):
@@ -189,25 +197,27 @@ def test_a_wrong_password_flood_gets_a_bounded_share_of_the_broker_thread(broker
             _, rc = p.login(f"fl-{(n * 7 + k) % 30:02d}", f"guess-{n}-{k}", source=f"127.0.0.{2 + n % 2}")
             answered.append(rc)
     threads = [threading.Thread(target=flood, args=(n,)) for n in range(8)]
-    t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
-    elapsed = time.monotonic() - t0
+        t.join(120)
     assert answered and all(rc == 5 for rc in answered)
-    time.sleep(10.5 - min(elapsed, 10))
-    p.login("fl-00", "one-more")                 # the summary is written at the next login
+    # Every summary covers 10 s and is written at the first login after them.
+    time.sleep(10.5)
+    p.login("fl-00", "one-more", source="127.0.0.6")
     p.broker.wait_log("akenza: logins in the last")
+    span = time.monotonic() - started
     log = p.broker.log()
-    summary = re.search(r"logins in the last \d+ s: (\d+) failed password checks took (\d+) ms .*?"
-                        r"answered without a check: (\d+) over that limit", log)
-    assert summary, log[-3000:]
-    checks, ms, over = (int(x) for x in summary.groups())
+    summaries = list(re.finditer(r"logins in the last \d+ s: (\d+) failed password checks took (\d+) ms .*?"
+                                 r"answered without a check: (\d+) over that limit", log))
+    assert summaries, log[-3000:]
+    checks, ms, over = (sum(int(m.group(i)) for m in summaries) for i in (1, 2, 3))
     assert over > 0 and over + checks >= len(answered) // 2, (checks, over, len(answered))
-    # the budget's bound: burst + rate x time, plus the one check that may overdraw it per address
-    assert ms <= 300 + 200 * elapsed + 2 * 400, (ms, elapsed)
-    assert log[:summary.start()].count("): wrong password") == checks   # one line per check, no more
+    # the budget's bound over the whole run: 200 ms a second, a burst of three checks (at least
+    # 300 ms), the check that may overdraw it for each of the 5 addresses
+    assert ms <= 200 * span + 1000 * check * (3 + 5) + 300, (ms, span, check)
+    # one log line per check, no more (those after the last summary are not in it)
+    assert log[:summaries[-1].start()].count("): wrong password") == checks
 
 
 def test_a_wrong_password_costs_one_check_for_every_kind_of_username(brokers, tmp_path):
