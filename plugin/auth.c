@@ -523,7 +523,7 @@ int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 	int64_t took = akz_mono_us() - t0;
 	int64_t burst = burst_us(auth);
 	auth->check_us = auth->check_us ? (3 * auth->check_us + took) / 4 : took;
-	if(burst_us(auth) > burst) auth->budget.balance_us += burst_us(auth) - burst;   /* a full budget stays full */
+	if(auth->budget.balance_us >= burst) auth->budget.balance_us = burst_us(auth);   /* a full budget stays full */
 	if(e == NULL) e = entry_of(auth, K_USER, ev->username, now);
 	if(ok){
 		if(e){
