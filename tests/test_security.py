@@ -465,3 +465,27 @@ def test_akenzactl_takes_the_admin_password_from_a_file_or_the_environment(broke
     r = run(base + ["--admin-password-file", str(f), "-P", "adminpw"], check=False)
     assert r.returncode == 2 and "exclude" in r.stderr
     assert "ps" in run([str(AKENZACTL), "device", "list", "--help"]).stdout
+
+
+def test_a_client_id_binding_ends_with_its_identity_or_its_eight_newer_ids(brokers, tmp_path):
+    """An identity holds its 8 most recent client ids: the 9th releases the oldest. Removing the
+    identity from the registry (SIGHUP) releases all of them."""
+    h = password_hash("pw")
+    p = Plain(brokers, tmp_path / "bind", [{"id": "dev-2", "password": h}, {"id": "dev-3", "password": h}])
+
+    def use(user, cid):
+        c, rc = p.login(user, "pw", client_id=cid)
+        if c:
+            c.loop_stop()
+            c.disconnect()
+        return rc
+    for i in range(9):
+        assert use("dev-3", f"three-{i}") == 0
+    assert use("dev-2", "three-1") == 5          # still dev-3's
+    assert use("dev-2", "three-0") == 0          # given way to dev-3's ninth
+    assert use("dev-3", "three-0") == 5          # now dev-2's
+    assert use("dev-2", "three-5") == 5
+    p.registry.write_text(json.dumps({"devices": [{"id": "dev-2", "password": h}]}))
+    p.broker.sighup()
+    p.broker.wait_log("reloaded")
+    assert use("dev-2", "three-5") == 0          # dev-3 left the registry and its ids with it
