@@ -10,7 +10,7 @@
 #include "akz_jwt.h"
 #include "akz_keystore.h"
 
-enum { OPT_LIFETIME = CTL_OPT_FIRST_FREE };
+enum { OPT_LIFETIME = CTL_OPT_FIRST_FREE, OPT_AUDIENCE, OPT_CERT, OPT_DAYS };
 
 /* Parses a whole number in [lo, hi]. Returns 0, or -1 after printing why. */
 static int parse_long(const char *what, const char *s, long lo, long hi, long *out)
@@ -132,17 +132,19 @@ int cmd_fingerprint(int argc, char **argv)
 int cmd_token(int argc, char **argv)
 {
 	static const char help[] =
-		"usage: akenzactl token --device ID --key FILE [--lifetime SECONDS] [--passphrase-file F]\n"
-		"                       [--allow-readable]\n"
+		"usage: akenzactl token --device ID --key FILE [--lifetime SECONDS] [--audience HOST]\n"
+		"                       [--passphrase-file F] [--allow-readable]\n"
 		"Prints a fresh JWT for device ID signed with FILE (RS256 or ES256 by the key's type),\n"
-		"valid for SECONDS (60 to 86400, default 1200).\n";
+		"valid for SECONDS (60 to 86400, default 1200). Its aud is https://HOST/devices/ID, HOST\n"
+		"akenza.io unless --audience names a private cloud's (as plugin_opt_audience).\n";
 	static const struct option lo[] = {
 		{"device", required_argument, NULL, 'd'}, {"key", required_argument, NULL, 'k'},
 		{"lifetime", required_argument, NULL, OPT_LIFETIME},
+		{"audience", required_argument, NULL, OPT_AUDIENCE},
 		CTL_KEY_LONGOPTS,
 		{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
 	struct akz_key_opts ko = {0};
-	const char *id = NULL, *keyfile = NULL;
+	const char *id = NULL, *keyfile = NULL, *audience = AKZ_AUDIENCE_DEFAULT;
 	long lifetime = AKZ_JWT_LIFETIME_DEFAULT;
 	int c;
 
@@ -154,6 +156,15 @@ int cmd_token(int argc, char **argv)
 		case OPT_LIFETIME:
 			if(parse_long("--lifetime", optarg, AKZ_JWT_LIFETIME_MIN, AKZ_JWT_LIFETIME_MAX, &lifetime)) return 2;
 			break;
+		case OPT_AUDIENCE: {
+			const char *why = akz_jwt_bad_audience(optarg);
+			if(why){
+				ctl_error("--audience: '%s' %s", optarg, why);
+				return 2;
+			}
+			audience = optarg;
+			break;
+		}
 		case 'h': fputs(help, stdout); return 0;
 		default:
 			if(ctl_key_option(c, optarg, &ko)) break;
@@ -172,7 +183,7 @@ int cmd_token(int argc, char **argv)
 		ctl_error("%s", err);
 		return 1;
 	}
-	char *tok = akz_jwt_mint(key, id, time(NULL), lifetime, err, sizeof(err));
+	char *tok = akz_jwt_mint(key, audience, id, time(NULL), lifetime, err, sizeof(err));
 	akz_key_unref(key);
 	if(tok == NULL){
 		ctl_error("%s", err);

@@ -177,7 +177,7 @@ static void test_jwt(void **state)
 	for(int i = 0; i < 2; i++){
 		struct akz_key *k = load_ok(names[i]);
 		char err[256];
-		char *tok = akz_jwt_mint(k, "dev-1", 1700000000, 1200, err, sizeof(err));
+		char *tok = akz_jwt_mint(k, NULL, "dev-1", 1700000000, 1200, err, sizeof(err));
 		assert_non_null(tok);
 		assert_null(strchr(tok, '='));
 		/* claims exactly as PyJWT writes them for the reference client */
@@ -188,17 +188,29 @@ static void test_jwt(void **state)
 		*last = *last == 'A' ? 'B' : 'A';   /* any change breaks it */
 		assert_false(verify_token(k, tok));
 		free(tok);
-		assert_null(akz_jwt_mint(k, "d", 0, 59, err, sizeof(err)));
+		assert_null(akz_jwt_mint(k, NULL, "d", 0, 59, err, sizeof(err)));
 		assert_non_null(strstr(err, "lifetime"));
-		assert_null(akz_jwt_mint(k, "d", 0, 86401, err, sizeof(err)));
-		assert_null(akz_jwt_mint(k, "", 0, 60, err, sizeof(err)));
-		assert_null(akz_jwt_mint(k, "a\nb", 0, 60, err, sizeof(err)));
+		assert_null(akz_jwt_mint(k, NULL, "d", 0, 86401, err, sizeof(err)));
+		assert_null(akz_jwt_mint(k, NULL, "", 0, 60, err, sizeof(err)));
+		assert_null(akz_jwt_mint(k, NULL, "a\nb", 0, 60, err, sizeof(err)));
 		assert_non_null(strstr(err, "control character"));
-		assert_null(akz_jwt_mint(k, "a\xc0\xafz", 0, 60, err, sizeof(err)));   /* overlong '/' */
+		assert_null(akz_jwt_mint(k, NULL, "a\xc0\xafz", 0, 60, err, sizeof(err)));   /* overlong '/' */
 		assert_non_null(strstr(err, "UTF-8"));
-		tok = akz_jwt_mint(k, "q\"u\\o", 0, 60, err, sizeof(err));
+		tok = akz_jwt_mint(k, NULL, "q\"u\\o", 0, 60, err, sizeof(err));
 		assert_non_null(tok);
 		free(tok);
+		/* a private cloud's audience: {"iat":0,"exp":60,"aud":"https://acme.akenza.io/devices/d"} */
+		tok = akz_jwt_mint(k, "acme.akenza.io", "d", 0, 60, err, sizeof(err));
+		assert_non_null(tok);
+		c = strchr(tok, '.') + 1;
+		assert_memory_equal(c, "eyJpYXQiOjAsImV4cCI6NjAsImF1ZCI6Imh0dHBzOi8vYWNtZS5ha2VuemEuaW8vZGV2aWNlcy9kIn0.", 80);
+		assert_true(verify_token(k, tok));
+		free(tok);
+		const char *bad_aud[] = {"", "a/b", "a\"b", ".akenza.io", "x y"};
+		for(size_t j = 0; j < sizeof(bad_aud)/sizeof(bad_aud[0]); j++){
+			assert_null(akz_jwt_mint(k, bad_aud[j], "d", 0, 60, err, sizeof(err)));
+			assert_non_null(strstr(err, "audience"));
+		}
 		akz_key_unref(k);
 	}
 }
