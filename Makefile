@@ -11,6 +11,9 @@ PYTHON   ?= /usr/bin/python3
 PKGS     := libmosquitto libcjson openssl zlib
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+# akenzactl alone speaks to akenza's REST API, with libcurl (OpenSSL flavour); the plugin never links it.
+CURL_CFLAGS := $(shell pkg-config --cflags libcurl 2>/dev/null)
+CURL_LIBS   := $(shell pkg-config --libs libcurl 2>/dev/null)
 
 WARN     := -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wstrict-prototypes -Wmissing-prototypes -Wvla
 CFLAGS   ?= -O2 -g
@@ -60,8 +63,10 @@ $(BUILD)/obj/%.o: %.c $(wildcard include/*.h)
 $(BUILD)/mosquitto_akenza.so: $(PLUGIN_OBJ)
 	$(CC) $(SANFLAGS) -shared -o $@ $^ $(LDLIBS)
 
+$(TOOL_OBJ): ALL_CFLAGS += $(CURL_CFLAGS)
+
 $(BUILD)/akenzactl: $(TOOL_OBJ) $(SHARED_OBJ)
-	$(CC) $(SANFLAGS) -o $@ $^ $(LDLIBS)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDLIBS) $(CURL_LIBS)
 
 $(BUILD)/tests/%: tests/unit/%.c $(SHARED_OBJ)
 	@mkdir -p $(dir $@)
