@@ -10,8 +10,8 @@ client (akenza-io/akenza-java-client) calls it, over HTTPS with the test's CA.
 
 Every request needs `x-api-key` (401 without or with an unknown key; 403 when a read-only key
 writes); every answer carries X-RateLimit-Limit/-Remaining/-Reset and 429 comes when a key's
-window is used up; errors are JSON with a "message". Faults can be scripted (--faults 429x20,503x2:
-the first requests get those answers). The credentials it holds are written where the MQTT
+window is used up; errors are JSON with a "message". Faults can be scripted (--faults 429x2,okx3,503:
+the first requests get those answers, "ok" a real one). The credentials it holds are written where the MQTT
 stand-in (tests/standin/standin_auth.c) reads them, <keys_dir>/<deviceId>~<credentialId>.cred.pem,
 so that a key registered here is one the MQTT stand-in accepts and a deleted one is refused.
 
@@ -213,10 +213,10 @@ class Limiter:
 
     def __init__(self, limit, window, faults, epoch_reset):
         self.limit, self.window, self.epoch_reset = limit, window, epoch_reset
-        self.faults = []
+        self.faults = []   # the answers of the first requests: a status, or None for a real answer
         for part in filter(None, (faults or "").split(",")):
             status, _, count = part.partition("x")
-            self.faults += [int(status)] * int(count or 1)
+            self.faults += [None if status == "ok" else int(status)] * int(count or 1)
         self.windows = {}
         self.lock = threading.Lock()
 
@@ -234,7 +234,8 @@ class Limiter:
             elif fault is None:
                 used += 1
             self.windows[key] = (start, used)
-            left = max(1, int(start + self.window - now + 0.999))
+            # A scripted 429 is a burst limit of one second; the window's own lasts until it ends.
+            left = 1 if fault is not None and used < self.limit else max(1, int(start + self.window - now + 0.999))
             return fault, {"X-RateLimit-Limit": str(self.limit),
                            "X-RateLimit-Remaining": str(0 if fault == 429 else self.limit - used),
                            "X-RateLimit-Reset": str(int(now) + left if self.epoch_reset else left)}
@@ -347,11 +348,9 @@ class RestStandin:
     keys_dir (the MQTT stand-in's). devices: deviceIds akenza knows already. Stop it with stop()."""
 
     def __init__(self, workdir, pki, keys_dir, devices=(), **opts):
-        from conftest import free_port, wait_for
+        from conftest import wait_for
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"https://localhost:{self.port}"
         self.cafile = pki.ca_cert
         self.api_key = "akz-" + os.urandom(12).hex()
         self.ro_key = "akz-ro-" + os.urandom(8).hex()
@@ -363,7 +362,7 @@ class RestStandin:
             for dev in devices:
                 st.create_device({"name": dev, "deviceId": dev, "workspaceId": st.workspaces[0],
                                   "dataFlowId": next(iter(st.data_flows)), "connectivity": "MQTT"})
-        args = ["--port", self.port, "--cert", pki.server_cert, "--key", pki.server_key, "--api-keys", keys,
+        args = ["--port", "0", "--cert", pki.server_cert, "--key", pki.server_key, "--api-keys", keys,
                 "--keys-dir", keys_dir, "--state", self.state_file, "--log", self.log_file]
         for k, v in opts.items():
             args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [v])
@@ -372,9 +371,12 @@ class RestStandin:
                                      stderr=subprocess.STDOUT)
 
         def up():
-            assert self.proc.poll() is None, (self.dir / "stdout").read_text()
-            return b"ready" in (self.dir / "stdout").read_bytes()
-        wait_for(up, 20, what="the REST stand-in to start")
+            out = (self.dir / "stdout").read_text()
+            assert self.proc.poll() is None, out
+            return out.startswith("ready ") and out.endswith("\n") and int(out.split()[1])
+        # It binds a port of its own choosing and names it: no other process can take it meanwhile.
+        self.port = wait_for(up, 20, what="the REST stand-in to start")
+        self.url = f"https://localhost:{self.port}"
 
     def state(self):
         return json.loads(self.state_file.read_text())
@@ -405,7 +407,7 @@ class RestStandin:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--port", type=int, required=True, help="0: any free port (printed)")
     ap.add_argument("--cert", required=True)
     ap.add_argument("--key", required=True)
     ap.add_argument("--api-keys", required=True, help="file of lines 'KEY rw|ro'")
@@ -435,7 +437,7 @@ def main():
     srv.log = open(a.log, "a")
     srv.log_lock = threading.Lock()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=srv.shutdown).start())
-    print("ready", flush=True)
+    print(f"ready {srv.server_address[1]}", flush=True)
     srv.serve_forever()
     srv.log.close()
 

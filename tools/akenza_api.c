@@ -175,17 +175,18 @@ static void note_rate_limit(struct akz_api *api)
 	}
 }
 
-/* How long to wait before retry number attempt+1: what the server asked for (Retry-After, or a
- * used-up window's reset), else exponential backoff from 0.5 s; with 20% jitter, at most max_wait_s. */
+/* How long to wait before retry number attempt+1: what the server asked for (Retry-After, or for a
+ * 429 the window's reset), else exponential backoff from 0.5 s with 20% jitter; at most max_wait_s. */
 static double retry_delay(struct akz_api *api, int attempt, long status)
 {
 	curl_off_t after = -1;
-	double hint = -1;
-	if(curl_easy_getinfo(api->curl, CURLINFO_RETRY_AFTER, &after) == CURLE_OK && after > 0) hint = (double)after;
-	else if(status == 429) hint = reset_in_s(api);
-	double d = BACKOFF_FIRST_S * (double)(1u << (attempt < 10 ? attempt : 10));
-	if(hint > d) d = hint;
-	d *= 0.9 + 0.2 * (double)(rand_r(&api->rnd) % 1000) / 1000.0;
+	double d = -1;
+	if(curl_easy_getinfo(api->curl, CURLINFO_RETRY_AFTER, &after) == CURLE_OK && after > 0) d = (double)after;
+	else if(status == 429) d = reset_in_s(api);
+	if(d <= 0){
+		d = BACKOFF_FIRST_S * (double)(1u << (attempt < 10 ? attempt : 10));
+		d *= 0.9 + 0.2 * (double)(rand_r(&api->rnd) % 1000) / 1000.0;
+	}
 	return d < api->max_wait_s ? d : api->max_wait_s;
 }
 
@@ -206,16 +207,19 @@ static bool transient(CURLcode rc)
 static bool same_origin(const struct akz_api *api, const char *url)
 {
 	CURLU *a = curl_url(), *b = curl_url();
-	char *v[6] = {0};
+	char *va[3] = {0}, *vb[3] = {0};
 	static const CURLUPart parts[3] = {CURLUPART_SCHEME, CURLUPART_HOST, CURLUPART_PORT};
 	bool same = a && b && curl_url_set(a, CURLUPART_URL, api->base, 0) == CURLUE_OK
 			&& curl_url_set(b, CURLUPART_URL, url, 0) == CURLUE_OK;
-	for(int i = 0; same && i < 3; i++){
-		same = curl_url_get(a, parts[i], &v[2*i], CURLU_DEFAULT_PORT) == CURLUE_OK
-				&& curl_url_get(b, parts[i], &v[2*i + 1], CURLU_DEFAULT_PORT) == CURLUE_OK
-				&& strcasecmp(v[2*i], v[2*i + 1]) == 0;
+	for(size_t i = 0; same && i < 3; i++){
+		same = curl_url_get(a, parts[i], &va[i], CURLU_DEFAULT_PORT) == CURLUE_OK
+				&& curl_url_get(b, parts[i], &vb[i], CURLU_DEFAULT_PORT) == CURLUE_OK
+				&& strcasecmp(va[i], vb[i]) == 0;
 	}
-	for(int i = 0; i < 6; i++) curl_free(v[i]);
+	for(size_t i = 0; i < 3; i++){
+		curl_free(va[i]);
+		curl_free(vb[i]);
+	}
 	curl_url_cleanup(a);
 	curl_url_cleanup(b);
 	return same;

@@ -16,9 +16,11 @@ enum { CTL_OPT_PASS = 1000, CTL_OPT_READABLE, CTL_OPT_FIRST_FREE };
 bool ctl_key_option(int c, const char *arg, struct akz_key_opts *ko);
 
 /* Options that reach akenza's REST API: akenzactl akenza ... and device rotate-key --register. */
-enum { CTL_OPT_API_URL = 1100, CTL_OPT_API_KEY_FILE, CTL_OPT_API_CAFILE, CTL_OPT_API_RETRIES };
+enum { CTL_OPT_API_URL = 1100, CTL_OPT_API_KEY_FILE, CTL_OPT_API_CAFILE, CTL_OPT_API_RETRIES, CTL_OPT_API_KEY };
+/* --api-key is listed only to be refused: getopt would otherwise take it as --api-key-file. */
 #define CTL_API_LONGOPTS \
 	{"api-url", required_argument, NULL, CTL_OPT_API_URL}, \
+	{"api-key", required_argument, NULL, CTL_OPT_API_KEY}, \
 	{"api-key-file", required_argument, NULL, CTL_OPT_API_KEY_FILE}, \
 	{"api-cafile", required_argument, NULL, CTL_OPT_API_CAFILE}, \
 	{"max-retries", required_argument, NULL, CTL_OPT_API_RETRIES}

@@ -38,6 +38,11 @@ int ctl_api_option(int c, const char *arg, struct ctl_api_args *a)
 	case CTL_OPT_API_URL: a->url = arg; return 1;
 	case CTL_OPT_API_KEY_FILE: a->key_file = arg; return 1;
 	case CTL_OPT_API_CAFILE: a->cafile = arg; return 1;
+	case CTL_OPT_API_KEY:
+		/* Its value is not repeated: it may be the key. */
+		ctl_error("the API key is never an argument (ps and shell histories show those): give --api-key-file "
+				"FILE or set " AKZ_API_KEY_ENV);
+		return -1;
 	case CTL_OPT_API_RETRIES: {
 		char *end;
 		errno = 0;

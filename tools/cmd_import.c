@@ -147,6 +147,19 @@ static int parse_type(const char *s, struct row *r)
 	return -1;
 }
 
+/* Why a local username (empty: the deviceId) cannot be used, as the control API judges it; NULL if it can. */
+static const char *bad_username(const char *u)
+{
+	for(const unsigned char *q = (const unsigned char *)u; *q;){
+		if(*q < 0x20 || *q == 0x7F) return "contains a control character";
+		int len = *q < 0x80 ? 1 : (*q >> 5) == 6 ? 2 : (*q >> 4) == 14 ? 3 : (*q >> 3) == 30 ? 4 : 0;
+		for(int k = 1; k < len; k++) if((q[k] & 0xC0) != 0x80) len = 0;
+		if(len == 0) return "is not valid UTF-8";
+		q += len;
+	}
+	return NULL;
+}
+
 /* Checks one split line and appends it as a row. Problems are printed and counted. */
 static void take_row(struct rows *rs, int line, char **f, int nf)
 {
@@ -162,12 +175,10 @@ static void take_row(struct rows *rs, int line, char **f, int nf)
 		row_error(rs, line, "deviceId '%s' %s", f[0], why);
 		ok = false;
 	}
-	for(const unsigned char *p = (const unsigned char *)f[1]; *p; p++){
-		if(*p < 0x20 || *p == 0x7F){
-			row_error(rs, line, "username: contains a control character");
-			ok = false;
-			break;
-		}
+	why = bad_username(f[1]);
+	if(why){
+		row_error(rs, line, "username: %s", why);
+		ok = false;
 	}
 	if(f[2][0] == '\0'){
 		row_error(rs, line, "password: empty");
@@ -335,6 +346,8 @@ static int make_row(const char *path, const char *keystore, const struct row *r,
 	if(priv == NULL || pub == NULL || o == NULL){
 		ctl_error("%s:%d: key path too long or out of memory", file, r->line);
 	}else if(akz_key_generate(r->alg, r->bits, &key, err, sizeof(err)) || akz_key_write(key, priv, pub, err, sizeof(err))){
+		/* akz_key_write may have written the private key before it found the public one in the way. */
+		if(strstr(err, pub)) unlink(priv);
 		ctl_error("%s:%d: %s", file, r->line, err);
 	}else if((hash = akz_pw_hash(r->password, iterations, err, sizeof(err))) == NULL){
 		ctl_error("%s:%d: password: %s", file, r->line, err);
@@ -460,15 +473,22 @@ static cJSON *broker_names(const struct ctl_conn *conn)
 	return taken;
 }
 
-/* Sends {"command": name, "id": id} and forgets the answer. Returns ctl_request's result. */
-static int simple_command(const struct ctl_conn *conn, const char *name, const char *id)
+/* deleteDevice for id, taking back a device this import made. Prints the key files the broker kept
+ * (the control API leaves them in place). Returns 0, or 1 after printing why. */
+static int undo_create(const struct ctl_conn *conn, const char *id)
 {
 	cJSON *cmd = cJSON_CreateObject(), *data = NULL;
-	if(cmd == NULL || !cJSON_AddStringToObject(cmd, "command", name) || !cJSON_AddStringToObject(cmd, "id", id)){
+	if(cmd == NULL || !cJSON_AddStringToObject(cmd, "command", "deleteDevice") || !cJSON_AddStringToObject(cmd, "id", id)){
 		cJSON_Delete(cmd);
+		ctl_error("out of memory");
 		return 1;
 	}
 	int rc = ctl_request(conn, cmd, &data);
+	const cJSON *kept = cJSON_GetObjectItemCaseSensitive(data, "key_files_kept");
+	for(const cJSON *f = cJSON_IsArray(kept) ? kept->child : NULL; f; f = f->next){
+		if(cJSON_IsString(f)) ctl_error("device '%s' deleted again; the broker kept its key file %s: remove it "
+				"before importing the device again", id, f->valuestring);
+	}
 	cJSON_Delete(data);
 	return rc;
 }
@@ -534,9 +554,14 @@ static int import_to_broker(const struct ctl_conn *conn, struct rows *rs, bool d
 		return 0;
 	}
 	size_t undone = 0;
-	for(size_t i = 0; i < done; i++) undone += simple_command(conn, "deleteDevice", rs->v[i].id) == 0;
-	ctl_error("%s: nothing imported: the %zu devices created before line %d were deleted again (%zu of them; "
-			"their key files stay in the broker's key store)", rs->file, done, rs->v[done].line, undone);
+	for(size_t i = 0; i < done; i++) undone += undo_create(conn, rs->v[i].id) == 0;
+	if(undone == done){
+		ctl_error("%s: nothing imported: the %zu devices created before line %d were deleted again", rs->file,
+				done, rs->v[done].line);
+	}else{
+		ctl_error("%s: line %d failed, and only %zu of the %zu devices created before it could be deleted again: "
+				"see above", rs->file, rs->v[done].line, undone, done);
+	}
 	return 1;
 }
 

@@ -131,6 +131,8 @@ int cmd_keygen(int argc, char **argv)
 	}else if(cert && access(crt, F_OK) == 0){
 		ctl_error("%s: %s", crt, strerror(EEXIST));
 	}else if(akz_key_write(key, priv, pub, err, sizeof(err))){
+		/* It may have written the private key before it found the public one in the way. */
+		if(strstr(err, pub)) unlink(priv);
 		ctl_error("%s", err);
 	}else if(cert && write_new_file(crt, pem)){
 		unlink(priv);
