@@ -23,6 +23,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -60,8 +61,9 @@ class ApiError(Exception):
 class State:
     """akenza's side: workspaces, data flows, devices, credentials. One lock; saved after every change."""
 
-    def __init__(self, path, keys_dir):
+    def __init__(self, path, keys_dir, save_every_change=True):
         self.path, self.keys_dir = Path(path), Path(keys_dir)
+        self.save_every_change = save_every_change
         self.lock = threading.Lock()
         doc = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.workspaces = doc.get("workspaces", ["2900000000000000"])
@@ -76,6 +78,10 @@ class State:
     def new_id(self):
         self.next_id += 1
         return f"{self.next_id:016X}"
+
+    def changed(self):
+        if self.save_every_change:
+            self.save()
 
     def save(self):
         doc = {"workspaces": self.workspaces, "dataFlows": self.data_flows, "devices": self.devices,
@@ -116,7 +122,7 @@ class State:
              "connectivity": "MQTT", "dataFlowId": body["dataFlowId"], "customFields": [], "tags": [],
              "properties": {}, "created": now_iso(), "updated": now_iso()}
         self.devices[d["id"]] = d
-        self.save()
+        self.changed()
         return d
 
     def credentials_of(self, akenza_id):
@@ -139,7 +145,7 @@ class State:
              "expiration": body.get("expiration"), "created": now_iso(), "updated": now_iso()}
         self.credentials[c["id"]] = c
         self.write_key_file(c)
-        self.save()
+        self.changed()
         return c
 
     def delete_credential(self, akenza_id, cred_id):
@@ -149,7 +155,7 @@ class State:
             raise ApiError(404, f"Device credential with id {cred_id} not found")
         del self.credentials[cred_id]
         self.touch_keys_dir(lambda: self.key_file(c).unlink(missing_ok=True))
-        self.save()
+        self.changed()
 
     def key_file(self, c):
         return self.keys_dir / f"{c['deviceId']}~{c['id']}.cred.pem"
@@ -248,6 +254,10 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         pass
 
+    def setup(self):
+        super().setup()
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def answer(self, status, body=None, headers=None):
         data = b"" if body is None else json.dumps(body).encode()
         self.send_response(status)
@@ -256,8 +266,9 @@ class Handler(BaseHTTPRequestHandler):
         if body is not None:
             self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        # Head and body in one write: two small writes meet the client's delayed ACK (40 ms each).
+        self._headers_buffer.append(b"\r\n" + data)
+        self.flush_headers()
         srv = self.server
         with srv.log_lock:
             srv.log.write(f"{self.command} {self.path} {status}\n")
@@ -419,7 +430,9 @@ def main():
     ap.add_argument("--epoch-reset", action="store_true", help="X-RateLimit-Reset as a Unix time, not seconds left")
     ap.add_argument("--faults", default="")
     ap.add_argument("--page-size", type=int, default=20)
-    ap.add_argument("--delay-ms", type=float, default=0)
+    ap.add_argument("--delay-ms", type=float, default=0, help="added to every answer, as a WAN would")
+    ap.add_argument("--save-at-exit", action="store_true",
+                    help="write the state file at exit only (benchmarks: every change rewrites the whole file)")
     a = ap.parse_args()
     keys = {}
     for line in Path(a.api_keys).read_text().splitlines():
@@ -432,13 +445,15 @@ def main():
     ctx.load_cert_chain(a.cert, a.key)
     srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     srv.api_keys, srv.page_size, srv.delay = keys, a.page_size, a.delay_ms / 1000
-    srv.state = State(a.state, a.keys_dir)
+    srv.state = State(a.state, a.keys_dir, save_every_change=not a.save_at_exit)
     srv.limiter = Limiter(a.rate_limit, a.rate_window, a.faults, a.epoch_reset)
     srv.log = open(a.log, "a")
     srv.log_lock = threading.Lock()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=srv.shutdown).start())
     print(f"ready {srv.server_address[1]}", flush=True)
     srv.serve_forever()
+    with srv.state.lock:
+        srv.state.save()
     srv.log.close()
 
 
