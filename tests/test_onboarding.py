@@ -313,12 +313,16 @@ def test_retries_are_bounded_and_a_failed_device_does_not_stop_the_others(onb):
 def test_wrong_or_missing_api_key_and_key_files(onb, tmp_path):
     o = onb(known=["k-1"])
     o.edge.add_device("k-1")
+    o.edge.add_device("k-2")
     r = o.api("register", "--all", key="akz-wrong-key-123")
     assert r.returncode == 1 and "HTTP 401" in r.stdout and "check the API key" in r.stdout
+    assert "k-2: FAILED: not tried: akenza refused the API key (HTTP 401)" in r.stdout
+    assert len(o.rest.requests()) == 1
     assert "akz-wrong-key-123" not in r.stdout + r.stderr
     # a read-only key looks up but may not upload
     r = o.api("register", "--all", key=o.rest.ro_key)
     assert r.returncode == 1 and "HTTP 403" in r.stdout and "lacks a permission" in r.stdout
+    assert "k-2: FAILED: akenza has no device" in r.stdout   # a 403 is about one request, not the key
     assert o.rest.credentials("k-1") == []
     # the key from a file only its owner can read; never as an argument
     f = tmp_path / "api.key"
@@ -332,7 +336,7 @@ def test_wrong_or_missing_api_key_and_key_files(onb, tmp_path):
     assert r.returncode == 1 and "group or others can read it: chmod 600" in r.stderr
     f.chmod(0o600)
     r = ctl(*args, env=env)
-    assert r.returncode == 0 and "k-1: uploaded current key" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 1 and "k-1: uploaded current key" in r.stdout, r.stdout + r.stderr
     r = ctl(*args[:-2], env=env)
     assert r.returncode == 1 and "no API key" in r.stderr
     for given in (["--api-key", o.rest.api_key], ["--api-key=" + o.rest.api_key], ["--api-k", o.rest.api_key]):
@@ -341,7 +345,11 @@ def test_wrong_or_missing_api_key_and_key_files(onb, tmp_path):
         assert "never an argument" in r.stderr or "ambiguous" in r.stderr
     # TLS is verified: another CA's certificate is refused, and http is not spoken
     r = ctl(*args[:-4], "--api-cafile", o.pki.other_ca("rest-rogue")[1], "--api-key-file", f, env=env)
-    assert r.returncode == 1 and "certificate" in r.stdout.lower()
+    assert r.returncode == 1 and "certificate" in r.stdout.lower() and "k-2: FAILED: not tried" in r.stdout
+    # an API that cannot be reached: bounded retries, then the rest are not tried
+    r = ctl(*args[:-6], "--api-url", "https://localhost:1", "--max-retries", "2", "--api-key-file", f, env=env)
+    assert r.returncode == 1 and "k-1: FAILED" in r.stdout and "2 retries spent" in r.stdout
+    assert "k-2: FAILED: not tried: " in r.stdout
     r = ctl(*args[:-6], "--api-url", o.rest.url.replace("https", "http"), "--api-key-file", f, env=env)
     assert r.returncode == 1 and "only https://" in r.stderr
 

@@ -17,6 +17,7 @@
 #define PAGE_SIZE 100            /* credentials per page asked for */
 #define PAGES_MAX 1000
 #define BACKOFF_FIRST_S 0.5
+#define BACKOFF_MAX_S 10.0         /* without a hint from the server: 8 retries take ~45 s */
 #define KEY_MAX 1024
 
 struct body {
@@ -35,6 +36,7 @@ struct akz_api {
 	unsigned rnd;                /* backoff jitter */
 	struct akz_api_stats stats;
 	char curl_err[CURL_ERROR_SIZE];
+	char dead[512];              /* see akz_api_dead */
 };
 
 static double mono_s(void)
@@ -144,6 +146,11 @@ const struct akz_api_stats *akz_api_stats(const struct akz_api *api)
 	return &api->stats;
 }
 
+const char *akz_api_dead(const struct akz_api *api)
+{
+	return api->dead[0] ? api->dead : NULL;
+}
+
 /* A whole-number header of the last answer, or -1 when it is absent or not a number. */
 static double header_number(struct akz_api *api, const char *name)
 {
@@ -185,6 +192,7 @@ static double retry_delay(struct akz_api *api, int attempt, long status)
 	else if(status == 429) d = reset_in_s(api);
 	if(d <= 0){
 		d = BACKOFF_FIRST_S * (double)(1u << (attempt < 10 ? attempt : 10));
+		if(d > BACKOFF_MAX_S) d = BACKOFF_MAX_S;
 		d *= 0.9 + 0.2 * (double)(rand_r(&api->rnd) % 1000) / 1000.0;
 	}
 	return d < api->max_wait_s ? d : api->max_wait_s;
@@ -298,6 +306,7 @@ static int request(struct akz_api *api, const char *method, const char *path, co
 			why = why_buf;
 			if(!transient(cc)){
 				snprintf(err, errlen, "%s %s: %s", method, path, why);
+				snprintf(api->dead, sizeof(api->dead), "%s", why);
 				free(b.data);
 				break;
 			}
@@ -331,6 +340,7 @@ static int request(struct akz_api *api, const char *method, const char *path, co
 			free(b.data);
 			if(attempt >= api->max_retries){
 				snprintf(err, errlen, "%s %s: %s, %d retries spent", method, path, why, attempt);
+				if(cc != CURLE_OK) snprintf(api->dead, sizeof(api->dead), "%s, %d retries spent", why, attempt);
 				break;
 			}
 			wait_s(api, retry_delay(api, attempt, st));
@@ -372,6 +382,7 @@ static int call(struct akz_api *api, const char *method, const char *path, const
 		return AKZ_API_ABSENT;
 	}
 	http_error(err, errlen, method, path, st, j);
+	if(st == 401) snprintf(api->dead, sizeof(api->dead), "akenza refused the API key (HTTP 401)");
 	cJSON_Delete(j);
 	return -1;
 }

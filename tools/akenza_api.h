@@ -42,6 +42,11 @@ void akz_api_close(struct akz_api *api);
 
 const struct akz_api_stats *akz_api_stats(const struct akz_api *api);
 
+/* Why no further request can succeed - the API was unreachable after every retry, its certificate
+ * failed verification, or it refused the API key (401) - or NULL while requests may succeed.
+ * A caller working through a fleet stops there rather than fail every device the same way. */
+const char *akz_api_dead(const struct akz_api *api);
+
 /* Each call below returns 0 on success; AKZ_API_ABSENT where noted; or -1 with a reason in err
  * (akenza's "message" and the HTTP status, or the transport error). JSON results are new objects
  * the caller frees with cJSON_Delete. */

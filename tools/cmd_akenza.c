@@ -627,7 +627,10 @@ static int run_fleet(const struct ctl_api_args *a, const struct fleet_opts *o, s
 	if(r.bar) draw_bar(&r);
 	for(size_t i = 0; i < f->n; i++){
 		struct outcome out = {0};
-		if(prune) prune_device(api, o, &f->devs[i], &out);
+		/* Once the API is unreachable or refuses the key, every device would fail alike. */
+		const char *dead = akz_api_dead(api);
+		if(dead) failf(&out, "not tried: %s", dead);
+		else if(prune) prune_device(api, o, &f->devs[i], &out);
 		else register_device(api, o, &f->devs[i], &out);
 		report_device(&r, &f->devs[i], &out);
 	}
