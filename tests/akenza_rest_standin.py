@@ -344,6 +344,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "page and size must be numbers")
         if page < 0 or not 1 <= size <= 100:
             raise ApiError(400, "page must be >= 0 and size 1..100")
+        size = min(size, self.server.max_page_size)   # as Spring caps a page
         chunk = items[page * size:(page + 1) * size]
         pages = (len(items) + size - 1) // size
         return {"content": chunk, "totalElements": len(items), "totalPages": pages, "last": page >= pages - 1,
@@ -429,7 +430,8 @@ def main():
     ap.add_argument("--rate-window", type=float, default=60)
     ap.add_argument("--epoch-reset", action="store_true", help="X-RateLimit-Reset as a Unix time, not seconds left")
     ap.add_argument("--faults", default="")
-    ap.add_argument("--page-size", type=int, default=20)
+    ap.add_argument("--page-size", type=int, default=20, help="of a list asked for without a size")
+    ap.add_argument("--max-page-size", type=int, default=100, help="the largest page answered, whatever was asked")
     ap.add_argument("--delay-ms", type=float, default=0, help="added to every answer, as a WAN would")
     ap.add_argument("--save-at-exit", action="store_true",
                     help="write the state file at exit only (benchmarks: every change rewrites the whole file)")
@@ -445,6 +447,7 @@ def main():
     ctx.load_cert_chain(a.cert, a.key)
     srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     srv.api_keys, srv.page_size, srv.delay = keys, a.page_size, a.delay_ms / 1000
+    srv.max_page_size = a.max_page_size
     srv.state = State(a.state, a.keys_dir, save_every_change=not a.save_at_exit)
     srv.limiter = Limiter(a.rate_limit, a.rate_window, a.faults, a.epoch_reset)
     srv.log = open(a.log, "a")

@@ -233,7 +233,7 @@ def test_keygen_register_and_the_edge_is_accepted_upstream(onb, cert):
 
 
 def test_rotation_register_commit_prune(onb, tmp_path):
-    o = onb()
+    o = onb(rest_opts={"max_page_size": 1})   # every list comes a credential a page
     o.edge.add_device("rot-1")
     r = o.api("register", "rot-1", "--create", "--workspace", WORKSPACE, "--data-flow", DATA_FLOW)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -257,6 +257,9 @@ def test_rotation_register_commit_prune(onb, tmp_path):
     r = o.api("prune", "--all", "--dry-run")
     assert r.returncode == 0 and "would delete 1 old credential, kept 1" in r.stdout
     assert len(o.rest.credentials("rot-1")) == 2
+    r = o.api("register", "--all")   # both keys are there, the second on the second page
+    assert r.returncode == 0 and "current key already registered" in r.stdout and "3 devices" not in r.stdout
+    assert any("page=1&size=100" in p for m, p, st in o.rest.requests())
     r = o.api("prune", "--all")
     assert r.returncode == 0 and "rot-1: deleted 1 old credential, kept 1 (current)" in r.stdout
     creds = o.rest.credentials("rot-1")
@@ -296,6 +299,35 @@ def test_rate_limits_are_respected_and_storms_retried(onb, reset):
     assert s["requests"] == len(statuses) == 8 * 3 + 5
     assert s["waited_s"] >= 3   # 24 real requests, 6 a second
     assert all(len(o.rest.credentials(i)) == 1 for i in ids)
+
+
+def test_a_terminal_gets_a_progress_bar(onb):
+    import os
+    import pty
+    o = onb(known=["t-1", "t-2"])
+    for i in ("t-1", "t-2", "t-3"):
+        o.edge.add_device(i, write=False)
+    o.edge.write_registry()
+    master, slave = pty.openpty()
+    p = subprocess.Popen([str(AKENZACTL), "akenza", "register", "--all", "--registry", o.edge.registry, "--api-url",
+                          o.rest.url, "--api-cafile", o.pki.ca_cert], stdout=slave, stderr=slave, env=o.env())
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:   # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert p.wait(30) == 1
+    text = out.decode()
+    assert "\r[##########                    ] 1/3 devices, 0 failed" in text
+    assert "\r\x1b[Kt-3: FAILED: akenza has no device" in text
+    assert "t-1: uploaded" not in text   # successes only move the bar
+    assert "\r\x1b[K3 devices: 2 registered, 0 unchanged, 1 failed" in text
 
 
 def test_retries_are_bounded_and_a_failed_device_does_not_stop_the_others(onb):
