@@ -276,6 +276,12 @@ def test_rotation_register_commit_prune(onb, tmp_path):
         tok = ctl("token", "--device", "rot-1", "--key", key).stdout.strip()
         assert connect_rc(o.standin.port, o.pki.ca_cert, "rot-1", tok) == want, key
     assert f"kid {old_kid[:16]}" not in json.dumps(creds)
+    # a pending key made without --register: register finds it in the registry's next_key
+    assert ctl("device", "rotate-key", "rot-1", *conn).returncode == 0
+    r = o.api("register", "rot-1", "--cert")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "current key already registered" in r.stdout and "uploaded pending key as EC256_X509_PEM" in r.stdout
+    assert sorted(c["algorithm"] for c in o.rest.credentials("rot-1")) == ["EC256_PEM", "EC256_X509_PEM"]
 
 
 @pytest.mark.parametrize("reset", ["seconds", "epoch"])
