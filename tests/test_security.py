@@ -465,6 +465,17 @@ def test_akenzactl_takes_the_admin_password_from_a_file_or_the_environment(broke
     r = run(base + ["--admin-password-file", str(f), "-P", "adminpw"], check=False)
     assert r.returncode == 2 and "exclude" in r.stderr
     assert "ps" in run([str(AKENZACTL), "device", "list", "--help"]).stdout
+    # akenza import through the broker takes it the same ways
+    csv = tmp_path / "fleet.csv"
+    csv.write_text("imp-1,,pw-imp,ec\n")
+    r = run([str(AKENZACTL), "akenza", "import", str(csv), "--broker", "-p", str(local.port), "-u", "admin"],
+            check=False, env=env)
+    assert r.returncode == 0 and "imported 1 devices into the broker" in r.stdout, r.stdout + r.stderr
+    f.chmod(0o600)
+    csv.write_text("imp-2,,pw-imp,ec\n")
+    r = run([str(AKENZACTL), "akenza", "import", str(csv), "--broker", "-p", str(local.port), "-u", "admin",
+             "--admin-password-file", str(f)], check=False)
+    assert r.returncode == 0 and "imported 1 devices into the broker" in r.stdout, r.stdout + r.stderr
 
 
 def test_a_client_id_binding_ends_with_its_identity_or_its_eight_newer_ids(brokers, tmp_path):

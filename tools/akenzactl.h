@@ -74,6 +74,16 @@ struct ctl_conn {
 
 struct cJSON;
 
+/* The environment variable that may hold the broker's admin password (-P and
+ * --admin-password-file win). */
+#define CTL_ADMIN_PW_ENV "AKENZACTL_ADMIN_PASSWORD"
+
+/* Sets conn->password from file (its first line; refused when group or others can read a regular
+ * file) or, when neither -P nor file gave one, from CTL_ADMIN_PW_ENV, into buf (size bytes, the
+ * caller cleanses it). Returns 0, or 2 after printing why (also when -P and file are both given).
+ * (cmd_control.c) */
+int ctl_admin_password(struct ctl_conn *conn, const char *file, char *buf, size_t size);
+
 /* Sends one control command (taken, freed here) to $CONTROL/akenza/v1 and waits for its answer
  * on the response topic, matched by a fresh correlationData. Returns 0 and *data (the answer's
  * "data", caller frees with cJSON_Delete; NULL if there was none); 1 after printing the reason on

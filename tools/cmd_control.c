@@ -20,9 +20,6 @@ enum {
 enum { L_CAFILE = CTL_OPT_FIRST_FREE, L_CAPATH, L_CERT, L_KEY, L_USERNAME, L_PASSWORD, L_TYPE, L_BITS,
 	L_KEYURI, L_ENABLE, L_DISABLE, L_DEVICES, L_REGISTER, L_REGISTER_CERT, L_HELP, L_ADMIN_PW_FILE };
 
-/* The environment variable that may hold the admin password (-P and --admin-password-file win). */
-#define ADMIN_PW_ENV "AKENZACTL_ADMIN_PASSWORD"
-
 static const struct option longopts[] = {
 	{"cafile", required_argument, NULL, L_CAFILE}, {"capath", required_argument, NULL, L_CAPATH},
 	{"cert", required_argument, NULL, L_CERT}, {"key", required_argument, NULL, L_KEY},
@@ -39,7 +36,7 @@ static const struct option longopts[] = {
 static const char conn_help[] =
 	"connection options (every command):\n"
 	"            -h HOST (localhost) -p PORT (1883, 8883 with TLS) -u USER\n"
-	"            --admin-password-file FILE (its first line) | env " ADMIN_PW_ENV " | -P PASSWORD\n"
+	"            --admin-password-file FILE (its first line) | env " CTL_ADMIN_PW_ENV " | -P PASSWORD\n"
 	"            --cafile FILE | --capath DIR (TLS; the server is always verified) --cert FILE --key FILE\n"
 	"            -W SECONDS (wait for the answer, default 10)\n"
 	"-P puts the admin password on the command line, where every local user can read it (ps,\n"
@@ -108,41 +105,39 @@ struct args {
 	struct ctl_api_args api;
 };
 
-/* Sets the admin password from --admin-password-file or the environment when -P did not give
- * one. Returns 0, or 2 after printing why. */
-static int admin_password(struct args *a)
+int ctl_admin_password(struct ctl_conn *conn, const char *file, char *buf, size_t size)
 {
-	if(a->admin_pw_file && a->conn.password){
+	if(file && conn->password){
 		ctl_error("-P and --admin-password-file exclude each other");
 		return 2;
 	}
-	if(a->admin_pw_file){
-		FILE *f = fopen(a->admin_pw_file, "r");
+	if(file){
+		FILE *f = fopen(file, "r");
 		struct stat sb;
 		if(f == NULL){
-			ctl_error("%s: %s", a->admin_pw_file, strerror(errno));
+			ctl_error("%s: %s", file, strerror(errno));
 			return 2;
 		}
 		/* A pipe (--admin-password-file <(pass show broker)) is fine; a file others read is not. */
 		if(fstat(fileno(f), &sb) == 0 && S_ISREG(sb.st_mode) && (sb.st_mode & 077)){
-			ctl_error("%s: mode %04o: group or others can read it; chmod 600 it", a->admin_pw_file,
+			ctl_error("%s: mode %04o: group or others can read it; chmod 600 it", file,
 					(unsigned)(sb.st_mode & 07777));
 			fclose(f);
 			return 2;
 		}
-		int rc = ctl_read_line(f, a->admin_pw, sizeof(a->admin_pw));
+		int rc = ctl_read_line(f, buf, size);
 		fclose(f);
 		if(rc){
-			ctl_error("%s: no admin password on its first line: %s", a->admin_pw_file, ctl_read_line_error(rc));
+			ctl_error("%s: no admin password on its first line: %s", file, ctl_read_line_error(rc));
 			return 2;
 		}
-		a->conn.password = a->admin_pw;
-	}else if(a->conn.password == NULL && getenv(ADMIN_PW_ENV)){
-		if(snprintf(a->admin_pw, sizeof(a->admin_pw), "%s", getenv(ADMIN_PW_ENV)) >= (int)sizeof(a->admin_pw)){
-			ctl_error("%s: too long", ADMIN_PW_ENV);
+		conn->password = buf;
+	}else if(conn->password == NULL && getenv(CTL_ADMIN_PW_ENV)){
+		if(snprintf(buf, size, "%s", getenv(CTL_ADMIN_PW_ENV)) >= (int)size){
+			ctl_error("%s: too long", CTL_ADMIN_PW_ENV);
 			return 2;
 		}
-		a->conn.password = a->admin_pw;
+		conn->password = buf;
 	}
 	return 0;
 }
@@ -259,7 +254,7 @@ static int parse_args(int argc, char **argv, const char *group, const struct sub
 		ctl_error("akenza's API options go with --register");
 		return 2;
 	}
-	return admin_password(a);
+	return ctl_admin_password(&a->conn, a->admin_pw_file, a->admin_pw, sizeof(a->admin_pw));
 }
 
 /* "a,b,c" or "*" as a JSON array. NULL when out of memory. */

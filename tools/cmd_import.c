@@ -568,7 +568,7 @@ static int import_to_broker(const struct ctl_conn *conn, struct rows *rs, bool d
 /* ---- the command ------------------------------------------------------------------------------ */
 
 enum { I_REGISTRY = 1300, I_KEYSTORE, I_BROKER, I_ITERATIONS, I_REGISTER, I_CREATE, I_WORKSPACE, I_DATA_FLOW,
-	I_CERT, I_DAYS, I_DRY_RUN, I_JSON, I_CAFILE, I_CAPATH, I_HELP };
+	I_CERT, I_DAYS, I_DRY_RUN, I_JSON, I_CAFILE, I_CAPATH, I_HELP, I_ADMIN_PW_FILE };
 
 static const char import_help[] =
 	"usage: akenzactl akenza import FILE.csv (--registry FILE [--keystore DIR] [--iterations N] | --broker [connection])\n"
@@ -579,7 +579,8 @@ static const char import_help[] =
 	"naming the columns and lines starting with # are skipped; quote fields holding commas):\n"
 	"  --registry FILE  into the registry file (created if missing) and its key store; passwords hashed\n"
 	"                   with N PBKDF2 iterations (default 210000: ~0.1 s each); reload the broker after\n"
-	"  --broker         through the control API of the running broker (-h HOST -p PORT -u USER -P PASS\n"
+	"  --broker         through the control API of the running broker (-h HOST -p PORT -u USER\n"
+	"                   --admin-password-file F | env AKENZACTL_ADMIN_PASSWORD | -P PASS\n"
 	"                   --cafile F | --capath D -W SECONDS, as akenzactl device)\n"
 	"Every row is checked first, and a bad row is named with its line and field; any failure leaves\n"
 	"nothing imported. --register then registers the new devices with akenza (akenza register).\n"
@@ -609,13 +610,15 @@ int cmd_import(int argc, char **argv)
 		{"cert", no_argument, NULL, I_CERT}, {"days", required_argument, NULL, I_DAYS},
 		{"dry-run", no_argument, NULL, I_DRY_RUN}, {"json", no_argument, NULL, I_JSON},
 		{"cafile", required_argument, NULL, I_CAFILE}, {"capath", required_argument, NULL, I_CAPATH},
+		{"admin-password-file", required_argument, NULL, I_ADMIN_PW_FILE},
 		CTL_API_LONGOPTS, CTL_KEY_LONGOPTS,
 		{"help", no_argument, NULL, I_HELP}, {NULL, 0, NULL, 0}};
 	struct ctl_api_args a = {.max_retries = -1};
 	struct fleet_opts o = {.days = AKZ_X509_DAYS_DEFAULT};
 	struct akz_key_opts ko = {0};
 	struct ctl_conn conn = {.timeout_s = 30};
-	const char *registry = NULL, *keystore = NULL;
+	const char *registry = NULL, *keystore = NULL, *admin_pw_file = NULL;
+	char admin_pw[1024];
 	bool broker = false, reg = false, conn_given = false;
 	long iterations = AKZ_PW_ITERATIONS_DEFAULT, v;
 	int c;
@@ -648,6 +651,7 @@ int cmd_import(int argc, char **argv)
 		case 'h': conn.host = optarg; conn_given = true; break;
 		case 'u': conn.user = optarg; conn_given = true; break;
 		case 'P': conn.password = optarg; conn_given = true; break;
+		case I_ADMIN_PW_FILE: admin_pw_file = optarg; conn_given = true; break;
 		case I_CAFILE: conn.cafile = optarg; conn_given = true; break;
 		case I_CAPATH: conn.capath = optarg; conn_given = true; break;
 		case I_REGISTER: reg = true; break;
@@ -672,10 +676,12 @@ int cmd_import(int argc, char **argv)
 		fprintf(stderr, "%s", import_help);
 		return 2;
 	}
+	if(broker && ctl_admin_password(&conn, admin_pw_file, admin_pw, sizeof(admin_pw))) return 2;
 	struct rows rs = {0};
 	if(read_csv(argv[optind], &rs)){
 		ctl_error("%s: %d problem%s: nothing imported", argv[optind], rs.errors, rs.errors == 1 ? "" : "s");
 		free_rows(&rs);
+		OPENSSL_cleanse(admin_pw, sizeof(admin_pw));
 		return 1;
 	}
 	struct fleet f = {0};
@@ -695,5 +701,6 @@ int cmd_import(int argc, char **argv)
 	}
 	fleet_free(&f);
 	free_rows(&rs);
+	OPENSSL_cleanse(admin_pw, sizeof(admin_pw));
 	return rc;
 }
