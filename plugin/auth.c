@@ -313,12 +313,15 @@ static int make_mac(const struct akz_auth *a, const char *password, const char *
 	return r && n == 32 ? 0 : -1;
 }
 
-static void log_refusal(const struct mosquitto_evt_basic_auth *ev, const char *why)
+/* Who is logging in: copies or the broker's strings; clientid and addr may be NULL. */
+struct who {
+	const char *username, *clientid, *addr;
+};
+
+static void log_refusal(const struct who *w, const char *why)
 {
-	const char *addr = mosquitto_client_address(ev->client);
-	const char *cid = mosquitto_client_id(ev->client);
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, "akenza: refused user '%s' (client '%s', address %s): %s",
-			akz_esc(ev->username), akz_esc(cid ? cid : "?"), akz_esc(addr ? addr : "?"), why);
+			akz_esc(w->username), akz_esc(w->clientid ? w->clientid : "?"), akz_esc(w->addr ? w->addr : "?"), why);
 }
 
 /* Logs the summary of the last interval, if anything happened in it, and starts the next one. */
@@ -345,7 +348,7 @@ static void report_if_due(struct akz_auth *a, int64_t now_ms)
 }
 
 /* Counts a failure; starts a lockout at the limit, each one twice as long as the last. */
-static void note_failure(struct entry *e, int64_t now, const struct mosquitto_evt_basic_auth *ev, bool registry)
+static void note_failure(struct entry *e, int64_t now, const struct who *w, bool registry)
 {
 	if(e == NULL) return;
 	if(e->u.fails == 0 || now - e->u.first_fail_ms > FAIL_WINDOW_MS){
@@ -360,16 +363,14 @@ static void note_failure(struct entry *e, int64_t now, const struct mosquitto_ev
 	e->u.fails = 0;
 	e->u.locked_until_ms = now + lock;
 	e->u.lock_logged = false;
-	const char *addr = mosquitto_client_address(ev->client);
+	const char *addr = w->addr ? w->addr : "?";
 	if(registry){
 		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: %d failed logins for user '%s' (last from %s): "
-				"refusing it for %lld s", FAIL_LIMIT, akz_esc(ev->username), akz_esc(addr ? addr : "?"),
-				(long long)(lock / 1000));
+				"refusing it for %lld s", FAIL_LIMIT, akz_esc(w->username), akz_esc(addr), (long long)(lock / 1000));
 	}else{
 		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: %d logins with different passwords for user '%s', "
 				"which is not in the registry (last from %s): for %lld s they go to the broker's own "
-				"checks at once", FAIL_LIMIT, akz_esc(ev->username), akz_esc(addr ? addr : "?"),
-				(long long)(lock / 1000));
+				"checks at once", FAIL_LIMIT, akz_esc(w->username), akz_esc(addr), (long long)(lock / 1000));
 	}
 }
 
@@ -443,12 +444,12 @@ static bool within_budget(struct akz_auth *a, const char *addr, int64_t now_ms)
 }
 
 /* After a good password: binds the client id, or refuses it (logged). Returns the decision. */
-static int admit(struct akz_auth *a, const struct akz_registry *reg, struct entry *e,
-		const struct mosquitto_evt_basic_auth *ev, int64_t now)
+static int admit(struct akz_auth *a, const struct akz_registry *reg, struct entry *e, const struct who *w,
+		int64_t now)
 {
 	char why[600];
-	if(bind_client_id(a, reg, e, ev->username, mosquitto_client_id(ev->client), now, why, sizeof(why))){
-		log_refusal(ev, why);
+	if(bind_client_id(a, reg, e, w->username, w->clientid, now, why, sizeof(why))){
+		log_refusal(w, why);
 		return MOSQ_ERR_AUTH;
 	}
 	return MOSQ_ERR_SUCCESS;
@@ -467,7 +468,7 @@ int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 	 * for password_file or dynamic-security to decide. Every path below takes the same time for
 	 * both kinds: one check, or none. */
 	int no = registry ? MOSQ_ERR_AUTH : MOSQ_ERR_PLUGIN_DEFER;
-	const char *addr = mosquitto_client_address(ev->client);
+	const struct who w = {ev->username, mosquitto_client_id(ev->client), mosquitto_client_address(ev->client)};
 
 	struct entry *e = find_entry(auth, K_USER, ev->username);
 	if(e && e->u.locked_until_ms > now){
@@ -476,13 +477,13 @@ int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 			char why[96];
 			snprintf(why, sizeof(why), "too many failed logins: locked for %lld more s",
 					(long long)((e->u.locked_until_ms - now + 999) / 1000));
-			log_refusal(ev, why);
+			log_refusal(&w, why);
 			e->u.lock_logged = true;
 		}
 		return no;
 	}
 	if(ev->password == NULL){
-		if(registry) log_refusal(ev, "no password given");
+		if(registry) log_refusal(&w, "no password given");
 		return no;
 	}
 	const char *hash = dev ? dev->password : gw ? gw->password : "";
@@ -494,7 +495,7 @@ int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 		OPENSSL_cleanse(mac, sizeof(mac));
 		e->u.fails = 0;   /* a good login ends a run of failures, cached or not */
 		e->u.lockouts = 0;
-		return admit(auth, reg, e, ev, now);
+		return admit(auth, reg, e, &w, now);
 	}
 	if(e && have_mac && e->u.seen_until_ms > now && CRYPTO_memcmp(mac, e->u.seen_mac, sizeof(mac)) == 0){
 		OPENSSL_cleanse(mac, sizeof(mac));
@@ -502,7 +503,7 @@ int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 		auth->rep.repeats++;
 		return no;
 	}
-	if(!within_budget(auth, addr, now)){
+	if(!within_budget(auth, w.addr, now)){
 		OPENSSL_cleanse(mac, sizeof(mac));
 		return no;
 	}
@@ -535,15 +536,15 @@ int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 			}
 		}
 		OPENSSL_cleanse(mac, sizeof(mac));
-		return admit(auth, reg, e, ev, now);
+		return admit(auth, reg, e, &w, now);
 	}
-	charge(auth, addr, took, now);
+	charge(auth, w.addr, took, now);
 	if(e && have_mac){
 		memcpy(e->u.seen_mac, mac, sizeof(mac));
 		e->u.seen_until_ms = now + SEEN_MS;
 	}
 	OPENSSL_cleanse(mac, sizeof(mac));
-	if(registry) log_refusal(ev, usable ? "wrong password" : "device is disabled in the registry");
-	note_failure(e, now, ev, registry);
+	if(registry) log_refusal(&w, usable ? "wrong password" : "device is disabled in the registry");
+	note_failure(e, now, &w, registry);
 	return no;
 }
