@@ -36,6 +36,14 @@ void akz_auth_sync(struct akz_auth *auth, const struct akz_registry *reg);
 int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 		const struct akz_config *cfg, struct mosquitto_evt_basic_auth *ev);
 
+/* True if registry users' password checks run on a thread of their own (Mosquitto 2.1, whose
+ * broker takes a login's answer later); their answers then come from akz_auth_tick. */
+bool akz_auth_offloads(const struct akz_auth *auth);
+
+/* Answers the logins whose checks the thread has finished (mosquitto_complete_basic_auth), against
+ * reg as it is now. Call from the broker's TICK; nothing to do without the thread. Never fails. */
+void akz_auth_tick(struct akz_auth *auth, const struct akz_registry *reg, const struct akz_config *cfg);
+
 /* The ACL_CHECK decision for registry users: MOSQ_ERR_SUCCESS or MOSQ_ERR_ACL_DENIED;
  * MOSQ_ERR_PLUGIN_DEFER for clients the registry does not know. receipts_prefix (NULL when
  * receipts are off) lets a device read <prefix><its id>. */

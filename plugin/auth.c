@@ -1,5 +1,7 @@
 /* auth.c - local username/password checks for registry users: a cache, brute-force brakes, a
  * budget for failed checks, equal timing whatever the username, client ids bound to identities. */
+#include <dlfcn.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +17,7 @@
 #include "akz_passwd.h"
 #include "akz_registry.h"
 #include "akz_util.h"
+#include "akz_wakeup.h"
 
 #define NBUCKETS 4096
 #define MAX_ENTRIES 100000     /* bounds the memory an attacker can make us spend on names */
@@ -41,6 +44,11 @@
 #define BURST_MIN_US 300000
 #define REPORT_MS 10000        /* one summary line at most this often */
 #define CIDS_PER_USER 8        /* client ids bound to one identity; the oldest gives way */
+/* Mosquitto 2.1 can answer a login later (MOSQ_ERR_AUTH_DELAYED, then mosquitto_complete_basic_auth
+ * on the broker thread): a registry user's check then runs on a thread of the plugin's own. Its
+ * value in 2.1's headers; the plugin is built against 2.0's and finds 2.1 at run time. */
+#define AKZ_ERR_AUTH_DELAYED (-5)
+#define OFFLOAD_MAX 64         /* checks waiting for that thread; beyond, on the broker thread */
 
 enum kind { K_USER, K_ADDR, K_CID };
 
@@ -89,6 +97,8 @@ struct report {
 	unsigned long top_count;
 };
 
+struct offload;
+
 struct akz_auth {
 	unsigned char key[32];     /* random per process: a cached MAC is useless anywhere else */
 	struct entry *buckets[NBUCKETS];
@@ -97,6 +107,7 @@ struct akz_auth {
 	struct akz_pw dummy;       /* as costly as the registry's costliest hash; matches nothing */
 	int64_t check_us;          /* what a check takes here: a moving average of the last ones */
 	struct report rep;
+	struct offload *off;       /* Mosquitto 2.1: registry users' checks on a thread; else NULL */
 };
 
 /* The most time a budget may hold. */
@@ -149,6 +160,157 @@ static void make_dummy(struct akz_auth *a, const struct akz_registry *reg)
 	OPENSSL_cleanse(&best, sizeof(best));
 }
 
+/* A finished check, and what the login had shown before it. */
+struct outcome {
+	bool registry, usable;     /* a registry user; not a disabled device */
+	bool ok;                   /* the password matched (and the user is usable) */
+	int64_t took_us;
+	unsigned char mac[32];     /* make_mac of the password and the stored hash */
+	bool have_mac;
+};
+
+/* Checks password against hash (a registry hash, parsed here) or against pw (the dummy). Returns
+ * whether it matched, and the time it took in *took_us. Any thread; never fails otherwise. */
+static bool check(const char *hash, const struct akz_pw *pw, const char *password, int64_t *took_us)
+{
+	int64_t t0 = akz_mono_us();
+	struct akz_pw parsed;
+	char err[256];
+	bool ok = hash ? akz_pw_parse(hash, &parsed, err, sizeof(err)) == 0 && akz_pw_verify(&parsed, password)
+			: akz_pw_verify(pw, password);
+	OPENSSL_cleanse(&parsed, sizeof(parsed));
+	*took_us = akz_mono_us() - t0;
+	return ok;
+}
+
+/* ---- Mosquitto 2.1: checks off the broker thread ----------------------------------------------- */
+
+/* One registry user's check, handed to the offload thread. Owns copies of everything. */
+struct job {
+	struct job *next;
+	char *username, *clientid, *addr, *hash;
+	char *password;            /* cleansed and freed once checked */
+	struct outcome o;
+};
+
+struct offload {
+	void (*complete)(const char *clientid, int result);   /* mosquitto_complete_basic_auth */
+	struct akz_wakeup *wakeup;
+	pthread_t thread;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	struct job *todo, *todo_tail, *done;
+	size_t pending;            /* jobs not yet completed */
+	bool stop;
+};
+
+static void free_job(struct job *j)
+{
+	if(j == NULL) return;
+	if(j->password){
+		OPENSSL_cleanse(j->password, strlen(j->password));
+		free(j->password);
+	}
+	free(j->username);
+	free(j->clientid);
+	free(j->addr);
+	free(j->hash);
+	OPENSSL_cleanse(j, sizeof(*j));
+	free(j);
+}
+
+/* The offload thread: checks jobs in turn and hands them back, waking the broker thread. */
+static void *offload_main(void *arg)
+{
+	struct offload *off = arg;
+	pthread_mutex_lock(&off->lock);
+	while(!off->stop){
+		struct job *j = off->todo;
+		if(j == NULL){
+			/* A wake-up that landed just before the broker slept is sent again. */
+			int ms = akz_wakeup_recheck(off->wakeup);
+			if(ms < 0){
+				pthread_cond_wait(&off->cond, &off->lock);
+			}else{
+				struct timespec ts;
+				clock_gettime(CLOCK_REALTIME, &ts);
+				ts.tv_nsec += (long)ms * 1000000L;
+				ts.tv_sec += ts.tv_nsec / 1000000000L;
+				ts.tv_nsec %= 1000000000L;
+				pthread_cond_timedwait(&off->cond, &off->lock, &ts);
+			}
+			continue;
+		}
+		off->todo = j->next;
+		if(off->todo == NULL) off->todo_tail = NULL;
+		pthread_mutex_unlock(&off->lock);
+		j->o.ok = check(j->hash, NULL, j->password, &j->o.took_us) && j->o.usable;
+		OPENSSL_cleanse(j->password, strlen(j->password));
+		pthread_mutex_lock(&off->lock);
+		j->next = off->done;
+		off->done = j;
+		akz_wakeup_poke(off->wakeup);
+	}
+	pthread_mutex_unlock(&off->lock);
+	return NULL;
+}
+
+/* Starts checks off the broker thread if the broker can take answers later (Mosquitto 2.1).
+ * Returns the offload, or NULL: the broker cannot (2.0), or the thread or the wake-up cannot be
+ * had (logged); checks then run on the broker thread. */
+static struct offload *offload_start(void)
+{
+	void (*complete)(const char *, int);
+	*(void **)&complete = dlsym(RTLD_DEFAULT, "mosquitto_complete_basic_auth");
+	if(complete == NULL) return NULL;
+	struct offload *off = calloc(1, sizeof(*off));
+	char err[256] = "out of memory";
+	if(off == NULL) goto fail;
+	off->complete = complete;
+	pthread_mutex_init(&off->lock, NULL);
+	pthread_cond_init(&off->cond, NULL);
+	if(akz_wakeup_new(&off->wakeup, err, sizeof(err)) != 0) goto fail;
+	int rc = akz_thread_start(&off->thread, offload_main, off);
+	if(rc != 0){
+		snprintf(err, sizeof(err), "cannot start a thread: %s", strerror(rc));
+		akz_wakeup_free(off->wakeup);
+		goto fail;
+	}
+	mosquitto_log_printf(MOSQ_LOG_INFO, "akenza: registry users' password checks run on a thread of "
+			"their own (the broker answers their logins later)");
+	return off;
+fail:
+	if(off){
+		pthread_cond_destroy(&off->cond);
+		pthread_mutex_destroy(&off->lock);
+		free(off);
+	}
+	mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: password checks stay on the broker thread: %s", err);
+	return NULL;
+}
+
+/* Stops the thread; jobs not completed are dropped (the broker is going away). NULL is ignored. */
+static void offload_stop(struct offload *off)
+{
+	if(off == NULL) return;
+	pthread_mutex_lock(&off->lock);
+	off->stop = true;
+	pthread_cond_signal(&off->cond);
+	pthread_mutex_unlock(&off->lock);
+	pthread_join(off->thread, NULL);
+	akz_wakeup_free(off->wakeup);
+	for(struct job *lists[2] = {off->todo, off->done}, **l = lists; l < lists + 2; l++){
+		while(*l){
+			struct job *next = (*l)->next;
+			free_job(*l);
+			*l = next;
+		}
+	}
+	pthread_cond_destroy(&off->cond);
+	pthread_mutex_destroy(&off->lock);
+	free(off);
+}
+
 struct akz_auth *akz_auth_new(void)
 {
 	struct akz_auth *a = calloc(1, sizeof(*a));
@@ -160,6 +322,7 @@ struct akz_auth *akz_auth_new(void)
 		a->budget = (struct bucket){.balance_us = BURST_MIN_US, .at_us = akz_mono_us()};
 		a->rep.since_ms = akz_mono_ms();
 		make_dummy(a, NULL);
+		a->off = offload_start();
 	}
 	return a;
 }
@@ -187,6 +350,7 @@ static void free_entries(struct akz_auth *a)
 void akz_auth_free(struct akz_auth *a)
 {
 	if(a == NULL) return;
+	offload_stop(a->off);
 	free_entries(a);
 	OPENSSL_cleanse(a, sizeof(*a));
 	free(a);
@@ -455,6 +619,114 @@ static int admit(struct akz_auth *a, const struct akz_registry *reg, struct entr
 	return MOSQ_ERR_SUCCESS;
 }
 
+/* Acts on a finished check: times it, caches a success and binds the client id, or charges the
+ * failure to the budgets, remembers the password, logs and counts the failure. Returns the
+ * decision: MOSQ_ERR_SUCCESS, MOSQ_ERR_AUTH, or MOSQ_ERR_PLUGIN_DEFER for a username outside
+ * the registry. Broker thread. */
+static int conclude(struct akz_auth *a, const struct akz_registry *reg, const struct akz_config *cfg,
+		const struct who *w, struct outcome *o)
+{
+	int64_t now = akz_mono_ms();
+	int64_t burst = burst_us(a);
+	a->check_us = a->check_us ? (3 * a->check_us + o->took_us) / 4 : o->took_us;
+	if(a->budget.balance_us >= burst) a->budget.balance_us = burst_us(a);   /* a full budget stays full */
+	struct entry *e = entry_of(a, K_USER, w->username, now);
+	int rc;
+	if(o->ok){
+		if(e){
+			e->u.fails = 0;
+			e->u.lockouts = 0;
+			if(o->have_mac && cfg->auth_cache_seconds > 0){
+				memcpy(e->u.ok_mac, o->mac, sizeof(o->mac));
+				e->u.ok_until_ms = now + (int64_t)cfg->auth_cache_seconds * 1000;
+			}
+		}
+		rc = admit(a, reg, e, w, now);
+	}else{
+		charge(a, w->addr, o->took_us, now);
+		if(e && o->have_mac){
+			memcpy(e->u.seen_mac, o->mac, sizeof(o->mac));
+			e->u.seen_until_ms = now + SEEN_MS;
+		}
+		if(o->registry) log_refusal(w, o->usable ? "wrong password" : "device is disabled in the registry");
+		note_failure(e, now, w, o->registry);
+		rc = o->registry ? MOSQ_ERR_AUTH : MOSQ_ERR_PLUGIN_DEFER;
+	}
+	OPENSSL_cleanse(o->mac, sizeof(o->mac));
+	return rc;
+}
+
+/* Hands a registry user's check to the offload thread. Returns 0 (the login is answered later by
+ * akz_auth_tick), or -1: no offload, too many waiting, no client id, out of memory; the caller
+ * checks on the broker thread then. */
+static int offload(struct akz_auth *a, const struct who *w, const char *password, const char *hash,
+		const struct outcome *o)
+{
+	struct offload *off = a->off;
+	if(off == NULL || w->clientid == NULL || off->pending >= OFFLOAD_MAX) return -1;
+	struct job *j = calloc(1, sizeof(*j));
+	if(j == NULL) return -1;
+	j->o = *o;
+	j->username = strdup(w->username);
+	j->clientid = strdup(w->clientid);
+	j->addr = w->addr ? strdup(w->addr) : NULL;
+	j->hash = strdup(hash);
+	j->password = strdup(password);
+	if(!j->username || !j->clientid || (w->addr && !j->addr) || !j->hash || !j->password){
+		free_job(j);
+		return -1;
+	}
+	pthread_mutex_lock(&off->lock);
+	if(off->todo_tail) off->todo_tail->next = j;
+	else off->todo = j;
+	off->todo_tail = j;
+	off->pending++;
+	pthread_cond_signal(&off->cond);
+	pthread_mutex_unlock(&off->lock);
+	return 0;
+}
+
+bool akz_auth_offloads(const struct akz_auth *a)
+{
+	return a->off != NULL;
+}
+
+void akz_auth_tick(struct akz_auth *a, const struct akz_registry *reg, const struct akz_config *cfg)
+{
+	struct offload *off = a->off;
+	if(off == NULL) return;
+	akz_wakeup_ack(off->wakeup);
+	pthread_mutex_lock(&off->lock);
+	struct job *j = off->done;
+	off->done = NULL;
+	pthread_mutex_unlock(&off->lock);
+	while(j){
+		struct job *next = j->next;
+		struct who w = {j->username, j->clientid, j->addr};
+		/* The registry may have changed while the password was checked: the answer holds only
+		 * for the same user with the same hash. */
+		const struct akz_device *dev = akz_registry_find_device_by_username(reg, j->username);
+		const struct akz_gateway *gw = dev ? NULL : akz_registry_find_gateway(reg, j->username);
+		const char *hash = dev ? dev->password : gw ? gw->password : NULL;
+		int rc;
+		if(hash == NULL || strcmp(hash, j->hash) != 0){
+			OPENSSL_cleanse(j->o.mac, sizeof(j->o.mac));
+			log_refusal(&w, "the registry changed while its password was checked: log in again");
+			rc = MOSQ_ERR_AUTH;
+		}else{
+			j->o.usable = dev == NULL || dev->enabled;
+			j->o.ok = j->o.ok && j->o.usable;
+			rc = conclude(a, reg, cfg, &w, &j->o);
+		}
+		off->complete(j->clientid, rc);
+		pthread_mutex_lock(&off->lock);
+		off->pending--;
+		pthread_mutex_unlock(&off->lock);
+		free_job(j);
+		j = next;
+	}
+}
+
 int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 		const struct akz_config *cfg, struct mosquitto_evt_basic_auth *ev)
 {
@@ -510,41 +782,13 @@ int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 
 	/* The check. A disabled device's and an unknown username's cost the same as a registry
 	 * user's, and tell nothing by their timing; their result is never a login. */
-	int64_t t0 = akz_mono_us();
-	struct akz_pw pw;
-	char err[256];
-	bool ok;
-	if(registry){
-		ok = akz_pw_parse(hash, &pw, err, sizeof(err)) == 0 && akz_pw_verify(&pw, ev->password) && usable;
-		OPENSSL_cleanse(&pw, sizeof(pw));
-	}else{
-		(void)akz_pw_verify(&auth->dummy, ev->password);
-		ok = false;
-	}
-	int64_t took = akz_mono_us() - t0;
-	int64_t burst = burst_us(auth);
-	auth->check_us = auth->check_us ? (3 * auth->check_us + took) / 4 : took;
-	if(auth->budget.balance_us >= burst) auth->budget.balance_us = burst_us(auth);   /* a full budget stays full */
-	if(e == NULL) e = entry_of(auth, K_USER, ev->username, now);
-	if(ok){
-		if(e){
-			e->u.fails = 0;
-			e->u.lockouts = 0;
-			if(have_mac && cfg->auth_cache_seconds > 0){
-				memcpy(e->u.ok_mac, mac, sizeof(mac));
-				e->u.ok_until_ms = now + (int64_t)cfg->auth_cache_seconds * 1000;
-			}
-		}
-		OPENSSL_cleanse(mac, sizeof(mac));
-		return admit(auth, reg, e, &w, now);
-	}
-	charge(auth, w.addr, took, now);
-	if(e && have_mac){
-		memcpy(e->u.seen_mac, mac, sizeof(mac));
-		e->u.seen_until_ms = now + SEEN_MS;
-	}
+	struct outcome o = {.registry = registry, .usable = usable, .have_mac = have_mac};
+	memcpy(o.mac, mac, sizeof(mac));
 	OPENSSL_cleanse(mac, sizeof(mac));
-	if(registry) log_refusal(&w, usable ? "wrong password" : "device is disabled in the registry");
-	note_failure(e, now, &w, registry);
-	return no;
+	if(registry && offload(auth, &w, ev->password, hash, &o) == 0){
+		OPENSSL_cleanse(o.mac, sizeof(o.mac));
+		return AKZ_ERR_AUTH_DELAYED;
+	}
+	o.ok = check(registry ? hash : NULL, registry ? NULL : &auth->dummy, ev->password, &o.took_us) && usable;
+	return conclude(auth, reg, cfg, &w, &o);
 }

@@ -119,6 +119,16 @@ static int on_message(int event, void *event_data, void *userdata)
 	return MOSQ_ERR_ADMINISTRATIVE_ACTION;
 }
 
+/* Mosquitto 2.1: answers the logins whose password checks finished on the plugin's thread. */
+static int on_auth_tick(int event, void *event_data, void *userdata)
+{
+	struct akz_plugin *p = userdata;
+	(void)event;
+	(void)event_data;
+	akz_auth_tick(p->auth, p->reg, &p->cfg);
+	return MOSQ_ERR_SUCCESS;
+}
+
 static int on_tick(int event, void *event_data, void *userdata)
 {
 	struct akz_plugin *p = userdata;
@@ -214,6 +224,7 @@ static void destroy(struct akz_plugin *p)
 	if(p->control_registered){
 		mosquitto_callback_unregister(p->id, MOSQ_EVT_CONTROL, akz_control_callback, AKZ_CONTROL_TOPIC);
 	}
+	if(p->auth_tick_registered) mosquitto_callback_unregister(p->id, MOSQ_EVT_TICK, on_auth_tick, NULL);
 	for(size_t i = 0; i < NCALLBACKS; i++){
 		if(p->bridge || !callbacks[i].needs_bridge){
 			mosquitto_callback_unregister(p->id, callbacks[i].event, callbacks[i].cb, NULL);
@@ -277,6 +288,15 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 			destroy(p);
 			return rc;
 		}
+	}
+	if(akz_auth_offloads(p->auth)){
+		int arc = mosquitto_callback_register(identifier, MOSQ_EVT_TICK, on_auth_tick, NULL, p);
+		if(arc){
+			mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: cannot register the login TICK: %s", mosquitto_strerror(arc));
+			destroy(p);
+			return arc;
+		}
+		p->auth_tick_registered = true;
 	}
 	/* The control API: the broker's ACL on $CONTROL/akenza/# decides who may use it. A second
 	 * instance in the same security scope finds the topic taken and goes without. */
