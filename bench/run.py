@@ -678,7 +678,7 @@ def bench_auth():
         row("broker CPU during the flood", 100 * cpu / seconds, "% of one core")
         if spent:
             row("failed password checks, by the plugin's summary", 100 * spent / 1000 / seconds,
-                "% of the broker thread")
+                "% of the time")
 
     print(" login time, CONNECT to CONNACK, and the broker's CPU time for it (medians of 9 usernames of each kind):")
     b = broker(conf, "auth-timing")

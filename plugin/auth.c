@@ -165,6 +165,7 @@ struct outcome {
 	bool registry, usable;     /* a registry user; not a disabled device */
 	bool ok;                   /* the password matched (and the user is usable) */
 	int64_t took_us;
+	int64_t reserved_us;       /* taken from the budgets when the check started on the thread */
 	unsigned char mac[32];     /* make_mac of the password and the stored hash */
 	bool have_mac;
 };
@@ -496,7 +497,7 @@ static void report_if_due(struct akz_auth *a, int64_t now_ms)
 	if(r->over_budget || r->locked || r->repeats || r->checks_failed){
 		int64_t span = now_ms - r->since_ms;
 		mosquitto_log_printf(MOSQ_LOG_WARNING, "akenza: logins in the last %lld s: %lu failed password "
-				"checks took %lld ms of the broker thread (%lld%%; the limit is %d%%, %d%% per address); "
+				"checks took %lld ms (%lld%% of the time; the limit is %d%%, %d%% per address); "
 				"answered without a check: %lu over that limit (most from %s: %lu), %lu of locked users, "
 				"%lu repeats of a password that had not logged in",
 				(long long)(span / 1000), r->checks_failed, (long long)(r->failed_us / 1000),
@@ -579,14 +580,21 @@ static const char *bind_client_id(struct akz_auth *a, const struct akz_registry 
 	return NULL;
 }
 
-/* Charges a failed check of us microseconds to the budget and to the client's address. */
-static void charge(struct akz_auth *a, const char *addr, int64_t us, int64_t now_ms)
+/* Takes us microseconds from the budget and from the client's address (a negative us gives them
+ * back). */
+static void debit(struct akz_auth *a, const char *addr, int64_t us, int64_t now_ms)
 {
 	a->budget.balance_us -= us;
-	a->rep.checks_failed++;
-	a->rep.failed_us += us;
 	struct entry *e = addr ? entry_of(a, K_ADDR, addr, now_ms) : NULL;
 	if(e) e->a.budget.balance_us -= us;
+}
+
+/* Charges a failed check of us microseconds, of which reserved_us were taken when it started. */
+static void charge(struct akz_auth *a, const char *addr, int64_t us, int64_t reserved_us, int64_t now_ms)
+{
+	debit(a, addr, us - reserved_us, now_ms);
+	a->rep.checks_failed++;
+	a->rep.failed_us += us;
 }
 
 /* True if a check may run now for a client at addr: the budget and the address's share both
@@ -641,9 +649,10 @@ static int conclude(struct akz_auth *a, const struct akz_registry *reg, const st
 				e->u.ok_until_ms = now + (int64_t)cfg->auth_cache_seconds * 1000;
 			}
 		}
+		debit(a, w->addr, -o->reserved_us, now);   /* a success costs the budget nothing */
 		rc = admit(a, reg, e, w, now);
 	}else{
-		charge(a, w->addr, o->took_us, now);
+		charge(a, w->addr, o->took_us, o->reserved_us, now);
 		if(e && o->have_mac){
 			memcpy(e->u.seen_mac, o->mac, sizeof(o->mac));
 			e->u.seen_until_ms = now + SEEN_MS;
@@ -676,6 +685,10 @@ static int offload(struct akz_auth *a, const struct who *w, const char *password
 		free_job(j);
 		return -1;
 	}
+	/* Checks on the thread are charged when they finish; the time one takes is taken from the
+	 * budgets now, so that those waiting cannot start more than the budgets allow. */
+	j->o.reserved_us = a->check_us ? a->check_us : BURST_MIN_US / BURST_CHECKS;
+	debit(a, w->addr, j->o.reserved_us, akz_mono_ms());
 	pthread_mutex_lock(&off->lock);
 	if(off->todo_tail) off->todo_tail->next = j;
 	else off->todo = j;
@@ -711,6 +724,7 @@ void akz_auth_tick(struct akz_auth *a, const struct akz_registry *reg, const str
 		int rc;
 		if(hash == NULL || strcmp(hash, j->hash) != 0){
 			OPENSSL_cleanse(j->o.mac, sizeof(j->o.mac));
+			debit(a, j->addr, -j->o.reserved_us, akz_mono_ms());
 			log_refusal(&w, "the registry changed while its password was checked: log in again");
 			rc = MOSQ_ERR_AUTH;
 		}else{
