@@ -20,8 +20,9 @@ struct akz_auth *akz_auth_new(void);
 void akz_auth_free(struct akz_auth *auth);
 
 /* Puts reg in force for authentication (at start, and after every reload or control API change):
- * forgets every cached answer, drops the client-id bindings of identities reg no longer has, and
- * sizes the equalizing check of unknown usernames to reg's costliest hash. Never fails. */
+ * forgets the remembered refusals of reg's users (cached successes hold: they cover the stored
+ * hash), drops the client-id bindings of identities reg no longer has, and sizes the equalizing
+ * check of unknown usernames to reg's costliest hash. Never fails. */
 void akz_auth_sync(struct akz_auth *auth, const struct akz_registry *reg);
 
 /* The BASIC_AUTH decision. MOSQ_ERR_SUCCESS: a registry user with the right password and a client
@@ -39,6 +40,11 @@ int akz_auth_basic(struct akz_auth *auth, const struct akz_registry *reg,
 /* True if registry users' password checks run on a thread of their own (Mosquitto 2.1, whose
  * broker takes a login's answer later); their answers then come from akz_auth_tick. */
 bool akz_auth_offloads(const struct akz_auth *auth);
+
+/* The broker reloads: Mosquitto 2.1 then checks every connected client's login again, right
+ * after the RELOAD callbacks, and takes no delayed answer there. Until the next akz_auth_tick
+ * every check runs on the broker thread. Never fails. */
+void akz_auth_reloading(struct akz_auth *auth);
 
 /* Answers the logins whose checks the thread has finished (mosquitto_complete_basic_auth), against
  * reg as it is now. Call from the broker's TICK; nothing to do without the thread. Never fails. */

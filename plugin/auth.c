@@ -108,6 +108,7 @@ struct akz_auth {
 	int64_t check_us;          /* what a check takes here: a moving average of the last ones */
 	struct report rep;
 	struct offload *off;       /* Mosquitto 2.1: registry users' checks on a thread; else NULL */
+	bool answer_now;           /* until the next TICK: no delayed answers (a reload's re-checks) */
 };
 
 /* The most time a budget may hold. */
@@ -389,10 +390,11 @@ void akz_auth_sync(struct akz_auth *a, const struct akz_registry *reg)
 	for(size_t i = 0; i < NBUCKETS; i++){
 		for(struct entry *e = a->buckets[i]; e; e = e->next){
 			if(e->kind != K_USER) continue;
-			e->u.ok_until_ms = 0;
-			/* A registry user's hash or state may have changed, or the username is new to the
-			 * registry: its remembered refusals no longer stand. Other usernames keep theirs,
-			 * so a change does not make an admin's next login cost a check. */
+			/* A cached success stands: its MAC covers the stored hash, so a changed password
+			 * no longer matches it, and a disabled or removed user never reaches the cache.
+			 * A registry user's remembered refusals do not: its hash or state may have changed,
+			 * or the username is new to the registry. Other usernames keep theirs, so a change
+			 * does not make an admin's next login cost a check. */
 			if(is_registry_user(reg, e->name)) e->u.seen_until_ms = 0;
 			else release_cids(a, e);
 		}
@@ -672,7 +674,7 @@ static int offload(struct akz_auth *a, const struct who *w, const char *password
 		const struct outcome *o)
 {
 	struct offload *off = a->off;
-	if(off == NULL || w->clientid == NULL || off->pending >= OFFLOAD_MAX) return -1;
+	if(off == NULL || a->answer_now || w->clientid == NULL || off->pending >= OFFLOAD_MAX) return -1;
 	struct job *j = calloc(1, sizeof(*j));
 	if(j == NULL) return -1;
 	j->o = *o;
@@ -704,9 +706,15 @@ bool akz_auth_offloads(const struct akz_auth *a)
 	return a->off != NULL;
 }
 
+void akz_auth_reloading(struct akz_auth *a)
+{
+	a->answer_now = true;
+}
+
 void akz_auth_tick(struct akz_auth *a, const struct akz_registry *reg, const struct akz_config *cfg)
 {
 	struct offload *off = a->off;
+	a->answer_now = false;
 	if(off == NULL) return;
 	akz_wakeup_ack(off->wakeup);
 	pthread_mutex_lock(&off->lock);

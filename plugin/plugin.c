@@ -186,6 +186,7 @@ static int on_reload(int event, void *event_data, void *userdata)
 	(void)event;
 	(void)event_data;
 
+	akz_auth_reloading(p->auth);
 	struct akz_registry *reg = load_registry(&p->cfg, p->reg);
 	if(reg == NULL){
 		mosquitto_log_printf(MOSQ_LOG_ERR,
