@@ -1,6 +1,7 @@
 """Claims of SECURITY.md that no other test proves: secrets never reach the broker log, devices
 cannot reach $CONTROL topics, the upstream TLS version is pinned (no fallback)."""
 import json
+import os
 import re
 import subprocess
 import threading
@@ -321,7 +322,6 @@ def test_every_spelling_of_a_key_file_gets_the_file_checks(brokers, tmp_path):
     """createDevice with FILE:, File:// or a colon in a relative path: the same checks as a plain
     path (mode, regular file); a fifo or a directory is refused before anything reads it, and the
     broker answers at once instead of waiting for a writer."""
-    import os
     local, ctl = control_broker(brokers, tmp_path)
     readable, _ = make_key(tmp_path / "loose", "loose")
     readable.chmod(0o644)
@@ -445,7 +445,6 @@ def test_weak_hashes_are_named(brokers, tmp_path):
 
 
 def test_akenzactl_takes_the_admin_password_from_a_file_or_the_environment(brokers, tmp_path):
-    import os
     local, ctl = control_broker(brokers, tmp_path)
     ctl.close()
     base = [str(AKENZACTL), "device", "list", "-p", str(local.port), "-u", "admin"]
@@ -500,3 +499,40 @@ def test_a_client_id_binding_ends_with_its_identity_or_its_eight_newer_ids(broke
     p.broker.sighup()
     p.broker.wait_log("reloaded")
     assert use("dev-2", "three-5") == 0          # dev-3 left the registry and its ids with it
+
+
+def thread_cpu_seconds(pid, tid):
+    f = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_registry_checks_leave_the_broker_thread_where_the_broker_can_wait(brokers, tmp_path):
+    """On Mosquitto 2.1 (delayed logins) a registry user's check runs on the plugin's own thread:
+    the broker's main thread spends almost none of the check's CPU time. On 2.0 it spends it all.
+    An unknown username's equalizing check stays on the main thread on both."""
+    import conftest
+    version = run([conftest.MOSQUITTO, "-h"], check=False).stdout.split("\n")[0]
+    m = re.search(r"version (\d+)\.(\d+)", version)
+    assert m, version
+    delayed = (int(m.group(1)), int(m.group(2))) >= (2, 1)
+    h = akenzactl_hash("right")
+    p = Plain(brokers, tmp_path / "thread", [{"id": "reg", "password": h}])
+    pid = p.broker.proc.pid
+    assert p.login("warm-up", "x", source="127.0.0.9")[1] == 5
+    spent = {}
+    for k, who in enumerate(("reg", "nobody", "reg", "nobody")):
+        time.sleep(max(0.7, 6 * spent.get("check", 0)))
+        main0, all0 = thread_cpu_seconds(pid, pid), cpu_seconds(pid)
+        assert p.login(who, f"wrong-{k}", source=f"127.0.0.{20 + k}")[1] == 5
+        time.sleep(0.05)
+        main, total = thread_cpu_seconds(pid, pid) - main0, cpu_seconds(pid) - all0
+        spent["check"] = max(spent.get("check", 0), total)
+        spent[(who, "main")] = spent.get((who, "main"), 0) + main
+        spent[(who, "all")] = spent.get((who, "all"), 0) + total
+    assert spent[("reg", "all")] >= 0.08, spent
+    if delayed:
+        assert spent[("reg", "main")] < spent[("reg", "all")] / 3, spent
+        assert "password checks run on a thread of their own" in p.broker.log()
+    else:
+        assert spent[("reg", "main")] > spent[("reg", "all")] / 2, spent
+    assert spent[("nobody", "main")] > spent[("nobody", "all")] / 2, spent
