@@ -20,7 +20,6 @@ struct akz_plugin {
 	struct akz_auth *auth;
 	struct akz_bridge *bridge;  /* NULL when plugin_opt_bridge is false */
 	bool control_registered;    /* the $CONTROL/akenza/v1 callback is ours to unregister */
-	bool auth_tick_registered;  /* the TICK that answers delayed logins (Mosquitto 2.1) */
 };
 
 #define AKZ_VERSION "0.1.0"

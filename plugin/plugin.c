@@ -119,21 +119,12 @@ static int on_message(int event, void *event_data, void *userdata)
 	return MOSQ_ERR_ADMINISTRATIVE_ACTION;
 }
 
-/* Mosquitto 2.1: answers the logins whose password checks finished on the plugin's thread. */
-static int on_auth_tick(int event, void *event_data, void *userdata)
-{
-	struct akz_plugin *p = userdata;
-	(void)event;
-	(void)event_data;
-	akz_auth_tick(p->auth, p->reg, &p->cfg);
-	return MOSQ_ERR_SUCCESS;
-}
-
 static int on_tick(int event, void *event_data, void *userdata)
 {
 	struct akz_plugin *p = userdata;
 	(void)event;
 	(void)event_data;
+	akz_auth_tick(p->auth, p->reg, &p->cfg);   /* Mosquitto 2.1: logins whose checks finished */
 	if(p->bridge) akz_bridge_tick(p->bridge);
 	return MOSQ_ERR_SUCCESS;
 }
@@ -219,17 +210,22 @@ static const struct {
 };
 #define NCALLBACKS (sizeof(callbacks)/sizeof(callbacks[0]))
 
+/* Whether callbacks[i] is registered: the bridge's only with a bridge, the TICK also when logins
+ * are answered from it (Mosquitto 2.1). */
+static bool wanted(const struct akz_plugin *p, size_t i)
+{
+	if(!callbacks[i].needs_bridge || p->bridge) return true;
+	return callbacks[i].event == MOSQ_EVT_TICK && p->auth && akz_auth_offloads(p->auth);
+}
+
 static void destroy(struct akz_plugin *p)
 {
 	if(p == NULL) return;
 	if(p->control_registered){
 		mosquitto_callback_unregister(p->id, MOSQ_EVT_CONTROL, akz_control_callback, AKZ_CONTROL_TOPIC);
 	}
-	if(p->auth_tick_registered) mosquitto_callback_unregister(p->id, MOSQ_EVT_TICK, on_auth_tick, NULL);
 	for(size_t i = 0; i < NCALLBACKS; i++){
-		if(p->bridge || !callbacks[i].needs_bridge){
-			mosquitto_callback_unregister(p->id, callbacks[i].event, callbacks[i].cb, NULL);
-		}
+		if(wanted(p, i)) mosquitto_callback_unregister(p->id, callbacks[i].event, callbacks[i].cb, NULL);
 	}
 	akz_bridge_stop(p->bridge);
 	akz_registry_free(p->reg);
@@ -281,7 +277,7 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 		if(akz_bridge_sync(p->bridge, p->reg)) goto nomem;
 	}
 	for(size_t i = 0; i < NCALLBACKS; i++){
-		if(callbacks[i].needs_bridge && p->bridge == NULL) continue;
+		if(!wanted(p, i)) continue;
 		int rc = mosquitto_callback_register(identifier, callbacks[i].event, callbacks[i].cb, NULL, p);
 		if(rc){
 			mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: cannot register callback %d: %s",
@@ -289,15 +285,6 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 			destroy(p);
 			return rc;
 		}
-	}
-	if(akz_auth_offloads(p->auth)){
-		int arc = mosquitto_callback_register(identifier, MOSQ_EVT_TICK, on_auth_tick, NULL, p);
-		if(arc){
-			mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: cannot register the login TICK: %s", mosquitto_strerror(arc));
-			destroy(p);
-			return arc;
-		}
-		p->auth_tick_registered = true;
 	}
 	/* The control API: the broker's ACL on $CONTROL/akenza/# decides who may use it. A second
 	 * instance in the same security scope finds the topic taken and goes without. */
