@@ -178,8 +178,12 @@ static bool check(const char *hash, const struct akz_pw *pw, const char *passwor
 	int64_t t0 = akz_mono_us();
 	struct akz_pw parsed;
 	char err[256];
-	bool ok = hash ? akz_pw_parse(hash, &parsed, err, sizeof(err)) == 0 && akz_pw_verify(&parsed, password)
-			: akz_pw_verify(pw, password);
+	bool ok = true;
+	if(hash){
+		ok = akz_pw_parse(hash, &parsed, err, sizeof(err)) == 0;
+		pw = &parsed;
+	}
+	ok = ok && pw && akz_pw_verify(pw, password);
 	OPENSSL_cleanse(&parsed, sizeof(parsed));
 	*took_us = akz_mono_us() - t0;
 	return ok;
