@@ -13,9 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <openssl/ssl.h>
-#include <mosquitto.h>
-#include <mosquitto_broker.h>
-#include <mqtt_protocol.h>
+#include "akz_mosquitto.h"
 #include "akz_bridge_int.h"
 #include "akz_config.h"
 #include "akz_fds.h"

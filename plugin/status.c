@@ -4,8 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cJSON.h>
-#include <mosquitto.h>
-#include <mosquitto_broker.h>
+#include "akz_mosquitto.h"
 #include "akz_status.h"
 
 char *akz_status_device_json(const struct akz_status_dev *s)
