@@ -1,6 +1,7 @@
 """Shared fixtures: free ports, a test PKI made with openssl, real Mosquitto brokers."""
 import functools
 import os
+import re
 import shlex
 import signal
 import socket
@@ -52,6 +53,28 @@ def mosquitto_version():
             return tuple(int(x) for x in parts)
     raise AssertionError(f"cannot tell the version of {MOSQUITTO}:\n{out}")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def mosquitto_plugin(name):
+    """The path of one of Mosquitto's own plugins (e.g. mosquitto_dynamic_security.so) from the
+    build under test: beside its libmosquitto, else Debian's."""
+    lib = os.environ.get("AKZ_MOSQUITTO_LIB")
+    if lib and (Path(lib) / name).exists():
+        return str(Path(lib) / name)
+    return f"/usr/lib/x86_64-linux-gnu/{name}"
+
+
+def disconnects(log, client_id, clean=True):
+    """How many times a broker's log says client_id's connection ended with a DISCONNECT of its
+    own (clean) or closed without one. 2.0 logs "Client <id> disconnected." and "Client <id>
+    closed its connection.", 2.1 "Client <id> [<address>:<port>] disconnected." and "...
+    disconnected: connection closed by client."."""
+    cid = re.escape(client_id)
+    if clean:
+        line = re.compile(rf"Client {cid}(?: \[[^\]]*\])? disconnected\.$")
+    else:
+        line = re.compile(rf"Client {cid}(?: closed its connection\.| \[[^\]]*\] disconnected: connection closed by client\.)$")
+    return sum(1 for x in log.splitlines() if line.search(x))
 
 
 def free_port():

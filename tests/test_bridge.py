@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUILD, wait_for
+from conftest import BUILD, disconnects, mosquitto_version, wait_for
 from edge import Edge, check_acknowledged_arrived, counting_sensors
 
 
@@ -166,8 +166,8 @@ def test_token_refresh_three_times_without_loss(edge, standin):
     assert firsts == [f"{i}".encode() for i in range(sent)]
     assert "expired: disconnecting" not in standin.log()
     # each refresh ended its connection with a DISCONNECT, not a bare close
-    assert standin.log().count("Client dev-t disconnected.") >= 3
-    assert "Client dev-t closed its connection." not in standin.log()
+    assert disconnects(standin.log(), "dev-t") >= 3
+    assert disconnects(standin.log(), "dev-t", clean=False) == 0
     edge.wait_state(admin, "dev-t", "connected")
 
 
@@ -466,7 +466,9 @@ def test_clock_step_lets_refused_devices_retry_at_once(edge, standin, tmp_path):
 
 def test_per_listener_settings_is_reported(edge, standin):
     """Mosquitto 2.0 never calls TICK with per_listener_settings true: uplinks still go out, the
-    log says why downlinks and status cannot, and the bridge's own log lines still appear."""
+    log says why downlinks and status cannot, and the bridge's own log lines still appear.
+    2.1 calls the TICK of a plugin loaded per listener too (src/plugin_tick.c), so there the
+    status is published and nothing is reported."""
     pub = edge.add_device("dev-p", password="pw-x", write=False)
     standin.register("dev-p", pub)
     edge.write_registry()
@@ -479,6 +481,13 @@ def test_per_listener_settings_is_reported(edge, standin):
     s = edge.sensor("dev-p")
     s.publish(up("dev-p"), b"42", qos=1)
     wait_for(lambda: upstream_payloads(obs, up("dev-p")) == [b"42"], 10, what="the uplink upstream")
+    if mosquitto_version() >= (2, 1, 0):
+        admin = edge.admin()
+        edge.wait_state(admin, "dev-p", "connected")   # published from the TICK
+        assert "has not called the plugin's TICK" not in edge.broker.log()
+        admin.close()
+        s.close()
+        return
     edge.broker.wait_log("has not called the plugin's TICK since it started")
     edge.broker.wait_log("device 'dev-p': connected")   # written out without a TICK
     assert edge.broker.log().count("has not called the plugin's TICK") == 1
