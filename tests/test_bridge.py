@@ -464,6 +464,25 @@ def test_clock_step_lets_refused_devices_retry_at_once(edge, standin, tmp_path):
     s.close()
 
 
+def test_status_is_published_while_the_broker_sleeps(edge, standin):
+    """Mosquitto 2.1 built without websockets sleeps until its next event (here its keepalive
+    check, every 5 s while clients are connected; the $SYS update is a minute away), not at most
+    100 ms as 2.0 does: a device state the bridge thread changed waits for a TICK all the same. The plugin's heartbeat wakes the broker
+    when no TICK ran for 150 ms. (2.0 and 2.1 with websockets turn every 100 ms on their own.)"""
+    edge.extra = "sys_interval 60\n"
+    admin = start_with_devices(edge, standin, ["dev-h"])   # subscribed to the device's status
+    topic = "$SYS/broker/akenza/devices/dev-h"
+
+    def state():
+        for t, p in reversed(admin.received()):
+            if t == topic and p:
+                return json.loads(p)["state"]
+    standin.kill()
+    # No client sends anything meanwhile: 2.1's next event is its keepalive check, up to 5 s away
+    wait_for(lambda: state() == "backoff", 2, what="the backoff status")
+    admin.close()
+
+
 def test_per_listener_settings_is_reported(edge, standin):
     """Mosquitto 2.0 never calls TICK with per_listener_settings true: uplinks still go out, the
     log says why downlinks and status cannot, and the bridge's own log lines still appear.
