@@ -75,6 +75,11 @@ int akz_pw_parse(const char *text, struct akz_pw *out, char *err, size_t errlen)
 	size_t flen[3];
 
 	memset(out, 0, sizeof(*out));
+	if(text && strncmp(text, "$argon2id$", 10) == 0){
+		akz_set_err(err, errlen, "an argon2id hash (mosquitto_passwd -H argon2id) is not supported: "
+				"make a $7$ hash (mosquitto_passwd -H sha512-pbkdf2, or 'akenzactl passwd')");
+		return -1;
+	}
 	if(text == NULL || text[0] != '$' || (text[1] != '6' && text[1] != '7') || text[2] != '$'){
 		akz_set_err(err, errlen, "not a password hash ($6$ or $7$, as mosquitto_passwd or "
 				"'akenzactl passwd' write them): plain-text passwords are refused");

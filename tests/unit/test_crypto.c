@@ -360,6 +360,9 @@ static void test_passwords(void **state)
 		if(akz_pw_parse(bad[i], &pw, err, sizeof(err)) != -1) fail_msg("accepted '%s'", bad[i]);
 	}
 	assert_int_equal(akz_pw_parse(NULL, &pw, err, sizeof(err)), -1);
+	/* made by mosquitto_passwd 2.1.2 -H argon2id: refused, and told why */
+	assert_int_equal(akz_pw_parse("$argon2id$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2g", &pw, err, sizeof(err)), -1);
+	assert_non_null(strstr(err, "argon2id"));
 	/* the iteration bound (the fuzzer's first finding): 10,000,000 stalled the broker ~4 s */
 	char big[160];
 	snprintf(big, sizeof(big), "$7$%d$NwjylbCRZwEpqPIK$Yv03m6CKOpvWy5oKIJCqIWgwpCfD+x/3KP5bEDDwkS9jLeIjdCRHcOqU4kT2+VB9/ObqWA0buPl5uARhIC6OiQ==",
