@@ -17,7 +17,8 @@ BUILD = Path(os.environ.get("AKZ_BUILD", ROOT / "build"))
 PLUGIN = BUILD / "mosquitto_akenza.so"
 STANDIN = BUILD / "standin_auth.so"
 AKENZACTL = BUILD / "akenzactl"
-SHARED = ROOT.parent / "shared"
+# akenza's reference client and notes: beside the checkout, or where AKZ_SHARED says (a worktree).
+SHARED = Path(os.environ.get("AKZ_SHARED", ROOT.parent / "shared"))
 # The Mosquitto under test: Debian's by default. Another build (e.g. 2.1 from source) is chosen with
 #   AKZ_MOSQUITTO      its broker binary
 #   AKZ_MOSQUITTO_LIB  the directory of its libmosquitto (put first on LD_LIBRARY_PATH)
