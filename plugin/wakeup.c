@@ -35,13 +35,13 @@
 #define sigev_notify_thread_id _sigev_un._tid
 #endif
 
-/* The heartbeat: Mosquitto 2.1 built without websockets sleeps until its next event (a
- * client's keepalive, the $SYS interval), not at most 100 ms as 2.0 does, and its TICK offers
- * no way to bound that sleep and still be called on every loop turn (compat.c). A one-shot
- * timer sends the wake signal to the broker thread when no TICK has run for a while; every
- * TICK pushes it back once less than half of it is left, so while the loop turns on its own
- * (2.1 with websockets turns every 100 ms) it never fires, and a busy broker re-arms it about
- * every HEARTBEAT_MS / 2. */
+/* The heartbeat: Mosquitto 2.1 built without websockets sleeps until its next event (its
+ * keepalive check, every 5 s while clients are connected; the $SYS update otherwise), not at
+ * most 100 ms as 2.0 does, and its TICK offers no way to bound that sleep and still be called
+ * on every loop turn (compat.c). A one-shot timer sends the wake signal to the broker thread
+ * when no TICK has run for heartbeat_ms; every TICK pushes it back once less than half of it is
+ * left, so while the loop turns on its own (2.1 with websockets turns every 100 ms) it never
+ * fires, and a busy broker re-arms it once per half heartbeat. */
 static int heartbeat_ms;         /* 0: off. Set at plugin init, before any wakeup is made */
 
 struct akz_wakeup {
