@@ -9,6 +9,7 @@
 #include "akenzactl.h"
 #include "akz_jwt.h"
 #include "akz_keystore.h"
+#include "akz_keythread.h"
 
 enum { OPT_LIFETIME = CTL_OPT_FIRST_FREE };
 
@@ -40,13 +41,19 @@ int cmd_keygen(int argc, char **argv)
 {
 	static const char help[] =
 		"usage: akenzactl keygen --device ID --type ec|rsa [--bits 2048|3072|4096] --out DIR\n"
+		"                        [--store file|tpm2] [--providers LIST] [--openssl-conf FILE]\n"
 		"Writes DIR/ID.pem (private key, mode 0600: keep it on the gateway) and DIR/ID.pub.pem\n"
-		"(upload it to the device in akenza) and prints the kid. Existing files are never overwritten.\n";
+		"(upload it to the device in akenza) and prints the kid. Existing files are never overwritten.\n"
+		"--store tpm2 makes the key inside the TPM (through OpenSSL's tpm2 provider): DIR/ID.pem is\n"
+		"then the TPM's key blob, useless without that TPM. Default providers: default,tpm2.\n";
 	static const struct option lo[] = {
 		{"device", required_argument, NULL, 'd'}, {"type", required_argument, NULL, 't'},
 		{"bits", required_argument, NULL, 'b'}, {"out", required_argument, NULL, 'o'},
+		{"store", required_argument, NULL, 's'}, CTL_KEY_LONGOPTS,
 		{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
-	const char *id = NULL, *type = NULL, *dir = NULL;
+	struct akz_key_opts ko = {0};
+	const char *id = NULL, *type = NULL, *dir = NULL, *store = "file";
+	bool providers_set = false;
 	long bits = 2048;
 	int c;
 
@@ -57,8 +64,15 @@ int cmd_keygen(int argc, char **argv)
 		case 't': type = optarg; break;
 		case 'b': if(parse_long("--bits", optarg, 2048, 4096, &bits)) return 2; break;
 		case 'o': dir = optarg; break;
+		case 's': store = optarg; break;
 		case 'h': fputs(help, stdout); return 0;
-		default: fputs(help, stderr); return 2;
+		default:
+			if(ctl_key_option(c, optarg, &ko)){
+				providers_set = true;
+				break;
+			}
+			fputs(help, stderr);
+			return 2;
 		}
 	}
 	if(id == NULL || type == NULL || dir == NULL || optind != argc){
@@ -78,8 +92,19 @@ int cmd_keygen(int argc, char **argv)
 		ctl_error("path too long");
 		return 1;
 	}
+	bool in_file = strcmp(store, "file") == 0;
+	if(!in_file && strcmp(store, "tpm2") != 0){
+		ctl_error("--store: '%s' is not file or tpm2", store);
+		return 2;
+	}
+	/* A TPM key needs the tpm2 provider (and the default one for everything else). */
+	if(!in_file && !providers_set && akz_keythread_configure("default,tpm2", NULL, err, sizeof(err))){
+		ctl_error("%s", err);
+		return 1;
+	}
 	struct akz_key *key;
-	if(akz_key_generate(alg, (int)bits, &key, err, sizeof(err))){
+	if(in_file ? akz_key_generate(alg, (int)bits, &key, err, sizeof(err))
+			: akz_key_generate_in(store, alg, (int)bits, &key, err, sizeof(err))){
 		ctl_error("%s", err);
 		return 1;
 	}
@@ -96,9 +121,10 @@ int cmd_keygen(int argc, char **argv)
 int cmd_fingerprint(int argc, char **argv)
 {
 	static const char help[] =
-		"usage: akenzactl fingerprint [--passphrase-file F] [--allow-readable] FILE\n"
-		"Prints the kid akenza expects for the key in FILE (private or public key, PEM):\n"
-		"the lowercase hex SHA-256 of its SubjectPublicKeyInfo DER, EC points uncompressed.\n";
+		"usage: akenzactl fingerprint [KEY OPTIONS] FILE|URI\n"
+		"Prints the kid akenza expects for the key in FILE (private or public key, PEM, or a TPM\n"
+		"key blob) or at URI (handle:0x81000001): the lowercase hex SHA-256 of its\n"
+		"SubjectPublicKeyInfo DER, EC points uncompressed.\n" CTL_KEY_HELP;
 	static const struct option lo[] = {
 		CTL_KEY_LONGOPTS,
 		{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
@@ -132,10 +158,9 @@ int cmd_fingerprint(int argc, char **argv)
 int cmd_token(int argc, char **argv)
 {
 	static const char help[] =
-		"usage: akenzactl token --device ID --key FILE [--lifetime SECONDS] [--passphrase-file F]\n"
-		"                       [--allow-readable]\n"
+		"usage: akenzactl token --device ID --key FILE|URI [--lifetime SECONDS] [KEY OPTIONS]\n"
 		"Prints a fresh JWT for device ID signed with FILE (RS256 or ES256 by the key's type),\n"
-		"valid for SECONDS (60 to 86400, default 1200).\n";
+		"valid for SECONDS (60 to 86400, default 1200).\n" CTL_KEY_HELP;
 	static const struct option lo[] = {
 		{"device", required_argument, NULL, 'd'}, {"key", required_argument, NULL, 'k'},
 		{"lifetime", required_argument, NULL, OPT_LIFETIME},
