@@ -4,6 +4,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <openssl/types.h>
 
 /* Every operation on a provider-held key (load, sign, generate) runs on this thread, one at a
@@ -39,6 +40,11 @@ void akz_kjob_release(struct akz_kjob *job);
  * true, arg is the caller's again (free_arg is not called). */
 bool akz_kjob_call(void (*run)(void *arg), void *arg, void (*free_arg)(void *arg), int timeout_ms);
 
+/* How long the key thread has been on its current job, in ms (0: idle). A job queued behind a
+ * long line is not late; one behind a job that has run longer than the timeout waits on a
+ * device that stopped answering. Any thread; never blocks for long. */
+int64_t akz_keythread_busy_ms(void);
+
 /* True on the key thread. */
 bool akz_keythread_current(void);
 
@@ -68,6 +74,13 @@ int akz_keythread_timeout_ms(void);
  * provider `need` (NULL: any) is missing from it. Returns 0, or -1 with a reason naming the
  * provider or file that failed (nothing is kept then: the next call tries again). */
 int akz_keythread_libctx(const char *need, OSSL_LIB_CTX **ctx, char *err, size_t errlen);
+
+/* On the key thread, after an operation on a device key failed: the next akz_keythread_libctx
+ * unloads and loads the providers again. The tpm2 provider keeps one connection to the TPM and
+ * does not recover it after an I/O error (the TPM restarted, its daemon or socket gone); for a
+ * key the TPM no longer has this costs a reload (milliseconds) per retry of that device. Has no
+ * effect on OpenSSL's default context (no plugin_opt_providers/openssl_conf). */
+void akz_keythread_failed(void);
 
 /* Stops the key thread (as akz_keythread_stop) and unloads the providers and the library
  * context, unless the thread is stuck in a device (then they are left to the process's end).

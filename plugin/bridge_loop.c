@@ -19,6 +19,7 @@
 #include "akz_bridge_int.h"
 #include "akz_fds.h"
 #include "akz_jwt.h"
+#include "akz_keythread.h"
 #include "akz_queue.h"
 #include "akz_resolver.h"
 #include "akz_spool.h"
@@ -479,8 +480,25 @@ static int create_client(struct dev *d)
 	return 0;
 }
 
-/* Mints a fresh token and starts connecting to the next upstream address. Never blocks on the
- * network: the name was looked up beforehand (resolver.c). */
+/* True while the device's token is being minted on the key thread (its key is in a TPM, which
+ * may be slow or stop answering: neither may stall this thread), or after that failed (the
+ * device is then in backoff): its connect waits, without taking a connect permit. False at
+ * once for a key in memory, which start_connect signs itself. */
+static bool token_pending(struct dev *d)
+{
+	char err[512];
+	switch(akz_mint_poll(&d->mint, d->key, d->id, d->b->lifetime, akz_keythread_timeout_ms(), err, sizeof(err))){
+	case AKZ_MINT_DONE: return false;
+	case AKZ_MINT_PENDING: return true;
+	case AKZ_MINT_FAILED: break;
+	}
+	schedule_retry(d, ST_BACKOFF, err);
+	return true;
+}
+
+/* Mints a fresh token (or takes the one token_pending had made) and starts connecting to the
+ * next upstream address. Never blocks on the network: the name was looked up beforehand
+ * (resolver.c). */
 static void start_connect(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
@@ -492,8 +510,8 @@ static void start_connect(struct dev *d)
 		schedule_retry(d, ST_BACKOFF, err);   /* PENDING does not get here: see sweep_device */
 		return;
 	}
-	time_t now = time(NULL);
-	char *token = akz_jwt_mint(d->key, d->id, now, b->lifetime, err, sizeof(err));
+	time_t iat;
+	char *token = akz_mint_take(&d->mint, d->key, d->id, time(NULL), b->lifetime, &iat, err, sizeof(err));
 	if(token == NULL){
 		schedule_retry(d, ST_BACKOFF, err);
 		return;
@@ -507,7 +525,7 @@ static void start_connect(struct dev *d)
 	}
 	d->minted_wall_offset = wall_offset_s();
 	pthread_mutex_lock(&b->lock);
-	d->status.token_expires = now + b->lifetime;
+	d->status.token_expires = iat + b->lifetime;
 	pthread_mutex_unlock(&b->lock);
 	d->last_log[0] = '\0';
 	mosquitto_log_callback_set(d->mosq, on_log);   /* until CONNACK: see on_connect */
@@ -947,6 +965,7 @@ void bridge_destroy_dev(struct dev *d)
 	if(d->mosq){
 		mosquitto_destroy(d->mosq);  /* closes the socket, which leaves the epoll set */
 	}
+	akz_mint_cancel(&d->mint);
 	akz_key_unref(d->key);
 	akz_key_unref(d->next_key);
 	give_back(d);
@@ -997,6 +1016,11 @@ static void check_connected(struct dev *d, int64_t now, int64_t wall_off)
 		if(now >= d->due_ms){
 			d->refreshing = true;
 			d->drain_deadline_ms = now + REFRESH_DRAIN_MS;
+			/* A key in a TPM signs while the uplinks in flight drain; a failure shows again
+			 * at the reconnect, which backs off then. */
+			char ignored[8];
+			(void)akz_mint_poll(&d->mint, d->key, d->id, b->lifetime, akz_keythread_timeout_ms(),
+					ignored, sizeof(ignored));
 		}
 	}
 	if(d->refreshing && (d->inflight == 0 || now >= d->drain_deadline_ms)){
@@ -1036,7 +1060,7 @@ static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 		/* FALLTHROUGH */
 	case ST_BACKOFF:
 	case ST_UNAUTHORIZED:
-		if(now < d->due_ms || pilot_holds(d->b, now)) break;
+		if(now < d->due_ms || pilot_holds(d->b, now) || token_pending(d)) break;
 		/* Handshakes in flight are capped as well as started ones: each holds tens of KB of
 		 * TLS buffers, and hundreds at once scatter the devices' long-lived objects over
 		 * the heap, which keeps ~6 KB per device resident after the storm (measured: 22 KB

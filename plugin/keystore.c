@@ -636,7 +636,10 @@ static void run_load(void *arg)
 		return;
 	}
 	EVP_PKEY *pkey = load_pkey(j->uri, &o, libctx, j->err, sizeof(j->err));
-	if(pkey == NULL) return;
+	if(pkey == NULL){
+		akz_keythread_failed();
+		return;
+	}
 	const char *store;
 	if(!held_in_device(pkey, &store)){
 		/* It would live in the key thread's library context, which is made again after a
@@ -711,7 +714,10 @@ static void run_sign(void *arg)
 		return;
 	}
 	EVP_PKEY *pkey = load_held_private(k, libctx, j->err, sizeof(j->err));
-	if(pkey == NULL) return;
+	if(pkey == NULL){
+		akz_keythread_failed();
+		return;
+	}
 	EVP_PKEY *pub = public_copy(pkey);
 	if(pub == NULL || EVP_PKEY_eq(pub, k->pkey) != 1){
 		/* A persistent handle can be given to another key: never sign with that one. */
@@ -731,6 +737,7 @@ static void run_sign(void *arg)
 	}
 	EVP_PKEY_free(pub);
 	EVP_PKEY_free(pkey);
+	if(j->rc) akz_keythread_failed();
 	ERR_clear_error();
 }
 
@@ -818,6 +825,7 @@ static void run_generate(void *arg)
 	}
 	make_held(pub, "(generated)", j->store, data, (size_t)n, NULL, &j->key, j->err, sizeof(j->err));
 out:
+	if(j->key == NULL) akz_keythread_failed();
 	BIO_free(bio);
 	EVP_PKEY_free(pkey);
 	EVP_PKEY_CTX_free(gctx);

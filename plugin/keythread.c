@@ -33,6 +33,7 @@ static pthread_t thread;
 static bool running, stopping;
 static _Thread_local bool on_key_thread;
 static bool stuck;               /* a stop left the thread behind in a device call */
+static int64_t busy_since_ms;    /* guarded by lock: when the running job started (0: idle) */
 
 /* The key thread's library context and what goes into it. The settings are guarded by lock;
  * libctx and provs are the key thread's only (and cleanup's, once the thread is gone). */
@@ -41,6 +42,7 @@ static char *want_providers, *want_conf;
 static atomic_int wait_limit_ms = 30000;
 static bool configured_used;     /* a key was loaded: the settings are fixed */
 static OSSL_LIB_CTX *libctx;
+static bool suspect;             /* a job failed in libctx: make it again before the next one */
 static OSSL_PROVIDER *provs[PROVIDERS_MAX];
 static size_t nprovs;
 
@@ -79,9 +81,11 @@ static void *key_thread_main(void *unused)
 		if(head == NULL) tail = NULL;
 		/* Nobody waits for a job its submitter has released: skip it. */
 		if(job->refs > 1){
+			busy_since_ms = akz_mono_ms();
 			pthread_mutex_unlock(&lock);
 			job->run(job->arg);
 			pthread_mutex_lock(&lock);
+			busy_since_ms = 0;
 			job->ran = true;
 		}
 		job->done = true;
@@ -175,6 +179,14 @@ bool akz_kjob_call(void (*run)(void *arg), void *arg, void (*free_arg)(void *arg
 	unref_locked(job);
 	pthread_mutex_unlock(&lock);
 	return ran;
+}
+
+int64_t akz_keythread_busy_ms(void)
+{
+	pthread_mutex_lock(&lock);
+	int64_t since = busy_since_ms;
+	pthread_mutex_unlock(&lock);
+	return since ? akz_mono_ms() - since : 0;
 }
 
 bool akz_keythread_current(void)
@@ -338,7 +350,8 @@ int akz_keythread_libctx(const char *need, OSSL_LIB_CTX **ctx, char *err, size_t
 	}else if(own){
 		/* A provider that failed to start (its TPM absent) is tried again: a configuration
 		 * file leaves it out without failing, so check for the one this job needs. */
-		if(libctx && need && !OSSL_PROVIDER_available(libctx, need)) free_libctx();
+		if(libctx && (suspect || (need && !OSSL_PROVIDER_available(libctx, need)))) free_libctx();
+		suspect = false;
 		rc = libctx == NULL ? load_libctx(providers, conf, err, errlen) : 0;
 		if(rc == 0) rc = check_available(need, err, errlen);
 		if(rc == 0) *ctx = libctx;
@@ -348,6 +361,11 @@ int akz_keythread_libctx(const char *need, OSSL_LIB_CTX **ctx, char *err, size_t
 	free(providers);
 	free(conf);
 	return rc;
+}
+
+void akz_keythread_failed(void)
+{
+	suspect = true;
 }
 
 void akz_keythread_cleanup(void)
