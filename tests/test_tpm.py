@@ -244,6 +244,10 @@ def test_tpm_faults(brokers, tmp_path, standin, pki, tpm):
         c.ok("reconnectDevice", id="tpm-h")
         st = device_error(edge, admin, "tpm-h", "handle:0x81000002")
         assert "signing failed" in st["last_error"]
+        # Another key made persistent under the same handle is never signed with.
+        tpm.persistent_key("0x81000002")
+        c.ok("reconnectDevice", id="tpm-h")
+        device_error(edge, admin, "tpm-h", "the device now holds another key under this name")
         uplink_flows(edge, obs, "tpm-a", b"the other TPM device")
         assert edge.status(admin, "file-a")["state"] == "connected"
     finally:
