@@ -129,15 +129,15 @@ san-integration:
 	$(MAKE) BUILD=build/san SAN=1 all build/san/standin_auth.so build/san/slow_dns.so
 	ASAN_OPTIONS=detect_leaks=0 AKZ_BROKER_PRELOAD=$(ASAN_RT) AKZ_BUILD=$(abspath build/san) \
 		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_edge_auth.py tests/test_standin.py \
-		tests/test_spool.py tests/test_control.py tests/test_reload_storm.py \
+		tests/test_spool.py tests/test_control.py tests/test_reload_storm.py tests/test_tpm.py \
 		-k 'not token_refresh and not fifty_devices and not outage_log' --basetemp=$(abspath build/san)/pytest
 
-# ThreadSanitizer on the broker-thread / bridge-thread / spool-flusher hand-offs.
+# ThreadSanitizer on the broker-thread / bridge-thread / spool-flusher / key-thread hand-offs.
 TSAN_RT = $(shell $(CC) -print-file-name=libtsan.so)
 tsan-integration:
 	$(MAKE) BUILD=build/tsan SAN=thread all build/tsan/standin_auth.so build/tsan/slow_dns.so
 	AKZ_BROKER_PRELOAD=$(TSAN_RT) AKZ_BUILD=$(abspath build/tsan) \
-		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_spool.py \
+		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_spool.py tests/test_tpm.py \
 		-k 'not token_refresh and not fifty_devices and not outage_log' --basetemp=$(abspath build/tsan)/pytest
 
 # The plugin from the normal build inside a broker run under valgrind memcheck: start, traffic,
