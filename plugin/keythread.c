@@ -30,7 +30,8 @@ static pthread_cond_t finished;  /* a job finished */
 static pthread_once_t conds_once = PTHREAD_ONCE_INIT;
 static struct akz_kjob *head, *tail;
 static pthread_t thread;
-static bool running, stopping;
+static bool running;
+static uintptr_t generation;     /* guarded by lock: a thread serves while its number is current */
 static _Thread_local bool on_key_thread;
 static bool stuck;               /* a stop left the thread behind in a device call */
 static int64_t busy_since_ms;    /* guarded by lock: when the running job started (0: idle) */
@@ -66,12 +67,14 @@ static void unref_locked(struct akz_kjob *job)
 	free(job);
 }
 
-static void *key_thread_main(void *unused)
+static void *key_thread_main(void *arg)
 {
-	(void)unused;
+	uintptr_t mine = (uintptr_t)arg;
 	on_key_thread = true;
 	pthread_mutex_lock(&lock);
-	while(!stopping){
+	/* A thread that a stop left behind in a device call ends when the call returns: a newer
+	 * one may be serving the queue by then. */
+	while(mine == generation){
 		struct akz_kjob *job = head;
 		if(job == NULL){
 			pthread_cond_wait(&queued, &lock);
@@ -85,7 +88,7 @@ static void *key_thread_main(void *unused)
 			pthread_mutex_unlock(&lock);
 			job->run(job->arg);
 			pthread_mutex_lock(&lock);
-			busy_since_ms = 0;
+			if(mine == generation) busy_since_ms = 0;
 			job->ran = true;
 		}
 		job->done = true;
@@ -100,8 +103,7 @@ static void *key_thread_main(void *unused)
 static int ensure_thread_locked(void)
 {
 	if(running) return 0;
-	stopping = false;
-	if(akz_thread_start(&thread, key_thread_main, NULL) != 0) return -1;
+	if(akz_thread_start(&thread, key_thread_main, (void *)generation) != 0) return -1;
 	running = true;
 	return 0;
 }
@@ -202,7 +204,8 @@ void akz_keythread_stop(int wait_ms)
 		pthread_mutex_unlock(&lock);
 		return;
 	}
-	stopping = true;
+	generation++;
+	busy_since_ms = 0;
 	/* Queued jobs will not run: mark them done, so that waiters return, and drop the queue's
 	 * references. */
 	while(head){
@@ -213,7 +216,7 @@ void akz_keythread_stop(int wait_ms)
 	}
 	tail = NULL;
 	pthread_cond_broadcast(&finished);
-	pthread_cond_signal(&queued);
+	pthread_cond_broadcast(&queued);
 	running = false;
 	pthread_mutex_unlock(&lock);
 
