@@ -10,7 +10,7 @@
  * loaded into it and signs on the key thread, the caller waiting up to the key thread's timeout
  * (akz_keythread_timeout_ms). sig must hold EVP_PKEY_get_size() bytes; *siglen is its size on
  * entry and the signature's length on return. Thread-safe. Returns 0, or -1 with a reason in err
- * (for a held key naming its URI and what the device said). */
+ * that starts with the key's URI (for a held key, what the device said follows). */
 int akz_key_sign_digest(const struct akz_key *key, const unsigned char digest[32],
 		unsigned char *sig, size_t *siglen, char *err, size_t errlen);
 

@@ -201,7 +201,7 @@ char *akz_jwt_mint(const struct akz_key *key, const char *device_id, time_t iat,
 		return NULL;
 	}
 	if(akz_key_sign_digest(key, digest, sig, &siglen, why, sizeof(why)) != 0){
-		akz_set_err(err, errlen, "signing failed (key %s): %s", akz_key_uri(key), why);
+		akz_set_err(err, errlen, "signing failed: %s", why);
 		free(tok);
 		return NULL;
 	}

@@ -711,6 +711,7 @@ static void run_sign(void *arg)
 	j->rc = -1;
 	if(akz_keythread_libctx(k->store, &libctx, why, sizeof(why))){
 		akz_set_err(j->err, sizeof(j->err), "%s: %s", k->uri, why);
+		akz_keythread_failed();
 		return;
 	}
 	EVP_PKEY *pkey = load_held_private(k, libctx, j->err, sizeof(j->err));
@@ -747,7 +748,7 @@ static int sign_held(const struct akz_key *key, const unsigned char digest[32], 
 {
 	struct sign_job *j = calloc(1, sizeof(*j));
 	if(j == NULL){
-		akz_set_err(err, errlen, "out of memory");
+		akz_set_err(err, errlen, "%s: out of memory", key->uri);
 		return -1;
 	}
 	j->key = akz_key_ref((struct akz_key *)key);
@@ -923,7 +924,7 @@ int akz_key_sign_digest(const struct akz_key *key, const unsigned char digest[32
 	pthread_mutex_lock(&k->sign_lock);
 	int ok = EVP_PKEY_sign(k->sign_ctx, sig, siglen, digest, 32);
 	pthread_mutex_unlock(&k->sign_lock);
-	if(ok != 1) akz_set_err(err, errlen, "the signature failed");
+	if(ok != 1) akz_set_err(err, errlen, "%s: the signature failed", key->uri);
 	ERR_clear_error();
 	return ok == 1 ? 0 : -1;
 }

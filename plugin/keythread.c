@@ -331,7 +331,8 @@ static int check_available(const char *need, char *err, size_t errlen)
 {
 	if(need == NULL || OSSL_PROVIDER_available(libctx, need)) return 0;
 	char why[256];
-	akz_set_err(err, errlen, "the OpenSSL provider %s is not loaded%s%s", need,
+	akz_set_err(err, errlen, "the OpenSSL provider %s is not loaded (plugin_opt_providers, akenzactl "
+			"--providers)%s%s", need,
 			ERR_peek_error() ? ": " : "", last_error_text(why, sizeof(why)));
 	return -1;
 }
