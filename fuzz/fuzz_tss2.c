@@ -18,8 +18,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	size_t b64 = 4 * ((size + 2) / 3);
 	char *pem = malloc(sizeof(head) + b64 + b64 / 64 + 2 + sizeof(tail));
 	if(pem == NULL) return 0;
-	size_t n = strlen(head);
-	memcpy(pem, head, n);
+	memcpy(pem, head, sizeof(head));
+	size_t n = sizeof(head) - 1;
 	/* 48 input bytes per 64-character line, as PEM writers do */
 	for(size_t off = 0; off < size; off += 48){
 		size_t chunk = size - off < 48 ? size - off : 48;

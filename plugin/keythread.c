@@ -103,7 +103,9 @@ static void *key_thread_main(void *arg)
 static int ensure_thread_locked(void)
 {
 	if(running) return 0;
-	if(akz_thread_start(&thread, key_thread_main, (void *)generation) != 0) return -1;
+	/* The thread gets its generation as its argument: read later, a stop could have moved it. */
+	void *gen = (void *)generation;   /* NOLINT(performance-no-int-to-ptr): a number, not an address */
+	if(akz_thread_start(&thread, key_thread_main, gen) != 0) return -1;
 	running = true;
 	return 0;
 }
