@@ -35,9 +35,10 @@ bool akz_kjob_wait(struct akz_kjob *job, int timeout_ms);
 void akz_kjob_release(struct akz_kjob *job);
 
 /* Runs run(arg) on the key thread and waits up to timeout_ms for it; on the key thread itself
- * it runs directly. Returns true if run completed; false on timeout or when it could not be
- * queued (then arg is freed with free_arg, when the thread is done with it). When it returns
- * true, arg is the caller's again (free_arg is not called). */
+ * it runs directly. Returns true if run completed; false on timeout, at once if the key thread
+ * has been on its current job for longer than timeout_ms already (a device that stopped
+ * answering), or when it could not be queued: then arg is freed with free_arg, when the thread
+ * is done with it. When it returns true, arg is the caller's again (free_arg is not called). */
 bool akz_kjob_call(void (*run)(void *arg), void *arg, void (*free_arg)(void *arg), int timeout_ms);
 
 /* How long the key thread has been on its current job, in ms (0: idle). A job queued behind a

@@ -175,6 +175,12 @@ bool akz_kjob_call(void (*run)(void *arg), void *arg, void (*free_arg)(void *arg
 		run(arg);
 		return true;
 	}
+	/* Stuck longer than this caller would wait already: a reload naming ten keys in a TPM that
+	 * hangs must not wait ten times. */
+	if(akz_keythread_busy_ms() > timeout_ms){
+		if(free_arg) free_arg(arg);
+		return false;
+	}
 	struct akz_kjob *job = akz_kjob_submit(run, arg, free_arg);
 	if(job == NULL) return false;
 	bool ran = akz_kjob_wait(job, timeout_ms);

@@ -77,9 +77,14 @@ static void test_timeout_leaves_the_job_to_finish_alone(void **state)
 	assert_true(waited >= 100 && waited < 1500);
 	assert_true(akz_keythread_busy_ms() > 0);
 	assert_int_equal(atomic_load(&freed), 0);
+	/* The thread has been stuck longer than the next caller would wait: it fails at once. */
+	t0 = akz_mono_ms();
+	assert_false(akz_kjob_call(run_count, NULL, free_count, 50));
+	assert_true(akz_mono_ms() - t0 < 40);
+	assert_int_equal(atomic_load(&freed), 1);
 	atomic_store(&gate, true);
 	/* Released by its caller before it started: skipped, and its argument freed. */
-	assert_true(wait_count(&freed, 1));
+	assert_true(wait_count(&freed, 2));
 	assert_int_equal(atomic_load(&ran), 0);
 	assert_true(akz_kjob_wait(blocker, 2000));
 	akz_kjob_release(blocker);
