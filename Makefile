@@ -109,14 +109,14 @@ unit: $(UNIT_BIN)
 san-unit:
 	$(MAKE) BUILD=build/san SAN=1 unit
 
-# The token refresh tests (three refreshes of one device; 1,000 devices through one refresh
-# cycle) spend minutes waiting for 60-second tokens to age, on little CPU: they run beside the
+# The token refresh tests (three refreshes of one device, one with a key in a TPM; 1,000 devices
+# through one refresh cycle) spend minutes waiting for 60-second tokens to age, on little CPU: they run beside the
 # rest of the suite. Each run has its own --basetemp (pytest's default one would let two
 # concurrent runs delete each other's directories).
 SLOW := token_refresh or thousand_devices or outage_log
 integration: all $(BUILD)/standin_auth.so $(BUILD)/slow_dns.so
 	@mkdir -p $(BUILD)/pytest; \
-	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -ra -s tests/test_bridge.py tests/test_scale.py \
+	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -ra -s tests/test_bridge.py tests/test_scale.py tests/test_tpm.py \
 		-k '$(SLOW)' --basetemp=$(abspath $(BUILD))/pytest/slow > $(BUILD)/pytest/slow.log 2>&1 & slow=$$!; \
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -ra tests/ -k 'not ($(SLOW))' \
 		--ignore=tests/test_docker.py --basetemp=$(abspath $(BUILD))/pytest/main; rc=$$?; \

@@ -480,14 +480,20 @@ static int create_client(struct dev *d)
 	return 0;
 }
 
-/* True while the device's token is being minted on the key thread (its key is in a TPM, which
- * may be slow or stop answering: neither may stall this thread), or after that failed (the
- * device is then in backoff): its connect waits, without taking a connect permit. False at
- * once for a key in memory, which start_connect signs itself. */
+/* The device's next token (akz_mint_poll): signed on the key thread for a key in a TPM, which
+ * may be slow or stop answering (neither may stall this thread); DONE at once for a key in
+ * memory, which start_connect signs itself. */
+static enum akz_mint_rc poll_token(struct dev *d, char *err, size_t errlen)
+{
+	return akz_mint_poll(&d->mint, d->key, d->id, d->b->lifetime, akz_keythread_timeout_ms(), err, errlen);
+}
+
+/* True while the device's token is being signed, or after that failed (the device is then in
+ * backoff): its connect waits, without taking a connect permit. */
 static bool token_pending(struct dev *d)
 {
 	char err[512];
-	switch(akz_mint_poll(&d->mint, d->key, d->id, d->b->lifetime, akz_keythread_timeout_ms(), err, sizeof(err))){
+	switch(poll_token(d, err, sizeof(err))){
 	case AKZ_MINT_DONE: return false;
 	case AKZ_MINT_PENDING: return true;
 	case AKZ_MINT_FAILED: break;
@@ -1016,14 +1022,14 @@ static void check_connected(struct dev *d, int64_t now, int64_t wall_off)
 		if(now >= d->due_ms){
 			d->refreshing = true;
 			d->drain_deadline_ms = now + REFRESH_DRAIN_MS;
-			/* A key in a TPM signs while the uplinks in flight drain; a failure shows again
-			 * at the reconnect, which backs off then. */
-			char ignored[8];
-			(void)akz_mint_poll(&d->mint, d->key, d->id, b->lifetime, akz_keythread_timeout_ms(),
-					ignored, sizeof(ignored));
 		}
 	}
-	if(d->refreshing && (d->inflight == 0 || now >= d->drain_deadline_ms)){
+	/* A key in a TPM signs the next token while the uplinks in flight drain: the connection
+	 * goes when both are done, or at the drain's deadline. A failure is not reported here: it
+	 * shows again at the reconnect, which backs off then. */
+	char ignored[8];
+	if(d->refreshing && ((d->inflight == 0 && poll_token(d, ignored, sizeof(ignored)) != AKZ_MINT_PENDING)
+				|| now >= d->drain_deadline_ms)){
 		d->reconnect_now = true;
 		check_socket(d, mosquitto_disconnect(d->mosq));
 		if(d->state == ST_CONNECTED) drop_connection(d, "token refresh", MOSQ_ERR_SUCCESS);

@@ -253,3 +253,32 @@ def test_tpm_faults(brokers, tmp_path, standin, pki, tpm):
     finally:
         c.close()
     assert edge.broker.proc.poll() is None
+
+
+def test_tpm_token_refresh_without_loss(brokers, tmp_path, standin, pki, tpm):
+    """A 60 s token from a TPM key is refreshed (signed while the connection's uplinks drain)
+    while a sensor keeps publishing QoS 1: nothing lost, nothing out of order, no expired token."""
+    edge = tpm_edge(brokers, tmp_path, standin, pki, tpm, {"token_lifetime": "60"})
+    add_tpm_device(edge, standin, tpm, "tpm-r")
+    edge.write_registry()
+    edge.start(env=tpm.env())
+    admin = edge.admin()
+    edge.wait_state(admin, "tpm-r", "connected")
+    obs = standin.observer()
+    s = edge.sensor("tpm-r")
+    topic = "/up/device/id/tpm-r"
+    sent, deadline = 0, time.monotonic() + 90
+
+    def accepted():
+        return standin.log().count("standin: accepted client 'tpm-r'")
+    while accepted() < 2 and time.monotonic() < deadline:
+        s.publish(topic, f"{sent}".encode(), qos=1)
+        sent += 1
+        time.sleep(0.05)
+    assert accepted() >= 2, "no token refresh in 90 s"
+    wait_for(lambda: len([p for t, p in obs.received() if t == topic]) >= sent, 30, what="every uplink")
+    firsts = list(dict.fromkeys(p for t, p in obs.received() if t == topic))
+    assert firsts == [f"{i}".encode() for i in range(sent)]
+    assert "expired: disconnecting" not in standin.log()
+    edge.wait_state(admin, "tpm-r", "connected")
+    s.close()
