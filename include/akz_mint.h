@@ -22,10 +22,10 @@ struct akz_mint;
 enum akz_mint_rc akz_mint_poll(struct akz_mint **job, struct akz_key *key, const char *device_id,
 		long lifetime, int timeout_ms, char *err, size_t errlen);
 
-/* The token: the ready one in *job if it is for key (*job freed then), else one minted now with
- * akz_jwt_mint at time now (for a key in a device that waits on the key thread: poll first).
- * Sets *iat to the token's issue time. Returns it (caller cleanses and frees), or NULL with a
- * reason in err. */
+/* The token: the ready one in *job if it is for key (*job freed then), else, for a key in
+ * memory, one minted now with akz_jwt_mint at time now; never waits on a device (a key in a
+ * device without a ready token fails: poll until DONE first). Sets *iat to the token's issue
+ * time. Returns it (caller cleanses and frees), or NULL with a reason in err. */
 char *akz_mint_take(struct akz_mint **job, struct akz_key *key, const char *device_id, time_t now,
 		long lifetime, time_t *iat, char *err, size_t errlen);
 

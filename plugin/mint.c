@@ -118,6 +118,11 @@ char *akz_mint_take(struct akz_mint **job, struct akz_key *key, const char *devi
 		return tok;
 	}
 	akz_mint_cancel(job);
+	if(akz_key_held(key)){
+		/* Signing here would wait on the device: the caller polls until the token is ready. */
+		akz_set_err(err, errlen, "%s: the token is not signed yet", akz_key_uri(key));
+		return NULL;
+	}
 	*iat = now;
 	return akz_jwt_mint(key, device_id, now, lifetime, err, errlen);
 }
