@@ -12,6 +12,9 @@ PYTHON   ?= /usr/bin/python3
 PKGS     := libmosquitto libcjson openssl zlib
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+# akenzactl alone speaks to akenza's REST API, with libcurl (OpenSSL flavour); the plugin never links it.
+CURL_CFLAGS := $(shell pkg-config --cflags libcurl 2>/dev/null)
+CURL_LIBS   := $(shell pkg-config --libs libcurl 2>/dev/null)
 
 WARN     := -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wstrict-prototypes -Wmissing-prototypes -Wvla
 CFLAGS   ?= -O2 -g
@@ -30,7 +33,7 @@ ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) $(CFLAGS)
 LDLIBS   := $(PKG_LIBS) -lpthread
 
 # Modules shared by the plugin, akenzactl and the unit tests: no broker calls in them.
-SHARED   := util keystore keythread tss2 jwt mint passwd registry topic config queue tls spool regfile wakeup fds resolver tlsio
+SHARED   := util keystore keythread tss2 jwt mint passwd registry topic config queue tls spool regfile wakeup fds resolver tlsio x509
 SHARED_OBJ := $(SHARED:%=$(BUILD)/obj/plugin/%.o)
 PLUGIN_SRC := $(wildcard plugin/*.c)
 PLUGIN_OBJ := $(PLUGIN_SRC:%.c=$(BUILD)/obj/%.o)
@@ -61,8 +64,10 @@ $(BUILD)/obj/%.o: %.c $(wildcard include/*.h)
 $(BUILD)/mosquitto_akenza.so: $(PLUGIN_OBJ)
 	$(CC) $(SANFLAGS) -shared -o $@ $^ $(LDLIBS)
 
+$(TOOL_OBJ): ALL_CFLAGS += $(CURL_CFLAGS)
+
 $(BUILD)/akenzactl: $(TOOL_OBJ) $(SHARED_OBJ)
-	$(CC) $(SANFLAGS) -o $@ $^ $(LDLIBS)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDLIBS) $(CURL_LIBS)
 
 $(BUILD)/tests/%: tests/unit/%.c $(SHARED_OBJ)
 	@mkdir -p $(dir $@)

@@ -119,6 +119,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	/* copied from the configuration */
 	char *host;
 	char *username;
+	char *audience;              /* tokens' aud: https://<audience>/devices/<id> */
 	int port;
 	int keepalive;
 	long lifetime;

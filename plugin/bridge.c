@@ -19,6 +19,7 @@
 #include "akz_bridge_int.h"
 #include "akz_config.h"
 #include "akz_fds.h"
+#include "akz_jwt.h"
 #include "akz_queue.h"
 #include "akz_registry.h"
 #include "akz_resolver.h"
@@ -648,6 +649,7 @@ static void free_bridge(struct akz_bridge *b)
 	free(b->buckets);
 	free(b->host);
 	free(b->username);
+	free(b->audience);
 	free(b->receipts_prefix);
 	free(b);
 }
@@ -696,6 +698,7 @@ int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char
 	pthread_mutex_init(&b->log_lock, NULL);
 	b->host = strdup(cfg->upstream_host);
 	b->username = strdup(cfg->upstream_username);
+	b->audience = strdup(cfg->audience ? cfg->audience : AKZ_AUDIENCE_DEFAULT);
 	b->port = cfg->upstream_port;
 	b->keepalive = cfg->upstream_keepalive;
 	b->lifetime = cfg->token_lifetime;
@@ -710,7 +713,7 @@ int akz_bridge_start(const struct akz_config *cfg, struct akz_bridge **out, char
 	b->coalesce_us = cfg->uplink_coalesce_us;
 	b->coalesce_rate = cfg->uplink_coalesce_rate;
 	b->direct = cfg->uplink_direct;
-	if(b->host == NULL || b->username == NULL || b->receipts_prefix == NULL){
+	if(b->host == NULL || b->username == NULL || b->audience == NULL || b->receipts_prefix == NULL){
 		snprintf(err, errlen, "out of memory");
 		goto fail;
 	}

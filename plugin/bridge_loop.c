@@ -485,7 +485,8 @@ static int create_client(struct dev *d)
  * memory, which start_connect signs itself. */
 static enum akz_mint_rc poll_token(struct dev *d, char *err, size_t errlen)
 {
-	return akz_mint_poll(&d->mint, d->key, d->id, d->b->lifetime, akz_keythread_timeout_ms(), err, errlen);
+	return akz_mint_poll(&d->mint, d->key, d->b->audience, d->id, d->b->lifetime, akz_keythread_timeout_ms(),
+			err, errlen);
 }
 
 /* True while the device's token is being signed, or after that failed (the device is then in
@@ -517,7 +518,8 @@ static void start_connect(struct dev *d)
 		return;
 	}
 	time_t iat;
-	char *token = akz_mint_take(&d->mint, d->key, d->id, time(NULL), b->lifetime, &iat, err, sizeof(err));
+	char *token = akz_mint_take(&d->mint, d->key, b->audience, d->id, time(NULL), b->lifetime, &iat,
+			err, sizeof(err));
 	if(token == NULL){
 		schedule_retry(d, ST_BACKOFF, err);
 		return;

@@ -1,4 +1,5 @@
 /* mint.c - device tokens minted without blocking the caller: keys in a TPM sign on the key thread. */
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <openssl/crypto.h>
@@ -10,6 +11,7 @@
 /* What the key thread works on: owned by the job (freed with it by free_work). */
 struct work {
 	struct akz_key *key;
+	char *audience;              /* NULL: akz_jwt_mint's default */
 	char *id;
 	long lifetime;
 	time_t iat;
@@ -30,6 +32,7 @@ static void free_work(void *arg)
 		free(w->token);
 	}
 	akz_key_unref(w->key);
+	free(w->audience);
 	free(w->id);
 	free(w);
 }
@@ -39,7 +42,7 @@ static void run_mint(void *arg)
 {
 	struct work *w = arg;
 	w->iat = time(NULL);
-	w->token = akz_jwt_mint(w->key, w->id, w->iat, w->lifetime, w->err, sizeof(w->err));
+	w->token = akz_jwt_mint(w->key, w->audience, w->id, w->iat, w->lifetime, w->err, sizeof(w->err));
 }
 
 void akz_mint_cancel(struct akz_mint **job)
@@ -51,13 +54,18 @@ void akz_mint_cancel(struct akz_mint **job)
 }
 
 /* Starts minting on the key thread. Returns the job, or NULL with a reason. */
-static struct akz_mint *start(struct akz_key *key, const char *device_id, long lifetime, char *err, size_t errlen)
+static struct akz_mint *start(struct akz_key *key, const char *audience, const char *device_id,
+		long lifetime, char *err, size_t errlen)
 {
 	struct akz_mint *m = calloc(1, sizeof(*m));
 	struct work *w = calloc(1, sizeof(*w));
-	if(m == NULL || w == NULL || (w->id = strdup(device_id)) == NULL){
+	if(m == NULL || w == NULL || (w->id = strdup(device_id)) == NULL
+			|| (audience && (w->audience = strdup(audience)) == NULL)){
 		free(m);
-		if(w) free(w->id);
+		if(w){
+			free(w->id);
+			free(w->audience);
+		}
 		free(w);
 		akz_set_err(err, errlen, "out of memory");
 		return NULL;
@@ -74,15 +82,22 @@ static struct akz_mint *start(struct akz_key *key, const char *device_id, long l
 	return m;
 }
 
-enum akz_mint_rc akz_mint_poll(struct akz_mint **job, struct akz_key *key, const char *device_id,
-		long lifetime, int timeout_ms, char *err, size_t errlen)
+/* True if the job's token is for these claims. */
+static bool same_claims(const struct work *w, const struct akz_key *key, const char *audience, long lifetime)
+{
+	return w->key == key && w->lifetime == lifetime
+			&& (w->audience == audience || (w->audience && audience && strcmp(w->audience, audience) == 0));
+}
+
+enum akz_mint_rc akz_mint_poll(struct akz_mint **job, struct akz_key *key, const char *audience,
+		const char *device_id, long lifetime, int timeout_ms, char *err, size_t errlen)
 {
 	if(!akz_key_held(key)){
 		akz_mint_cancel(job);
 		return AKZ_MINT_DONE;
 	}
 	struct akz_mint *m = *job;
-	if(m && (m->w->key != key || m->w->lifetime != lifetime)) akz_mint_cancel(job);
+	if(m && !same_claims(m->w, key, audience, lifetime)) akz_mint_cancel(job);
 	if(m && *job && akz_kjob_done(m->kjob)){
 		if(m->w->token == NULL){
 			akz_set_err(err, errlen, "%s", m->w->err[0] ? m->w->err : "the key thread stopped");
@@ -93,7 +108,7 @@ enum akz_mint_rc akz_mint_poll(struct akz_mint **job, struct akz_key *key, const
 		akz_mint_cancel(job);   /* waited too long for a connect slot: mint a fresher one */
 	}
 	if(*job == NULL){
-		*job = start(key, device_id, lifetime, err, errlen);
+		*job = start(key, audience, device_id, lifetime, err, errlen);
 		return *job ? AKZ_MINT_PENDING : AKZ_MINT_FAILED;
 	}
 	int64_t busy = akz_keythread_busy_ms();
@@ -106,11 +121,11 @@ enum akz_mint_rc akz_mint_poll(struct akz_mint **job, struct akz_key *key, const
 	return AKZ_MINT_PENDING;
 }
 
-char *akz_mint_take(struct akz_mint **job, struct akz_key *key, const char *device_id, time_t now,
-		long lifetime, time_t *iat, char *err, size_t errlen)
+char *akz_mint_take(struct akz_mint **job, struct akz_key *key, const char *audience,
+		const char *device_id, time_t now, long lifetime, time_t *iat, char *err, size_t errlen)
 {
 	struct akz_mint *m = *job;
-	if(m && m->w->key == key && akz_kjob_done(m->kjob) && m->w->token){
+	if(m && same_claims(m->w, key, audience, lifetime) && akz_kjob_done(m->kjob) && m->w->token){
 		char *tok = m->w->token;
 		m->w->token = NULL;
 		*iat = m->w->iat;
@@ -124,5 +139,5 @@ char *akz_mint_take(struct akz_mint **job, struct akz_key *key, const char *devi
 		return NULL;
 	}
 	*iat = now;
-	return akz_jwt_mint(key, device_id, now, lifetime, err, errlen);
+	return akz_jwt_mint(key, audience, device_id, now, lifetime, err, errlen);
 }

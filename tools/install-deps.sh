@@ -5,7 +5,8 @@
 #   test    lint, sanitizers, integration tests (a software TPM for the TPM tests), fuzzing, the demo
 #   docker  the container lane: Debian's Docker engine, debootstrap for its base image, docker-compose
 set -eu
-build="build-essential pkg-config libssl-dev libcjson-dev mosquitto-dev libmosquitto-dev zlib1g-dev"
+build="build-essential pkg-config libssl-dev libcjson-dev mosquitto-dev libmosquitto-dev zlib1g-dev
+libcurl4-openssl-dev"
 unit="libcmocka-dev openssl"
 test="openssl mosquitto mosquitto-clients libjwt-dev python3 python3-pytest python3-paho-mqtt
 python3-jwt python3-pycryptodome ca-certificates clang-tidy cppcheck clang valgrind libfaketime
