@@ -89,6 +89,12 @@ int akz_key_generate(enum akz_alg alg, int bits, struct akz_key **out, char *err
 int akz_key_generate_in(const char *store, enum akz_alg alg, int bits, struct akz_key **out,
 		char *err, size_t errlen);
 
+/* Signs the certificate *cert with the key (SHA-256): in memory at once, or in the key's device
+ * on the key thread (waiting at most its timeout). Returns 0, or -1 with a reason in err that
+ * starts with the key's URI; for a key in a device *cert is then NULL (freed, or left to a job
+ * still running). */
+int akz_key_sign_x509(const struct akz_key *key, X509 **cert, char *err, size_t errlen);
+
 /* True if the key's private half is held in a device (a TPM), not in memory. */
 bool akz_key_held(const struct akz_key *key);
 

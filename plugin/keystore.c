@@ -685,7 +685,8 @@ static int load_held_uri(const char *uri, const struct akz_key_opts *opts, struc
 
 struct sign_job {
 	struct akz_key *key;
-	unsigned char digest[32];
+	unsigned char digest[32];    /* signs this digest ... */
+	X509 *cert;                  /* ... or, if set, this certificate (owned) */
 	unsigned char sig[1024];
 	size_t siglen;
 	int rc;
@@ -695,12 +696,26 @@ struct sign_job {
 static void free_sign_job(void *arg)
 {
 	struct sign_job *j = arg;
+	X509_free(j->cert);
 	akz_key_unref(j->key);
 	free(j);
 }
 
-/* Signs j->digest with the held key: load it into the device, check that it is still the key
- * the kid was taken from, sign, unload. Key thread. */
+/* Signs j->cert with pkey, through the provider holding it. Returns 1, or 0. */
+static int sign_cert_with(OSSL_LIB_CTX *libctx, EVP_PKEY *pkey, X509 *cert)
+{
+	const OSSL_PROVIDER *prov = EVP_PKEY_get0_provider(pkey);
+	char propq[64] = "";
+	if(prov) snprintf(propq, sizeof(propq), "?provider=%s", OSSL_PROVIDER_get0_name(prov));
+	EVP_MD_CTX *mctx = EVP_MD_CTX_new();
+	int ok = mctx && EVP_DigestSignInit_ex(mctx, NULL, "SHA256", libctx, propq[0] ? propq : NULL, pkey, NULL) == 1
+			&& X509_sign_ctx(cert, mctx) > 0;
+	EVP_MD_CTX_free(mctx);
+	return ok;
+}
+
+/* Signs j->digest (or j->cert) with the held key: load it into the device, check that it is
+ * still the key the kid was taken from, sign, unload. Key thread. */
 static void run_sign(void *arg)
 {
 	struct sign_job *j = arg;
@@ -726,20 +741,41 @@ static void run_sign(void *arg)
 				"(not kid %s)", k->uri, k->kid);
 	}else{
 		ERR_clear_error();
-		EVP_PKEY_CTX *ctx = new_sign_ctx(libctx, pkey, k->alg);
-		j->siglen = sizeof(j->sig);
-		if(ctx && EVP_PKEY_sign(ctx, j->sig, &j->siglen, j->digest, 32) == 1){
-			j->rc = 0;
+		if(j->cert){
+			if(sign_cert_with(libctx, pkey, j->cert)) j->rc = 0;
 		}else{
+			EVP_PKEY_CTX *ctx = new_sign_ctx(libctx, pkey, k->alg);
+			j->siglen = sizeof(j->sig);
+			if(ctx && EVP_PKEY_sign(ctx, j->sig, &j->siglen, j->digest, 32) == 1) j->rc = 0;
+			EVP_PKEY_CTX_free(ctx);
+		}
+		if(j->rc){
 			akz_set_err(j->err, sizeof(j->err), "%s: the TPM did not sign: %s", k->uri,
 					openssl_reason(why, sizeof(why)));
 		}
-		EVP_PKEY_CTX_free(ctx);
 	}
 	EVP_PKEY_free(pub);
 	EVP_PKEY_free(pkey);
 	if(j->rc) akz_keythread_failed();
 	ERR_clear_error();
+}
+
+/* Runs the signing job j (taken) for key on the key thread, waiting at most its timeout.
+ * Returns j, done and signed (the caller frees it with free_sign_job), or NULL with a reason. */
+static struct sign_job *call_sign(const struct akz_key *key, struct sign_job *j, char *err, size_t errlen)
+{
+	j->key = akz_key_ref((struct akz_key *)key);
+	int timeout = akz_keythread_timeout_ms();
+	if(!akz_kjob_call(run_sign, j, free_sign_job, timeout)){
+		akz_set_err(err, errlen, "%s: no answer from the key's device within %d ms", key->uri, timeout);
+		return NULL;
+	}
+	if(j->rc){
+		akz_set_err(err, errlen, "%s", j->err);
+		free_sign_job(j);
+		return NULL;
+	}
+	return j;
 }
 
 /* akz_key_sign_digest for a held key: on the key thread, waiting at most its timeout. */
@@ -751,25 +787,41 @@ static int sign_held(const struct akz_key *key, const unsigned char digest[32], 
 		akz_set_err(err, errlen, "%s: out of memory", key->uri);
 		return -1;
 	}
-	j->key = akz_key_ref((struct akz_key *)key);
 	memcpy(j->digest, digest, 32);
-	int timeout = akz_keythread_timeout_ms();
-	if(!akz_kjob_call(run_sign, j, free_sign_job, timeout)){
-		akz_set_err(err, errlen, "%s: no answer from the key's device within %d ms", key->uri, timeout);
-		return -1;
-	}
-	int rc = j->rc;
-	if(rc == 0 && j->siglen <= *siglen){
+	if((j = call_sign(key, j, err, errlen)) == NULL) return -1;
+	int rc = 0;
+	if(j->siglen <= *siglen){
 		memcpy(sig, j->sig, j->siglen);
 		*siglen = j->siglen;
-	}else if(rc == 0){
+	}else{
 		akz_set_err(err, errlen, "%s: signature too long", key->uri);
 		rc = -1;
-	}else{
-		akz_set_err(err, errlen, "%s", j->err);
 	}
 	free_sign_job(j);
 	return rc;
+}
+
+int akz_key_sign_x509(const struct akz_key *key, X509 **cert, char *err, size_t errlen)
+{
+	if(!key->held){
+		int ok = X509_sign(*cert, key->pkey, EVP_sha256()) > 0;
+		ERR_clear_error();
+		if(!ok) akz_set_err(err, errlen, "%s: the signature failed", key->uri);
+		return ok ? 0 : -1;
+	}
+	/* The job takes the certificate: after a timeout it may still be running. */
+	struct sign_job *j = calloc(1, sizeof(*j));
+	if(j == NULL){
+		akz_set_err(err, errlen, "%s: out of memory", key->uri);
+		return -1;
+	}
+	j->cert = *cert;
+	*cert = NULL;
+	if((j = call_sign(key, j, err, errlen)) == NULL) return -1;
+	*cert = j->cert;
+	j->cert = NULL;
+	free_sign_job(j);
+	return 0;
 }
 
 struct gen_job {

@@ -38,6 +38,17 @@ def check_token(token, device_id, pub_pem_path, alg):
     assert claims["exp"] - claims["iat"] == 1200 and abs(claims["iat"] - time.time()) < 60
 
 
+def check_certificate(path, cn, kid):
+    """The self-signed certificate (akenza's X.509 credential) is signed by the key it holds
+    (OpenSSL verifies it against itself), names cn, and holds the key with this kid."""
+    r = run(["openssl", "verify", "-CAfile", str(path), "-check_ss_sig", str(path)], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"CN = {cn}" in run(["openssl", "x509", "-in", str(path), "-noout", "-subject"]).stdout
+    pub = path.with_suffix(".check.pub")
+    run(["openssl", "x509", "-in", str(path), "-noout", "-pubkey", "-out", str(pub)])
+    assert kid_of_pem(pub) == kid
+
+
 @pytest.fixture
 def tpm(tmp_path):
     t = Swtpm(tmp_path / "swtpm")
@@ -53,8 +64,9 @@ def test_tpm_keys_make_kids_and_tokens_pyjwt_accepts(tpm, tmp_path):
     keys = tmp_path / "keys"
     keys.mkdir(mode=0o700)
     for dev, kind, alg in (("tpm-ec", "ec", "ES256"), ("tpm-rsa", "rsa", "RS256")):
-        kid = tpm.keygen(keys, dev, kind)
+        kid = tpm.keygen(keys, dev, kind, extra=["--cert"])
         priv, pub = keys / f"{dev}.pem", keys / f"{dev}.pub.pem"
+        check_certificate(keys / f"{dev}.cert.pem", dev, kid)
         # The key never existed outside the TPM: the file is the TPM's blob.
         assert priv.read_text().startswith("-----BEGIN TSS2 PRIVATE KEY-----")
         assert stat.S_IMODE(priv.stat().st_mode) == 0o600
@@ -141,6 +153,9 @@ def test_tpm_devices_through_the_bridge(brokers, tmp_path, standin, pki, tpm):
         pub = tmp_path / "tpm-new.pub.pem"
         pub.write_text(d["public_key"])
         assert d["kid"] == kid_of_pem(pub)
+        cert = tmp_path / "tpm-new.cert.pem"
+        cert.write_text(d["certificate"])
+        check_certificate(cert, "tpm-new", d["kid"])
         assert c.ok("getDevice", id="tpm-new")["device"]["key"]["store"] == "tpm2"
         standin.register("tpm-new", pub)
         c.ok("reconnectDevice", id="tpm-new")
