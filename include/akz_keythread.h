@@ -76,6 +76,13 @@ int akz_keythread_timeout_ms(void);
  * provider or file that failed (nothing is kept then: the next call tries again). */
 int akz_keythread_libctx(const char *need, OSSL_LIB_CTX **ctx, char *err, size_t errlen);
 
+/* Whether the providers configured for the key thread (akz_keythread_configure) offer an
+ * OSSL_STORE loader for URIs of scheme ("handle"): 1 yes, 0 no (or none configured: then OpenSSL's
+ * default context is the one to ask), -1 cannot tell (they did not load, or did not answer within
+ * the timeout). Asks on the key thread, which loads them first if needed. Any thread but the key
+ * thread; waits at most the key thread's timeout. */
+int akz_keythread_has_loader(const char *scheme);
+
 /* On the key thread, after an operation on a device key failed: the next akz_keythread_libctx
  * unloads and loads the providers again. The tpm2 provider keeps one connection to the TPM and
  * does not recover it after an I/O error (the TPM restarted, its daemon or socket gone); for a

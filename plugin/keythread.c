@@ -10,6 +10,7 @@
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/provider.h>
+#include <openssl/store.h>
 #include "akz_keythread.h"
 #include "akz_util.h"
 
@@ -33,7 +34,8 @@ static pthread_t thread;
 static bool running;
 static uintptr_t generation;     /* guarded by lock: a thread serves while its number is current */
 static _Thread_local bool on_key_thread;
-static bool stuck;               /* a stop left the thread behind in a device call */
+static int live_threads;         /* guarded by lock: started and not yet returned (one left
+                                    behind in a device call by a stop counts until it returns) */
 static int64_t busy_since_ms;    /* guarded by lock: when the running job started (0: idle) */
 
 /* The key thread's library context and what goes into it. The settings are guarded by lock;
@@ -95,6 +97,7 @@ static void *key_thread_main(void *arg)
 		pthread_cond_broadcast(&finished);
 		unref_locked(job);
 	}
+	live_threads--;
 	pthread_mutex_unlock(&lock);
 	return NULL;
 }
@@ -106,6 +109,7 @@ static int ensure_thread_locked(void)
 	/* The thread gets its generation as its argument: read later, a stop could have moved it. */
 	void *gen = (void *)generation;   /* NOLINT(performance-no-int-to-ptr): a number, not an address */
 	if(akz_thread_start(&thread, key_thread_main, gen) != 0) return -1;
+	live_threads++;
 	running = true;
 	return 0;
 }
@@ -233,7 +237,7 @@ void akz_keythread_stop(int wait_ms)
 	until.tv_sec += wait_ms / 1000 + 1;
 	if(pthread_timedjoin_np(thread, NULL, &until) != 0){
 		pthread_detach(thread);
-		stuck = true;
+		/* left behind: it ends when its call returns (key_thread_main) */
 	}
 }
 
@@ -375,6 +379,44 @@ int akz_keythread_libctx(const char *need, OSSL_LIB_CTX **ctx, char *err, size_t
 	return rc;
 }
 
+struct loader_query {
+	char scheme[32];
+	int answer;
+};
+
+/* Looks for an OSSL_STORE loader of q->scheme in the key thread's context. Key thread. */
+static void run_has_loader(void *arg)
+{
+	struct loader_query *q = arg;
+	OSSL_LIB_CTX *ctx;
+	char why[256];
+	q->answer = -1;
+	if(akz_keythread_libctx(NULL, &ctx, why, sizeof(why))) return;
+	ERR_set_mark();
+	OSSL_STORE_LOADER *l = OSSL_STORE_LOADER_fetch(ctx, q->scheme, NULL);
+	ERR_pop_to_mark();
+	q->answer = l != NULL;
+	OSSL_STORE_LOADER_free(l);
+}
+
+int akz_keythread_has_loader(const char *scheme)
+{
+	pthread_mutex_lock(&lock);
+	bool own = want_providers || want_conf;
+	pthread_mutex_unlock(&lock);
+	if(!own) return 0;
+	struct loader_query *q = calloc(1, sizeof(*q));
+	if(q == NULL) return -1;
+	if(snprintf(q->scheme, sizeof(q->scheme), "%s", scheme) >= (int)sizeof(q->scheme)){
+		free(q);
+		return 0;
+	}
+	if(!akz_kjob_call(run_has_loader, q, free, akz_keythread_timeout_ms())) return -1;
+	int answer = q->answer;
+	free(q);
+	return answer;
+}
+
 void akz_keythread_failed(void)
 {
 	suspect = true;
@@ -384,7 +426,7 @@ void akz_keythread_cleanup(void)
 {
 	akz_keythread_stop(2000);
 	pthread_mutex_lock(&lock);
-	bool left_behind = stuck;
+	bool left_behind = live_threads > 0;
 	set_string(&want_providers, NULL);
 	set_string(&want_conf, NULL);
 	configured_used = false;

@@ -141,8 +141,17 @@ static void test_configure_once_before_use(void **state)
 	char err[512];
 	assert_int_equal(akz_keythread_configure(NULL, "/nonexistent/openssl.cnf", err, sizeof(err)), -1);
 	assert_non_null(strstr(err, "/nonexistent/openssl.cnf"));
+	assert_int_equal(akz_keythread_has_loader("file"), 0);   /* none configured: not asked */
 	assert_int_equal(akz_keythread_configure("default", NULL, err, sizeof(err)), 0);
 	assert_int_equal(akz_keythread_configure("default,base", NULL, err, sizeof(err)), 0);
+	/* The configured providers' URI schemes: the default provider loads file: URIs only. */
+	assert_int_equal(akz_keythread_has_loader("file"), 1);
+	assert_int_equal(akz_keythread_has_loader("handle"), 0);
+	assert_int_equal(akz_keythread_configure("default", NULL, err, sizeof(err)), -1);   /* in use */
+	akz_keythread_cleanup();
+	/* A provider that does not load: cannot tell. */
+	assert_int_equal(akz_keythread_configure("no-such-provider", NULL, err, sizeof(err)), 0);
+	assert_int_equal(akz_keythread_has_loader("handle"), -1);
 	akz_keythread_cleanup();
 }
 
