@@ -219,7 +219,7 @@ static void test_tss2_public_halves_give_the_tpm_kids(void **state)
 static void test_tss2_refusals_say_why(void **state)
 {
 	(void)state;
-	unsigned char der[2048], bad[2048];
+	unsigned char der[2048], bad[2048] = {0};
 	char err[256];
 	size_t len = read_der(EC_BLOB, der, sizeof(der));
 	size_t at = public_area(der, len, 0x0023);
