@@ -179,6 +179,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	struct akz_status_summary sum;
 	bool sum_dirty;
 	int64_t sum_published_ms;
+	struct akz_status_sent sum_sent;   /* broker thread only: the counters' topics */
 
 	/* Bridge thread only. */
 	struct dev *devs;

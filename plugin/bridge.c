@@ -13,9 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <openssl/ssl.h>
-#include <mosquitto.h>
-#include <mosquitto_broker.h>
-#include <mqtt_protocol.h>
+#include "akz_mosquitto.h"
 #include "akz_bridge_int.h"
 #include "akz_config.h"
 #include "akz_fds.h"
@@ -480,7 +478,7 @@ static void publish_statuses(struct akz_bridge *b, int64_t now)
 		if(sds[i]) akz_spool_device_usage(b->spool, sds[i], &snaps[i].spool_bytes, &snaps[i].spool_msgs);
 		akz_status_publish_device(ids[i], &snaps[i]);
 	}
-	if(sum) akz_status_publish_summary(&s);
+	if(sum) akz_status_publish_summary(&s, &b->sum_sent);
 }
 
 /* Writes queued log lines through the broker's logger. */

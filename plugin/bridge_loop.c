@@ -164,6 +164,15 @@ static void update_interest(struct dev *d)
 
 static void lost_connection(struct dev *d, int rc);
 
+/* Sends DISCONNECT. libmosquitto 2.1 shuts the socket down right after writing it (2.0 closed it
+ * through SSL_shutdown, whose flush wrote the buffer out), so it must not wait in the write
+ * buffer. Returns mosquitto_disconnect's result. */
+static int disconnect_upstream(struct dev *d)
+{
+	(void)akz_tlsio_unbuffer(mosquitto_ssl_get(d->mosq));   /* a failure shows in the write */
+	return mosquitto_disconnect(d->mosq);
+}
+
 /* Runs after every libmosquitto call that may close the socket. Some of its paths (a failed
  * TLS handshake) close it without calling on_disconnect: then the device would wait forever
  * for a connection that is gone, so the loss is handled here. */
@@ -886,7 +895,7 @@ static void apply_change(struct dev *d)
 	pthread_mutex_unlock(&b->lock);
 	if(reconnect && d->state == ST_CONNECTED){
 		d->reconnect_now = true;
-		check_socket(d, mosquitto_disconnect(d->mosq));
+		check_socket(d, disconnect_upstream(d));
 		if(d->state == ST_CONNECTED) drop_connection(d, "reconnect requested", MOSQ_ERR_SUCCESS);
 	}else if(reconnect && (d->state == ST_BACKOFF || d->state == ST_UNAUTHORIZED)){
 		d->failures = 0;
@@ -918,7 +927,7 @@ static void apply_change(struct dev *d)
 		set_state(d, ST_CONNECTING, NULL);
 	}else if(nk && d->state == ST_CONNECTED){
 		d->reconnect_now = true;
-		check_socket(d, mosquitto_disconnect(d->mosq));
+		check_socket(d, disconnect_upstream(d));
 		if(d->state == ST_CONNECTED) drop_connection(d, "key changed", MOSQ_ERR_SUCCESS);
 	}
 	if(d->mosq) update_interest(d);
@@ -1033,7 +1042,7 @@ static void check_connected(struct dev *d, int64_t now, int64_t wall_off)
 	if(d->refreshing && ((d->inflight == 0 && poll_token(d, ignored, sizeof(ignored)) != AKZ_MINT_PENDING)
 				|| now >= d->drain_deadline_ms)){
 		d->reconnect_now = true;
-		check_socket(d, mosquitto_disconnect(d->mosq));
+		check_socket(d, disconnect_upstream(d));
 		if(d->state == ST_CONNECTED) drop_connection(d, "token refresh", MOSQ_ERR_SUCCESS);
 		return;
 	}
