@@ -12,6 +12,7 @@
 #include <mosquitto.h>
 #include "akz_bridge.h"
 #include "akz_keystore.h"
+#include "akz_mint.h"
 #include "akz_queue.h"
 #include "akz_resolver.h"
 #include "akz_spool.h"
@@ -70,6 +71,7 @@ struct dev {
 	/* Bridge thread only, or the broker thread holding io_lock. */
 	struct dev *next;            /* the thread's list of every device (bridge thread only) */
 	struct akz_key *key;
+	struct akz_mint *mint;       /* its next token, minted on the key thread (a key in a TPM) */
 	struct mosquitto *mosq;
 	enum dev_state state;
 	int fd;                      /* the socket registered in epoll, or -1 */

@@ -19,6 +19,7 @@
 #include "akz_bridge_int.h"
 #include "akz_fds.h"
 #include "akz_jwt.h"
+#include "akz_keythread.h"
 #include "akz_queue.h"
 #include "akz_resolver.h"
 #include "akz_spool.h"
@@ -488,8 +489,32 @@ static int create_client(struct dev *d)
 	return 0;
 }
 
-/* Mints a fresh token and starts connecting to the next upstream address. Never blocks on the
- * network: the name was looked up beforehand (resolver.c). */
+/* The device's next token (akz_mint_poll): signed on the key thread for a key in a TPM, which
+ * may be slow or stop answering (neither may stall this thread); DONE at once for a key in
+ * memory, which start_connect signs itself. */
+static enum akz_mint_rc poll_token(struct dev *d, char *err, size_t errlen)
+{
+	return akz_mint_poll(&d->mint, d->key, d->b->audience, d->id, d->b->lifetime, akz_keythread_timeout_ms(),
+			err, errlen);
+}
+
+/* True while the device's token is being signed, or after that failed (the device is then in
+ * backoff): its connect waits, without taking a connect permit. */
+static bool token_pending(struct dev *d)
+{
+	char err[512];
+	switch(poll_token(d, err, sizeof(err))){
+	case AKZ_MINT_DONE: return false;
+	case AKZ_MINT_PENDING: return true;
+	case AKZ_MINT_FAILED: break;
+	}
+	schedule_retry(d, ST_BACKOFF, err);
+	return true;
+}
+
+/* Mints a fresh token (or takes the one token_pending had made) and starts connecting to the
+ * next upstream address. Never blocks on the network: the name was looked up beforehand
+ * (resolver.c). */
 static void start_connect(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
@@ -501,8 +526,9 @@ static void start_connect(struct dev *d)
 		schedule_retry(d, ST_BACKOFF, err);   /* PENDING does not get here: see sweep_device */
 		return;
 	}
-	time_t now = time(NULL);
-	char *token = akz_jwt_mint(d->key, b->audience, d->id, now, b->lifetime, err, sizeof(err));
+	time_t iat;
+	char *token = akz_mint_take(&d->mint, d->key, b->audience, d->id, time(NULL), b->lifetime, &iat,
+			err, sizeof(err));
 	if(token == NULL){
 		schedule_retry(d, ST_BACKOFF, err);
 		return;
@@ -516,7 +542,7 @@ static void start_connect(struct dev *d)
 	}
 	d->minted_wall_offset = wall_offset_s();
 	pthread_mutex_lock(&b->lock);
-	d->status.token_expires = now + b->lifetime;
+	d->status.token_expires = iat + b->lifetime;
 	pthread_mutex_unlock(&b->lock);
 	d->last_log[0] = '\0';
 	mosquitto_log_callback_set(d->mosq, on_log);   /* until CONNACK: see on_connect */
@@ -956,6 +982,7 @@ void bridge_destroy_dev(struct dev *d)
 	if(d->mosq){
 		mosquitto_destroy(d->mosq);  /* closes the socket, which leaves the epoll set */
 	}
+	akz_mint_cancel(&d->mint);
 	akz_key_unref(d->key);
 	akz_key_unref(d->next_key);
 	give_back(d);
@@ -1008,7 +1035,12 @@ static void check_connected(struct dev *d, int64_t now, int64_t wall_off)
 			d->drain_deadline_ms = now + REFRESH_DRAIN_MS;
 		}
 	}
-	if(d->refreshing && (d->inflight == 0 || now >= d->drain_deadline_ms)){
+	/* A key in a TPM signs the next token while the uplinks in flight drain: the connection
+	 * goes when both are done, or at the drain's deadline. A failure is not reported here: it
+	 * shows again at the reconnect, which backs off then. */
+	char ignored[8];
+	if(d->refreshing && ((d->inflight == 0 && poll_token(d, ignored, sizeof(ignored)) != AKZ_MINT_PENDING)
+				|| now >= d->drain_deadline_ms)){
 		d->reconnect_now = true;
 		check_socket(d, disconnect_upstream(d));
 		if(d->state == ST_CONNECTED) drop_connection(d, "token refresh", MOSQ_ERR_SUCCESS);
@@ -1045,7 +1077,7 @@ static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
 		/* FALLTHROUGH */
 	case ST_BACKOFF:
 	case ST_UNAUTHORIZED:
-		if(now < d->due_ms || pilot_holds(d->b, now)) break;
+		if(now < d->due_ms || pilot_holds(d->b, now) || token_pending(d)) break;
 		/* Handshakes in flight are capped as well as started ones: each holds tens of KB of
 		 * TLS buffers, and hundreds at once scatter the devices' long-lived objects over
 		 * the heap, which keeps ~6 KB per device resident after the storm (measured: 22 KB
