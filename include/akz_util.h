@@ -7,6 +7,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The object of type that holds member at p. */
+#define akz_container_of(p, type, member) ((type *)(void *)((char *)(p) - offsetof(type, member)))
+
 /* Formats a one-line reason into err (size errlen); err NULL or errlen 0 is allowed (nothing is
  * written). Never fails; long reasons are cut. */
 void akz_set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
