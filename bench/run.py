@@ -14,6 +14,9 @@ Sections (run all, or name some: bench/run.py jwt connect bridge remote memory):
            message backlog (BENCH_BACKLOG) after an outage
   memory   memory per upstream device and time to bring N devices online (N = 1000, and
            BENCH_DEVICES=10000 for the large run)
+  light    light load: edge CPU per uplink at 1,000 uplinks/s in total through 100 devices (QoS 1)
+           vs the built-in bridge at the same load (BENCH_LIGHT_ROUNDS=5 alternating rounds of
+           BENCH_LIGHT_SECONDS=5 s), and the edge's CPU with 1,000 connected idle devices
 """
 import json
 import os
@@ -460,6 +463,71 @@ def bench_memory():
         ours.stop()
 
 
+# ---- light load --------------------------------------------------------------------------------
+
+def cpu_ns(pid):
+    """Nanoseconds a process (all its threads) has run on a CPU, from the scheduler's
+    /proc/PID/task/*/schedstat: finer than cpu_seconds' clock ticks."""
+    total = 0
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((t / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass   # a thread that ended meanwhile
+    return total
+
+
+def bench_light():
+    """CPU at the load a gateway mostly sees: a steady trickle of uplinks, and no uplinks at all."""
+    global RIG
+    n, rate = 100, 1000
+    rounds = int(os.environ.get("BENCH_LIGHT_ROUNDS", "5"))
+    secs = int(os.environ.get("BENCH_LIGHT_SECONDS", "5"))
+    msgs = rate * secs // n
+    print(f"\n== Light load: {rate:,} QoS 1 uplinks/s in total through {n} devices, {rounds} rounds of {secs} s"
+          " (the two bridges taking turns; median, min-max in brackets)")
+    RIG = Rig(n)
+    ours = RIG.ours()
+    RIG.wait_connected(ours, n)
+    builtin = RIG.builtin()
+    time.sleep(1)
+    per = {"builtin": [], "ours": []}
+    lost = 0
+    for _ in range(rounds):
+        for name, tgt, user in (("builtin", builtin, False), ("ours", ours, True)):
+            c0 = cpu_ns(tgt.proc.pid)
+            r = relay(None, tgt.port, 1, n, msgs, rate=rate, user=user)
+            per[name].append((cpu_ns(tgt.proc.pid) - c0) / 1000 / max(r["received"], 1))
+            lost += r["lost"]
+    med = {k: sorted(v)[len(v) // 2] for k, v in per.items()}
+    for name, label in (("builtin", "Mosquitto built-in bridge"), ("ours", "mosquitto_akenza")):
+        v = sorted(per[name])
+        row(f"edge CPU per uplink: {label}", med[name], f"us [{v[0]:.1f}-{v[-1]:.1f}]",
+            "built-in" if name == "ours" else None, med["builtin"] if name == "ours" else None)
+    row("lost, both bridges, all rounds", lost, "msgs")
+    stop_all()
+    idle_n, idle_s = 1000, int(os.environ.get("BENCH_IDLE_SECONDS", "20"))
+    print(f" Idle: the edge's CPU over {idle_s} s with {idle_n:,} connected devices and no traffic"
+          " (a broker without the bridge beside it)")
+    RIG = Rig(idle_n)
+    base = RIG.ours("plugin_opt_bridge false\n")
+    time.sleep(2)
+    c0 = cpu_ns(base.proc.pid)
+    time.sleep(idle_s)
+    base_ms = (cpu_ns(base.proc.pid) - c0) / 1e6 / idle_s
+    base.stop()
+    STARTED.remove(base)
+    ours = RIG.ours()
+    RIG.wait_connected(ours, idle_n, timeout=600)
+    time.sleep(7)   # the connect storm's after-effects (memory given back after 5 s) are over
+    c0 = cpu_ns(ours.proc.pid)
+    time.sleep(idle_s)
+    ours_ms = (cpu_ns(ours.proc.pid) - c0) / 1e6 / idle_s
+    row(f"{idle_n:,} idle devices: edge CPU (ms per s)", ours_ms, "ms/s", "no bridge", base_ms)
+    row("  the same edge without the bridge (ms per s)", base_ms, "ms/s")
+    row("  per idle device (us per s)", (ours_ms - base_ms) * 1000 / idle_n, "us/s")
+
+
 # ---- spool -------------------------------------------------------------------------------------
 
 def spool_opts(name, mode, extra=""):
@@ -520,7 +588,7 @@ def bench_spool():
 
 
 SECTIONS = {"jwt": bench_jwt, "connect": bench_connect, "bridge": bench_bridge, "remote": bench_remote,
-            "memory": bench_memory, "spool": bench_spool}
+            "memory": bench_memory, "spool": bench_spool, "light": bench_light}
 
 
 def main():

@@ -96,7 +96,7 @@ static int on_message(int event, void *event_data, void *userdata)
 	/* Full: an MQTT v5 client gets a failure reason code in its PUBACK (0x97 "quota exceeded"
 	 * where the broker passes ours on; 2.0 sends 0x87) and knows the message was not taken. A 3.1.1 client
 	 * would take ACL_DENIED as delivered, so it is disconnected without a PUBACK instead and
-	 * sends the message again when it reconnects (see DESIGN.md). */
+	 * sends the message again when it reconnects (docs/DESIGN.md). */
 	const char *cid = mosquitto_client_id(ev->client);
 	mosquitto_log_printf(MOSQ_LOG_WARNING,
 			"akenza: device '%.*s': refusing uplink from client '%s': %s; the client keeps it",

@@ -8,20 +8,22 @@
 #include <mosquitto_broker.h>
 #include "akz_status.h"
 
-char *akz_status_device_json(const struct akz_status_dev *s)
+bool akz_status_device_fields(cJSON *o, const struct akz_status_dev *s, const char *kid_field)
 {
-	cJSON *o = cJSON_CreateObject();
-	if(o == NULL) return NULL;
-	char *out = NULL;
-	if(cJSON_AddStringToObject(o, "state", s->state) && cJSON_AddNumberToObject(o, "since", (double)s->since)
+	return cJSON_AddStringToObject(o, "state", s->state ? s->state : "unknown")
+			&& cJSON_AddNumberToObject(o, "since", (double)s->since)
 			&& cJSON_AddNumberToObject(o, "token_expires", (double)s->token_expires)
 			&& cJSON_AddNumberToObject(o, "queued", (double)s->queued)
 			&& cJSON_AddNumberToObject(o, "spool_bytes", (double)s->spool_bytes)
 			&& cJSON_AddNumberToObject(o, "spool_msgs", (double)s->spool_msgs)
-			&& cJSON_AddStringToObject(o, "kid", s->kid)
-			&& cJSON_AddStringToObject(o, "last_error", s->last_error)){
-		out = cJSON_PrintUnformatted(o);
-	}
+			&& cJSON_AddStringToObject(o, kid_field, s->kid)
+			&& cJSON_AddStringToObject(o, "last_error", s->last_error);
+}
+
+char *akz_status_device_json(const struct akz_status_dev *s)
+{
+	cJSON *o = cJSON_CreateObject();
+	char *out = o && akz_status_device_fields(o, s, "kid") ? cJSON_PrintUnformatted(o) : NULL;
 	cJSON_Delete(o);
 	return out;
 }
@@ -54,7 +56,6 @@ cJSON *akz_status_summary_object(const struct akz_status_summary *s)
 		{"downlinks", s->downlinks}, {"queued", s->queued}, {"refused", s->refused},
 		{"expired", s->expired}, {"orphaned", s->orphaned}, {"errors", s->errors},
 		{"connects", s->connects}, {"tls_resumed", s->tls_resumed},
-		{"uplinks_direct", s->uplinks_direct},
 		{"spool_bytes", s->spool.bytes}, {"spool_msgs", s->spool.msgs},
 		{"spool_disk_bytes", s->spool.disk_bytes}, {"spool_segments", s->spool.segments},
 		{"spool_replayed", s->spool.replayed}, {"spool_io_errors", s->spool.io_errors},
