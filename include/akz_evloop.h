@@ -36,6 +36,8 @@ struct akz_ev_hooks {
 	/* Before every wait: the work a loop turn leaves for its end (writes). Returns true when
 	 * work is left that must not wait for an event (the loop then polls without sleeping). */
 	bool (*before_sleep)(void *ctx);
+	/* After every wait, before the events are handled: work left for the next turn. */
+	void (*after_sleep)(void *ctx);
 	void *ctx;
 };
 
@@ -46,8 +48,8 @@ int akz_evloop_new(struct akz_evloop **out, char *err, size_t errlen);
 void akz_evloop_free(struct akz_evloop *l);
 
 /* Runs the loop on the calling thread until akz_evloop_stop: each turn waits for sockets, the
- * first timer or a wake-up, then runs the socket callbacks, the due timers, on_wake, and
- * before_sleep. Returns once stopped. An epoll failure other than EINTR is passed to
+ * first timer or a wake-up, then runs after_sleep, the socket callbacks, the due timers, on_wake,
+ * and before_sleep. Returns once stopped. An epoll failure other than EINTR is passed to
  * report (may be NULL) and the loop goes on after a pause. */
 void akz_evloop_run(struct akz_evloop *l, const struct akz_ev_hooks *hooks,
 		void (*report)(void *ctx, const char *what, int errnum));

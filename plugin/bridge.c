@@ -39,8 +39,9 @@ static struct dev *find_locked(const struct akz_bridge *b, const char *id, size_
 	return n ? akz_container_of(n, struct dev, node) : NULL;
 }
 
-/* Gives the bridge thread work on d and wakes it (see akz_evloop_wake: one wake-up for all that
- * is handed over before it looks). Caller holds b->lock. */
+/* Gives the bridge thread work on d. Caller holds b->lock, and wakes the bridge thread after
+ * unlocking (akz_evloop_wake: one wake-up for all that is handed over before it looks), not
+ * before: woken under the lock, the bridge thread would at once sleep again waiting for it. */
 static void post_locked(struct akz_bridge *b, struct dev *d, unsigned work)
 {
 	if(d->work == 0){
@@ -48,7 +49,6 @@ static void post_locked(struct akz_bridge *b, struct dev *d, unsigned work)
 		b->inbox = d;
 	}
 	d->work |= work;
-	akz_evloop_wake(b->loop);
 }
 
 void bridge_status_copy_locked(const struct dev *d, struct akz_status_dev *out)
@@ -111,6 +111,7 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *devic
 	b->sum_dirty = true;
 	post_locked(b, d, WORK_UPLINKS);
 	pthread_mutex_unlock(&b->lock);
+	akz_evloop_wake(b->loop);
 	return AKZ_UPLINK_QUEUED;
 }
 
@@ -284,6 +285,7 @@ int akz_bridge_sync(struct akz_bridge *b, const struct akz_registry *reg)
 		post_locked(b, d, WORK_ADOPT);
 	}
 	pthread_mutex_unlock(&b->lock);
+	akz_evloop_wake(b->loop);
 	if(b->spool){
 		struct orphans o = {.reg = reg};
 		akz_spool_each_backlog(b->spool, report_orphan, &o);
@@ -443,6 +445,7 @@ int akz_bridge_reconnect(struct akz_bridge *b, const char *id)
 	bool ok = d && d->enabled;
 	if(ok) post_locked(b, d, WORK_RECONNECT);
 	pthread_mutex_unlock(&b->lock);
+	if(ok) akz_evloop_wake(b->loop);
 	return ok ? 0 : -1;
 }
 

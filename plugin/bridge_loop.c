@@ -31,6 +31,7 @@
 #define READ_ROUNDS 64            /* loop_read calls per device and turn while OpenSSL holds input */
 #define SLOT_RECHECK_MS 10        /* connects waiting for the first name lookup or the pilot */
 #define PILOT_MS 2000             /* longest wait for the first TLS session before the others */
+#define ACK_WAIT_MS 5             /* longest a device's input waits for the next loop turn */
 
 #define blog(b, ...) akz_handoff_log((b)->out, __VA_ARGS__)
 
@@ -241,7 +242,7 @@ static void update_interest(struct dev *d)
 	struct akz_bridge *b = d->b;
 	bool wants = d->conn.state == AKZ_CONN_CONNECTED || handshaking(&d->conn);
 	int fd = d->mosq && wants ? mosquitto_socket(d->mosq) : -1;
-	uint32_t ev = EPOLLIN | EPOLLRDHUP;
+	uint32_t ev = (d->in_deferred ? 0 : EPOLLIN) | EPOLLRDHUP;
 
 	if(fd == d->zombie_fd) fd = -1;
 	if(fd >= 0 && (mosquitto_want_write(d->mosq) || d->out_blocked)) ev |= EPOLLOUT;
@@ -327,8 +328,19 @@ static bool flush_output(struct dev *d)
 		fail_connection(d, why, MOSQ_ERR_ERRNO);
 		return false;
 	}
-	if((rc == 0) != d->out_blocked){
-		d->out_blocked = rc == 0;
+	bool blocked = rc == 0, defer = !blocked && d->win.count > 0 && d->conn.state == AKZ_CONN_CONNECTED;
+	if(defer && !d->in_deferred){
+		/* akenza's PUBACKs for what just went out are read at the start of the next loop turn
+		 * (at most ACK_WAIT_MS away), not by a wake-up of their own: at a light load the
+		 * next uplink's wake-up, a few ms later at most, reads them. */
+		d->in_deferred = true;
+		d->deferred_next = d->b->deferred;
+		d->b->deferred = d;
+		akz_ev_timer_arm_by(d->b->loop, &d->b->ack_timer, akz_mono_ms() + ACK_WAIT_MS);
+		update_interest(d);
+	}
+	if(blocked != d->out_blocked){
+		d->out_blocked = blocked;
 		update_interest(d);
 	}
 	return true;
@@ -429,10 +441,11 @@ static void pump_uplinks(struct dev *d)
 	int64_t wall = b->ttl ? (int64_t)time(NULL) : 0;
 	while(d->win.count < AKZ_WINDOW && !mosquitto_want_write(d->mosq)){
 		struct akz_msgq batch = {0};
+		size_t room = (size_t)(AKZ_WINDOW - d->win.count);
 		pthread_mutex_lock(&b->lock);
-		akz_msgq_take_head(&batch, &d->pending, (size_t)(AKZ_WINDOW - d->win.count));
+		akz_msgq_take_head(&batch, &d->pending, room);
 		pthread_mutex_unlock(&b->lock);
-		if(batch.count == 0) break;
+		bool last = batch.count < room;   /* pending is empty now */
 		for(struct akz_msg *m; (m = akz_msgq_pop(&batch)) != NULL;){
 			if(b->ttl && wall - m->time > b->ttl){
 				akz_window_taken(&d->win, m);
@@ -444,6 +457,7 @@ static void pump_uplinks(struct dev *d)
 				goto done;
 			}
 		}
+		if(last) break;
 	}
 done:
 	count_done(d, written, expired);
@@ -1015,6 +1029,30 @@ static void repoke_timer(struct akz_ev_timer *t, int64_t now)
 
 /* ---- the loop ---------------------------------------------------------------------------------- */
 
+/* The start of a loop turn: the devices whose input waited since their last write are read,
+ * and watched again. */
+static void after_sleep(void *ctx)
+{
+	struct akz_bridge *b = ctx;
+	struct dev *d = b->deferred;
+	b->deferred = NULL;
+	while(d){
+		struct dev *next = d->deferred_next;
+		d->in_deferred = false;
+		if(d->mosq) akz_tlsio_readable(mosquitto_ssl_get(d->mosq));
+		handle_io(d, EPOLLIN);
+		update_interest(d);
+		d = next;
+	}
+}
+
+/* Ends the sleep of a loop whose devices' input waits (after_sleep reads it). */
+static void ack_timer(struct akz_ev_timer *t, int64_t now)
+{
+	(void)t;
+	(void)now;
+}
+
 /* The end of a loop turn: input OpenSSL still holds is read, devices get connect slots, and
  * every write buffer filled this turn goes out. */
 static bool before_sleep(void *ctx)
@@ -1046,10 +1084,12 @@ void *bridge_main(void *arg)
 	b->outage_timer.fn = outage_timer;
 	b->trim_timer.fn = trim_timer;
 	b->repoke_timer.fn = repoke_timer;
+	b->ack_timer.fn = ack_timer;
 	akz_ev_timer_arm(b->loop, &b->clock_timer, now + CLOCK_CHECK_MS);
 	akz_ev_timer_arm(b->loop, &b->outage_timer, now + OUTAGE_REPORT_MS);
 	take_inbox(b);   /* the devices of the first sync may have come before the first wake */
-	struct akz_ev_hooks hooks = {.on_wake = take_inbox, .before_sleep = before_sleep, .ctx = b};
+	struct akz_ev_hooks hooks = {.on_wake = take_inbox, .before_sleep = before_sleep,
+			.after_sleep = after_sleep, .ctx = b};
 	akz_evloop_run(b->loop, &hooks, report_loop_error);
 	return NULL;
 }
@@ -1069,6 +1109,12 @@ void bridge_destroy_dev(struct dev *d)
 	for(struct dev **pp = &b->flush; d->in_flush && *pp; pp = &(*pp)->flush_next){
 		if(*pp == d){
 			*pp = d->flush_next;
+			break;
+		}
+	}
+	for(struct dev **pp = &b->deferred; d->in_deferred && *pp; pp = &(*pp)->deferred_next){
+		if(*pp == d){
+			*pp = d->deferred_next;
 			break;
 		}
 	}

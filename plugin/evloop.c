@@ -228,6 +228,7 @@ void akz_evloop_run(struct akz_evloop *l, const struct akz_ev_hooks *hooks,
 			usleep(100000);
 			continue;
 		}
+		if(hooks->after_sleep) hooks->after_sleep(hooks->ctx);
 		bool woken = false;
 		for(int i = 0; i < n; i++){
 			struct akz_ev_io *io = evs[i].data.ptr;
