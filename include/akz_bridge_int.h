@@ -52,6 +52,10 @@ struct dev {
 	size_t unacked;              /* pending + handed over and not yet acknowledged or written */
 	bool enabled;                /* as the registry says */
 	bool removed;                /* out of the table: counted out of the summary already */
+	bool acks_will_pump;         /* its window is full and pending waits for it: the bridge thread
+	                              * takes pending after the next PUBACK, so new uplinks need no
+	                              * wake-up (set in the step that looked at pending; cleared when
+	                              * the connection's state changes) */
 	struct akz_key *next_key;    /* the key to switch to (WORK_CHANGED), or NULL */
 	struct akz_status_dev status;   /* as status topics and the control API show it (queued and
 	                                 * the spool's figures are filled in when it is copied) */
@@ -145,7 +149,6 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	int64_t wall_off;            /* wall minus monotonic clock at the last look */
 	size_t failed_since_report;  /* connection failures since the last outage report */
 	char last_failure[240];      /* the newest of them: "device 'X': reason" */
-	size_t relayed;              /* uplinks relayed this loop turn, not yet counted in sum */
 };
 
 /* ---- bridge.c ------------------------------------------------------------------------------ */

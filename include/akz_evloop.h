@@ -30,9 +30,10 @@ struct akz_ev_timer {
 
 /* What the loop calls besides sockets and timers; ctx is passed to each. */
 struct akz_ev_hooks {
-	/* Another thread called akz_evloop_wake since the last call (one call for any number of
-	 * wakes). */
-	void (*on_wake)(void *ctx);
+	/* Takes what other threads handed over (they call akz_evloop_wake after handing over).
+	 * Called after each turn's events and once more before the loop sleeps; returns true when
+	 * it found something (the loop then ends the turn again instead of sleeping). */
+	bool (*on_wake)(void *ctx);
 	/* Before every wait: the work a loop turn leaves for its end (writes). Returns true when
 	 * work is left that must not wait for an event (the loop then polls without sleeping). */
 	bool (*before_sleep)(void *ctx);
@@ -49,7 +50,7 @@ void akz_evloop_free(struct akz_evloop *l);
 
 /* Runs the loop on the calling thread until akz_evloop_stop: each turn waits for sockets, the
  * first timer or a wake-up, then runs after_sleep, the socket callbacks, the due timers, on_wake,
- * and before_sleep. Returns once stopped. An epoll failure other than EINTR is passed to
+ * before_sleep, and on_wake again before it sleeps. Returns once stopped. An epoll failure other than EINTR is passed to
  * report (may be NULL) and the loop goes on after a pause. */
 void akz_evloop_run(struct akz_evloop *l, const struct akz_ev_hooks *hooks,
 		void (*report)(void *ctx, const char *what, int errnum));
@@ -57,8 +58,8 @@ void akz_evloop_run(struct akz_evloop *l, const struct akz_ev_hooks *hooks,
 /* Ends akz_evloop_run at its next turn. Any thread; never fails. */
 void akz_evloop_stop(struct akz_evloop *l);
 
-/* Makes the running loop call on_wake soon. Any thread; never blocks, never fails: wakes that
- * come before the loop took the last one are one wake. */
+/* Makes the running loop call on_wake soon. Any thread; never blocks, never fails; costs a
+ * write(2) only when the loop sleeps or is about to (a running loop looks before it sleeps). */
 void akz_evloop_wake(struct akz_evloop *l);
 
 /* Watches fd for events (EPOLLIN, EPOLLOUT ...; level-triggered) with io, replacing what io

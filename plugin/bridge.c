@@ -109,9 +109,10 @@ enum akz_uplink_result akz_bridge_uplink(struct akz_bridge *b, const char *devic
 	d->unacked++;
 	b->sum.queued++;
 	b->sum_dirty = true;
-	post_locked(b, d, WORK_UPLINKS);
+	bool wake = !d->acks_will_pump;
+	if(wake) post_locked(b, d, WORK_UPLINKS);
 	pthread_mutex_unlock(&b->lock);
-	akz_evloop_wake(b->loop);
+	if(wake) akz_evloop_wake(b->loop);
 	return AKZ_UPLINK_QUEUED;
 }
 

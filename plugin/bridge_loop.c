@@ -32,6 +32,7 @@
 #define SLOT_RECHECK_MS 10        /* connects waiting for the first name lookup or the pilot */
 #define PILOT_MS 2000             /* longest wait for the first TLS session before the others */
 #define ACK_WAIT_MS 5             /* longest a device's input waits for the next loop turn */
+#define REFILL_MIN (AKZ_WINDOW / 4)   /* a full window is refilled this many slots at a time */
 
 #define blog(b, ...) akz_handoff_log((b)->out, __VA_ARGS__)
 
@@ -171,6 +172,7 @@ static void record_state(struct dev *d, enum akz_conn_state was, const char *err
 	b->nstate[was]--;
 	b->nstate[st]++;
 	pthread_mutex_lock(&b->lock);
+	d->acks_will_pump = false;   /* no PUBACK may come now: new uplinks wake the thread */
 	if(out->changed){
 		if(!d->removed && st == AKZ_CONN_CONNECTED) b->sum.connected++;
 		if(!d->removed && was == AKZ_CONN_CONNECTED) b->sum.connected--;
@@ -315,8 +317,9 @@ static void note_output(struct dev *d)
 }
 
 /* Writes out the device's write buffer. Returns false if the connection failed and was
- * dropped. When the socket takes only part, EPOLLOUT is watched until it has taken all. */
-static bool flush_output(struct dev *d)
+ * dropped. When the socket takes only part, EPOLLOUT is watched until it has taken all.
+ * alone: no other device wrote in this loop turn (a light load, see below). */
+static bool flush_output(struct dev *d, bool alone)
 {
 	if(d->mosq == NULL || d->io.fd < 0) return true;
 	SSL *ssl = mosquitto_ssl_get(d->mosq);
@@ -328,11 +331,12 @@ static bool flush_output(struct dev *d)
 		fail_connection(d, why, MOSQ_ERR_ERRNO);
 		return false;
 	}
-	bool blocked = rc == 0, defer = !blocked && d->win.count > 0 && d->conn.state == AKZ_CONN_CONNECTED;
-	if(defer && !d->in_deferred){
-		/* akenza's PUBACKs for what just went out are read at the start of the next loop turn
-		 * (at most ACK_WAIT_MS away), not by a wake-up of their own: at a light load the
-		 * next uplink's wake-up, a few ms later at most, reads them. */
+	bool blocked = rc == 0;
+	if(alone && !blocked && d->win.count > 0 && d->conn.state == AKZ_CONN_CONNECTED && !d->in_deferred){
+		/* At a light load (one device wrote in this turn), akenza's PUBACKs for what just went
+		 * out are read at the start of the next loop turn, at most ACK_WAIT_MS away, not by a
+		 * wake-up of their own: the next uplink's wake-up reads them. Under load the turns
+		 * come anyway, and watching and unwatching sockets would only cost syscalls. */
 		d->in_deferred = true;
 		d->deferred_next = d->b->deferred;
 		d->b->deferred = d;
@@ -349,11 +353,12 @@ static bool flush_output(struct dev *d)
 /* Writes out every device that wrote this loop turn. */
 static void flush_outputs(struct akz_bridge *b)
 {
+	bool alone = b->flush && b->flush->flush_next == NULL;
 	while(b->flush){
 		struct dev *d = b->flush;
 		b->flush = d->flush_next;
 		d->in_flush = false;
-		flush_output(d);
+		flush_output(d, alone);
 	}
 }
 
@@ -429,9 +434,11 @@ static bool hand_over(struct dev *d, struct akz_msg *m, size_t *written)
 }
 
 /* Hands a connected device's pending uplinks to libmosquitto while its window has room and the
- * socket takes them: the batching rule is that a loop turn's uplinks of a device leave in one
- * write, up to the free window. Uplinks past the TTL are dropped instead. Never fails: a
- * refused publish leaves the uplink at the head of the queue for the next connection. */
+ * socket takes them. The batching rule: a loop turn's uplinks of a device leave in one write, up
+ * to the free window, and a full window is refilled a quarter at a time (REFILL_MIN): PUBACKs
+ * free a slot or two at a time, and refilling each at once would send an uplink per write, each
+ * a write(2), a TLS record and a TCP segment. Uplinks past the TTL are dropped instead. Never
+ * fails: a refused publish leaves the uplink at the head of the queue for the next connection. */
 static void pump_uplinks(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
@@ -443,8 +450,13 @@ static void pump_uplinks(struct dev *d)
 		struct akz_msgq batch = {0};
 		size_t room = (size_t)(AKZ_WINDOW - d->win.count);
 		pthread_mutex_lock(&b->lock);
-		akz_msgq_take_head(&batch, &d->pending, room);
+		/* The window would be full again: wait for a quarter of it. The next PUBACK's read
+		 * looks again, so the broker thread need not wake this thread for more (acks_will_pump). */
+		bool wait = room < REFILL_MIN && d->pending.count >= room;
+		d->acks_will_pump = wait;
+		if(!wait) akz_msgq_take_head(&batch, &d->pending, room);
 		pthread_mutex_unlock(&b->lock);
+		if(wait) break;
 		bool last = batch.count < room;   /* pending is empty now */
 		for(struct akz_msg *m; (m = akz_msgq_pop(&batch)) != NULL;){
 			if(b->ttl && wall - m->time > b->ttl){
@@ -794,7 +806,7 @@ static void handle_io(struct dev *d, uint32_t events)
 			fail_connection(d, "connection closed during the handshake", MOSQ_ERR_CONN_LOST);
 		}
 	}
-	if((events & EPOLLOUT) && d->io.fd >= 0 && (!d->out_blocked || flush_output(d))){
+	if((events & EPOLLOUT) && d->io.fd >= 0 && (!d->out_blocked || flush_output(d, false))){
 		check_socket(d, mosquitto_loop_write(d->mosq, AKZ_WINDOW));
 	}
 	after_io(d);
@@ -882,8 +894,11 @@ static void dev_timer(struct akz_ev_timer *t, int64_t now)
 	struct dev *d = akz_container_of(t, struct dev, timer);
 
 	if(!d->conn.waiting_slot && now >= d->conn.due_ms) conn_event(d, AKZ_CONN_TIMER, 0, NULL);
-	if(d->conn.state == AKZ_CONN_CONNECTED) check_connected(d, now);
-	else expire_pending(d);
+	if(d->conn.state == AKZ_CONN_CONNECTED){
+		check_connected(d, now);
+	}else{
+		expire_pending(d);
+	}
 	if(d->status_due && now - d->status_sent_ms >= d->b->status_interval_ms) send_status(d, now);
 	dev_arm(d);
 }
@@ -940,7 +955,7 @@ static void apply_change(struct dev *d, bool enabled, struct akz_key *nk, bool r
 /* Takes the devices the broker thread gave work, and does it. A device on the inbox stays
  * there (work != 0) until its work is taken, so the broker thread never rewrites inbox_next
  * of a device on the list taken here. */
-static void take_inbox(void *ctx)
+static bool take_inbox(void *ctx)
 {
 	struct akz_bridge *b = ctx;
 
@@ -948,6 +963,7 @@ static void take_inbox(void *ctx)
 	struct dev *list = b->inbox;
 	b->inbox = NULL;
 	pthread_mutex_unlock(&b->lock);
+	bool took = list != NULL;
 	while(list){
 		struct dev *d = list;
 		pthread_mutex_lock(&b->lock);
@@ -971,6 +987,7 @@ static void take_inbox(void *ctx)
 			else dev_arm(d);   /* the TTL of the oldest may be the next deadline */
 		}
 	}
+	return took;
 }
 
 /* ---- the bridge's own timers ------------------------------------------------------------------- */
@@ -1087,7 +1104,6 @@ void *bridge_main(void *arg)
 	b->ack_timer.fn = ack_timer;
 	akz_ev_timer_arm(b->loop, &b->clock_timer, now + CLOCK_CHECK_MS);
 	akz_ev_timer_arm(b->loop, &b->outage_timer, now + OUTAGE_REPORT_MS);
-	take_inbox(b);   /* the devices of the first sync may have come before the first wake */
 	struct akz_ev_hooks hooks = {.on_wake = take_inbox, .before_sleep = before_sleep,
 			.after_sleep = after_sleep, .ctx = b};
 	akz_evloop_run(b->loop, &hooks, report_loop_error);

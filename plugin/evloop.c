@@ -16,7 +16,7 @@
 struct akz_evloop {
 	int epfd;
 	int wakefd;
-	atomic_bool wake_pending;    /* a wake-up is on its way: more need no write(2) */
+	atomic_bool awake;           /* running a turn, or a wake-up is on its way: wakers need no write(2) */
 	atomic_bool stop;
 	struct akz_ev_timer *root;   /* the heap: the first timer due, or NULL */
 	uint64_t turn;               /* timer passes so far */
@@ -174,7 +174,7 @@ int akz_evloop_new(struct akz_evloop **out, char *err, size_t errlen)
 		akz_evloop_free(l);
 		return -1;
 	}
-	atomic_init(&l->wake_pending, false);
+	atomic_init(&l->awake, false);
 	atomic_init(&l->stop, false);
 	*out = l;
 	return 0;
@@ -190,10 +190,10 @@ void akz_evloop_free(struct akz_evloop *l)
 
 void akz_evloop_wake(struct akz_evloop *l)
 {
-	if(atomic_exchange(&l->wake_pending, true)) return;
+	if(atomic_exchange(&l->awake, true)) return;
 	uint64_t one = 1;
 	/* Cannot fail on a valid eventfd short of 2^64 - 1 writes. */
-	if(write(l->wakefd, &one, sizeof(one)) < 0) atomic_store(&l->wake_pending, false);
+	if(write(l->wakefd, &one, sizeof(one)) < 0) atomic_store(&l->awake, false);
 }
 
 void akz_evloop_stop(struct akz_evloop *l)
@@ -219,9 +219,18 @@ void akz_evloop_run(struct akz_evloop *l, const struct akz_ev_hooks *hooks,
 {
 	struct epoll_event evs[MAX_EVENTS];
 
+	atomic_store(&l->awake, true);
 	while(!atomic_load(&l->stop)){
 		bool busy = hooks->before_sleep && hooks->before_sleep(hooks->ctx);
+		/* From here a wake-up writes the eventfd. What was handed over before is taken now, and
+		 * then the turn's end runs again: awake, the loop costs its wakers no write(2). */
+		atomic_store(&l->awake, false);
+		if(hooks->on_wake && hooks->on_wake(hooks->ctx)){
+			atomic_store(&l->awake, true);
+			continue;
+		}
 		int n = epoll_wait(l->epfd, evs, MAX_EVENTS, wait_ms(l, busy));
+		atomic_store(&l->awake, true);
 		if(n < 0){
 			if(errno == EINTR) continue;
 			if(report) report(hooks->ctx, "epoll_wait", errno);
@@ -229,17 +238,11 @@ void akz_evloop_run(struct akz_evloop *l, const struct akz_ev_hooks *hooks,
 			continue;
 		}
 		if(hooks->after_sleep) hooks->after_sleep(hooks->ctx);
-		bool woken = false;
 		for(int i = 0; i < n; i++){
 			struct akz_ev_io *io = evs[i].data.ptr;
-			if(io == NULL) woken = true;
-			else io->fn(io, evs[i].events);
+			if(io) io->fn(io, evs[i].events);
 		}
 		run_timers(l);
-		if(woken && !atomic_load(&l->stop)){
-			/* Cleared before the callback looks: a wake after this point writes again. */
-			atomic_store(&l->wake_pending, false);
-			if(hooks->on_wake) hooks->on_wake(hooks->ctx);
-		}
+		if(hooks->on_wake && !atomic_load(&l->stop)) hooks->on_wake(hooks->ctx);
 	}
 }

@@ -354,11 +354,13 @@ static struct akz_evloop *wake_loop;
 static atomic_int posted;
 static int seen;
 
-static void on_wake(void *ctx)
+static bool on_wake(void *ctx)
 {
 	(void)ctx;
+	bool news = atomic_load(&posted) != seen;
 	seen = atomic_load(&posted);
 	if(seen == 10000) akz_evloop_stop(wake_loop);
+	return news && seen != 10000;
 }
 
 static void *waker(void *arg)
