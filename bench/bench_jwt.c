@@ -26,7 +26,7 @@ static double bench_ours(const struct akz_key *key, double seconds)
 	double t0 = now_s(), t;
 	do{
 		for(int i = 0; i < 32; i++){
-			char *tok = akz_jwt_mint(key, "bench-device-0001", time(NULL), 1200, err, sizeof(err));
+			char *tok = akz_jwt_mint(key, NULL, "bench-device-0001", time(NULL), 1200, err, sizeof(err));
 			if(tok == NULL){
 				fprintf(stderr, "mint: %s\n", err);
 				exit(1);

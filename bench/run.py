@@ -17,6 +17,10 @@ Sections (run all, or name some: bench/run.py jwt connect bridge remote memory):
   light    light load: edge CPU per uplink at 1,000 uplinks/s in total through 100 devices (QoS 1)
            vs the built-in bridge at the same load (BENCH_LIGHT_ROUNDS=5 alternating rounds of
            BENCH_LIGHT_SECONDS=5 s), and the edge's CPU with 1,000 connected idle devices
+  onboard  BENCH_FLEET=1000 devices imported from CSV (akenzactl akenza import) and registered with
+           the REST stand-in over TLS (akenzactl akenza register): devices/s and requests per
+           device, vs the same requests from one kept-alive Python http.client (200 devices);
+           and BENCH_FLEET_WAN=100 devices with BENCH_API_DELAY_MS=50 added per request
 """
 import json
 import os
@@ -54,9 +58,14 @@ def broker(conf, name, port=None, env=None):
     return b
 
 
+STOPPERS = []   # stop() of other processes started (the REST stand-in)
+
+
 def stop_all():
     while STARTED:
         STARTED.pop().stop()
+    while STOPPERS:
+        STOPPERS.pop()()
 
 
 def row(name, value, unit, peer=None, peer_value=None):
@@ -587,8 +596,110 @@ def bench_spool():
     row("  duplicates", r["dups"], "msgs")
 
 
+# ---- onboard -----------------------------------------------------------------------------------
+
+AKENZACTL = BUILD / "akenzactl"
+WORKSPACE, DATA_FLOW = "2900000000000000", "0800000000000005"
+
+
+def rest_standin(name, pki, **opts):
+    from akenza_rest_standin import RestStandin
+    keys = WORK / name / "mqtt-keys"
+    keys.mkdir(parents=True)
+    s = RestStandin(WORK / name / "rest", pki, keys, save_at_exit=True, **opts)
+    STOPPERS.append(s.stop)
+    return s
+
+
+def akenzactl(*args, env=None, timeout=3600):
+    t0 = time.monotonic()
+    r = subprocess.run([str(AKENZACTL), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    if r.returncode:
+        raise RuntimeError(f"akenzactl {' '.join(map(str, args[:3]))}: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return time.monotonic() - t0, r.stdout
+
+
+def import_fleet(name, n, iterations):
+    """A CSV of n devices imported into a fresh registry. Returns (seconds, registry path)."""
+    d = WORK / name
+    d.mkdir(parents=True)
+    csv = d / "fleet.csv"
+    csv.write_text("deviceId,username,password,key type\n" + "".join(f"fleet-{i:05d},,pw-{i},ec\n" for i in range(n)))
+    t, _ = akenzactl("akenza", "import", csv, "--registry", d / "devices.json", "--iterations", iterations)
+    return t, d / "devices.json"
+
+
+def register(registry, rest, pki, *extra):
+    """akenzactl akenza register --all: (seconds, its JSON summary)."""
+    env = dict(os.environ, AKENZA_API_KEY=rest.api_key)
+    t, out = akenzactl("akenza", "register", "--all", "--registry", registry, "--api-url", rest.url,
+                       "--api-cafile", pki.ca_cert, "--json", *extra, env=env)
+    return t, json.loads(out)["summary"]
+
+
+def python_client(rest, pki, registry):
+    """register's requests for 200 new devices - lookup (404), create, upload - from one kept-alive
+    Python http.client, with nothing compared or checked. Returns devices/s."""
+    import http.client
+    import ssl
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    c = http.client.HTTPSConnection("localhost", rest.port, context=ctx)
+    h = {"x-api-key": rest.api_key, "Content-Type": "application/json", "Accept": "application/json"}
+    keys = Path(registry).parent / "keys"
+    devs = [d["id"] for d in json.loads(Path(registry).read_text())["devices"][:200]]
+    pems = {i: (keys / f"{i}.pub.pem").read_text() for i in devs}
+
+    def call(method, path, body=None):
+        c.request(method, path, body=json.dumps(body) if body else None, headers=h)
+        r = c.getresponse()
+        return r.status, json.loads(r.read() or b"null")
+    t0 = time.monotonic()
+    for i in devs:
+        st, _ = call("GET", f"/v3/devices/by-device-id?deviceId={i}")
+        assert st == 404, st
+        st, dev = call("POST", "/v3/devices", {"name": i, "deviceId": i, "workspaceId": WORKSPACE,
+                                               "dataFlowId": DATA_FLOW, "connectivity": "MQTT"})
+        assert st == 201, st
+        st, _ = call("POST", f"/v3/device-authorization/devices/{dev['id']}/credentials",
+                     {"name": i, "akenzaDeviceId": dev["id"], "algorithm": "EC256_PEM", "publicKey": pems[i]})
+        assert st == 201, st
+    return len(devs) / (time.monotonic() - t0)
+
+
+def bench_onboard():
+    n = int(os.environ.get("BENCH_FLEET", "1000"))
+    n_wan = int(os.environ.get("BENCH_FLEET_WAN", "100"))
+    delay = float(os.environ.get("BENCH_API_DELAY_MS", "50"))
+    print(f"\n== Onboarding a fleet: {n:,} devices imported from CSV, then registered with the REST stand-in")
+    print("   (akenzactl akenza import: EC key pair + $7$ password hash + registry entry each; akenzactl akenza")
+    print("   register: lookup, create, upload, one request at a time over one kept-alive TLS connection)")
+    pki = PKI(WORK / "onboard-pki")
+    t_fast, reg = import_fleet("onboard-import-1k", n, 1000)
+    t_full, _ = import_fleet("onboard-import", n, 210000)
+    row(f"import {n:,} devices, hashes of 210,000 iterations", n / t_full, "devices/s")
+    row(f"import {n:,} devices, hashes of 1,000 iterations", n / t_fast, "devices/s", "210,000", n / t_full)
+    rest = rest_standin("onboard-python", pki)
+    peer = python_client(rest, pki, reg)
+    rest = rest_standin("onboard-rest", pki)
+    t, s = register(reg, rest, pki, "--create", "--workspace", WORKSPACE, "--data-flow", DATA_FLOW)
+    assert s["failed"] == 0 and s["uploaded"] == n and s["created"] == n, s
+    row(f"register {n:,} new devices (create + upload)", n / t, "devices/s", "python http.client", peer)
+    row("  requests per device", s["requests"] / n, "")
+    row(f"  time for {n:,} devices", t, "s")
+    t, s = register(reg, rest, pki)
+    assert s["failed"] == 0 and s["uploaded"] == 0, s
+    row(f"register {n:,} devices again (nothing to do)", n / t, "devices/s")
+    row("  requests per device", s["requests"] / n, "")
+    wan = rest_standin("onboard-wan", pki, delay_ms=delay)
+    t_wan, reg_wan = import_fleet("onboard-import-wan", n_wan, 1000)
+    t, s = register(reg_wan, wan, pki, "--create", "--workspace", WORKSPACE, "--data-flow", DATA_FLOW)
+    assert s["failed"] == 0, s
+    row(f"register {n_wan} new devices, {delay:.0f} ms per request", n_wan / t, "devices/s")
+    row(f"  so {n:,} devices take", t * n / n_wan, "s")
+
+
 SECTIONS = {"jwt": bench_jwt, "connect": bench_connect, "bridge": bench_bridge, "remote": bench_remote,
-            "memory": bench_memory, "spool": bench_spool, "light": bench_light}
+            "memory": bench_memory, "spool": bench_spool, "light": bench_light, "onboard": bench_onboard}
 
 
 def main():

@@ -93,6 +93,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	/* const: copied from the configuration */
 	char *host;
 	char *username;
+	char *audience;              /* tokens' aud: https://<audience>/devices/<id> */
 	int port;
 	int keepalive;
 	long lifetime;

@@ -18,6 +18,8 @@ struct akz_config {
 	int upstream_port;           /* plugin_opt_upstream_port (default 8883) */
 	char *upstream_cafile;       /* plugin_opt_upstream_cafile (default: system CA bundle) */
 	char *upstream_capath;       /* plugin_opt_upstream_capath */
+	char *audience;              /* plugin_opt_audience: tokens' "aud" is https://<audience>/devices/<id>
+	                                (default akenza.io; a private cloud's host, e.g. <customer>.akenza.io) */
 	char *upstream_username;     /* plugin_opt_upstream_username (default "unused") */
 	char *upstream_tls_version;  /* plugin_opt_upstream_tls_version: tlsv1.2 (default) or tlsv1.3 */
 	int upstream_keepalive;      /* plugin_opt_upstream_keepalive (default 60 s) */

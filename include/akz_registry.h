@@ -72,6 +72,11 @@ const char *akz_registry_bad_id_reason(const char *id);
 char *akz_registry_keystore_path(const char *registry_path, const char *keystore_dir,
 		const char *id, const char *suffix);
 
+/* Where a device's "key" value (a path relative to the registry's directory, an absolute path
+ * or an OSSL_STORE URI) points to, as akz_registry_load resolves it. Returns a new string
+ * (caller frees), or NULL when out of memory. */
+char *akz_registry_resolve_key(const char *registry_path, const char *key);
+
 /* True if the gateway may speak for device `id`. */
 bool akz_gateway_serves(const struct akz_gateway *gw, const char *id);
 

@@ -15,6 +15,7 @@
 #include "akz_bridge_int.h"
 #include "akz_config.h"
 #include "akz_fds.h"
+#include "akz_jwt.h"
 #include "akz_queue.h"
 #include "akz_registry.h"
 #include "akz_resolver.h"
@@ -485,6 +486,7 @@ static void free_bridge(struct akz_bridge *b)
 	akz_htab_free(&b->devices);
 	free(b->host);
 	free(b->username);
+	free(b->audience);
 	free(b->receipts_prefix);
 	free(b);
 }
@@ -526,6 +528,7 @@ static int copy_config(struct akz_bridge *b, const struct akz_config *cfg)
 	b->host = strdup(cfg->upstream_host);
 	b->username = strdup(cfg->upstream_username);
 	b->receipts_prefix = strdup(cfg->receipts_prefix ? cfg->receipts_prefix : "akenza/receipts/");
+	b->audience = strdup(cfg->audience ? cfg->audience : AKZ_AUDIENCE_DEFAULT);
 	b->port = cfg->upstream_port;
 	b->keepalive = cfg->upstream_keepalive;
 	b->lifetime = cfg->token_lifetime;
@@ -536,7 +539,7 @@ static int copy_config(struct akz_bridge *b, const struct akz_config *cfg)
 	b->spool_qos0 = cfg->spool_qos0;
 	b->receipts = cfg->receipts;
 	b->status_interval_ms = cfg->status_interval_ms;
-	return b->host && b->username && b->receipts_prefix ? 0 : -1;
+	return b->host && b->username && b->audience && b->receipts_prefix ? 0 : -1;
 }
 
 /* Sets up the broker wake-up for downlinks (plugin_opt_downlink_wakeup signal), or says in the

@@ -625,7 +625,7 @@ static void start_connect(struct dev *d)
 		return;
 	}
 	time_t now = time(NULL);
-	char *token = akz_jwt_mint(d->key, d->id, now, b->lifetime, err, sizeof(err));
+	char *token = akz_jwt_mint(d->key, b->audience, d->id, now, b->lifetime, err, sizeof(err));
 	if(token == NULL){
 		conn_event(d, AKZ_CONN_START_FAILED, 0, err);
 		return;

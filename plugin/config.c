@@ -37,6 +37,7 @@ static const struct opt_spec specs[] = {
 	{"upstream_port", OPT_INT, OFF(upstream_port), "8883", 1, 65535},
 	{"upstream_cafile", OPT_STRING, OFF(upstream_cafile), NULL, 0, 0},
 	{"upstream_capath", OPT_STRING, OFF(upstream_capath), NULL, 0, 0},
+	{"audience", OPT_STRING, OFF(audience), AKZ_AUDIENCE_DEFAULT, 0, 0},
 	{"upstream_username", OPT_STRING, OFF(upstream_username), "unused", 0, 0},
 	{"upstream_tls_version", OPT_STRING, OFF(upstream_tls_version), "tlsv1.2", 0, 0},
 	{"upstream_keepalive", OPT_INT, OFF(upstream_keepalive), "60", 5, 65535},
@@ -198,6 +199,11 @@ int akz_config_parse(struct akz_config *cfg, const struct mosquitto_opt *opts, i
 			&& strcmp(cfg->upstream_tls_version, "tlsv1.3") != 0){
 		reportf(report, ctx, "plugin_opt_upstream_tls_version: '%s' is not tlsv1.2 or tlsv1.3",
 				cfg->upstream_tls_version);
+		bad++;
+	}
+	const char *why = cfg->audience ? akz_jwt_bad_audience(cfg->audience) : NULL;
+	if(why){
+		reportf(report, ctx, "plugin_opt_audience: '%.64s' %s", cfg->audience, why);
 		bad++;
 	}
 	enum akz_spool_sync sync;

@@ -32,6 +32,7 @@
 #include "akz_regfile.h"
 #include "akz_registry.h"
 #include "akz_status.h"
+#include "akz_x509.h"
 
 #define USERNAME_MAX 256
 #define PASSWORD_MAX 1024
@@ -528,6 +529,18 @@ static bool add_key(cJSON *o, const char *name, const char *uri, const struct ak
 	return ok;
 }
 
+/* Adds "certificate": a self-signed certificate of key with CN=id (akenza's *_X509_PEM form of
+ * the credential), or "certificate_error" saying why there is none (an id longer than X.509's
+ * 64-character common name). Both are a convenience: a missing one fails nothing. */
+static void add_certificate(cJSON *o, const struct akz_key *key, const char *id)
+{
+	char err[ERR_MAX];
+	char *cert = akz_x509_self_signed(key, id, AKZ_X509_DAYS_DEFAULT, err, sizeof(err));
+	if(cert) cJSON_AddStringToObject(o, "certificate", cert);
+	else cJSON_AddStringToObject(o, "certificate_error", err);
+	free(cert);
+}
+
 /* A device as getDevice shows it: registry fields (never the password hash) and, with live,
  * the bridge's state. Returns a new object, or NULL when out of memory. */
 static cJSON *describe_device(const struct akz_plugin *p, const struct akz_device *d, bool live)
@@ -722,6 +735,7 @@ static void cmd_create_device(struct req *r)
 	char *pem = d ? akz_key_public_pem(d->key) : NULL;
 	cJSON *extra = cJSON_CreateObject();
 	if(extra && pem) cJSON_AddStringToObject(extra, "public_key", pem);
+	if(extra && d) add_certificate(extra, d->key, id);
 	if(extra && priv) cJSON_AddStringToObject(extra, "key_file", priv);
 	if(extra && pub) cJSON_AddStringToObject(extra, "public_key_file", pub);
 	if(extra) cJSON_AddStringToObject(extra, "note", "upload public_key to the device in akenza "
@@ -941,6 +955,7 @@ static void cmd_rotate_key(struct req *r)
 		goto out;
 	}
 	free(pem);
+	add_certificate(data, key, id);
 	reply(r, data, NULL);
 	free(priv);
 	free(pub);

@@ -12,7 +12,6 @@
 #include "akz_jwt.h"
 #include "akz_keystore_int.h"
 
-#define AUD_PREFIX "https://akenza.io/devices/"
 #define SIG_MAX 1024    /* RSA 8192 */
 
 static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
@@ -143,6 +142,17 @@ static int der_to_raw_p256(const unsigned char *der, size_t derlen, unsigned cha
 	return p == end ? 0 : -1;
 }
 
+const char *akz_jwt_bad_audience(const char *audience)
+{
+	static const char allowed[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:";
+	size_t n = strlen(audience);
+	if(n == 0) return "is empty";
+	if(n > AKZ_AUDIENCE_MAX) return "is longer than 253 characters";
+	if(strspn(audience, allowed) != n) return "may hold only letters, digits, '.', '-' and ':' (a host name, as in <customer>.akenza.io)";
+	if(audience[0] == '.' || audience[0] == '-' || audience[0] == ':') return "must start with a letter or digit";
+	return NULL;
+}
+
 size_t akz_jwt_header_b64(enum akz_alg alg, const char *kid, char *out, size_t outlen)
 {
 	char header[160];
@@ -152,9 +162,15 @@ size_t akz_jwt_header_b64(enum akz_alg alg, const char *kid, char *out, size_t o
 	return b64url((const unsigned char *)header, (size_t)hlen, out);
 }
 
-char *akz_jwt_mint(const struct akz_key *key, const char *device_id, time_t iat, long lifetime,
-		char *err, size_t errlen)
+char *akz_jwt_mint(const struct akz_key *key, const char *audience, const char *device_id, time_t iat,
+		long lifetime, char *err, size_t errlen)
 {
+	if(audience == NULL) audience = AKZ_AUDIENCE_DEFAULT;
+	const char *why = akz_jwt_bad_audience(audience);
+	if(why){
+		akz_set_err(err, errlen, "audience '%.64s' %s", audience, why);
+		return NULL;
+	}
 	if(lifetime < AKZ_JWT_LIFETIME_MIN || lifetime > AKZ_JWT_LIFETIME_MAX){
 		akz_set_err(err, errlen, "token lifetime %ld s is outside %d..%d", lifetime,
 				AKZ_JWT_LIFETIME_MIN, AKZ_JWT_LIFETIME_MAX);
@@ -171,9 +187,9 @@ char *akz_jwt_mint(const struct akz_key *key, const char *device_id, time_t iat,
 	 * in the reference client's order. */
 	const char *hdr = akz_key_header_b64(key);
 	size_t hlen = strlen(hdr);
-	char claims[700];
-	int clen = snprintf(claims, sizeof(claims), "{\"iat\":%lld,\"exp\":%lld,\"aud\":\"" AUD_PREFIX "%s\"}",
-			(long long)iat, (long long)iat + lifetime, id);
+	char claims[1000];
+	int clen = snprintf(claims, sizeof(claims), "{\"iat\":%lld,\"exp\":%lld,\"aud\":\"https://%s/devices/%s\"}",
+			(long long)iat, (long long)iat + lifetime, audience, id);
 	if(clen < 0 || (size_t)clen >= sizeof(claims)){
 		akz_set_err(err, errlen, "token claims too long");
 		return NULL;

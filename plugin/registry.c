@@ -237,6 +237,13 @@ char *akz_registry_keystore_path(const char *registry_path, const char *keystore
 	return strdup(buf);
 }
 
+char *akz_registry_resolve_key(const char *registry_path, const char *key)
+{
+	char regdir[PATH_MAX];
+	dir_of(registry_path, regdir, sizeof(regdir));
+	return resolve_key(regdir, NULL, key, "");
+}
+
 /* ---- parsing ------------------------------------------------------------------------------ */
 
 static void free_device(struct akz_device *d)

@@ -52,7 +52,7 @@ class Observer:
 class Standin:
     """Starts at construction; stop()/start() for outages (same port); stop() at the end."""
 
-    def __init__(self, workdir, pki, cert=None, key=None, name="standin", extra=""):
+    def __init__(self, workdir, pki, cert=None, key=None, name="standin", extra="", audience=None):
         self.dir = Path(workdir)
         self.keys = self.dir / "keys"
         self.keys.mkdir(parents=True, exist_ok=True)
@@ -71,6 +71,7 @@ class Standin:
             f"plugin_opt_keys_dir {self.keys}",
             f"plugin_opt_observer_password {OBSERVER_PASSWORD}",
             f"plugin_opt_record_file {self.dir / 'uplinks.rec'}",
+            f"plugin_opt_audience {audience}" if audience else "",
             "max_queued_messages 0",
             "max_inflight_messages 0",
             extra,

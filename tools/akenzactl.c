@@ -1,5 +1,5 @@
 /* akenzactl.c - command-line tool for mosquitto-akenza: keys, tokens, passwords, registry checks,
- * and the control API of a running broker. */
+ * the control API of a running broker, and akenza's REST API. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -18,6 +18,7 @@ static const struct command {
 	{"device", cmd_device, "list, create, change, rotate keys of devices in a running broker (control API)"},
 	{"gateway", cmd_gateway, "list, create, change gateways in a running broker (control API)"},
 	{"status", cmd_status, "totals of a running broker's plugin (control API)"},
+	{"akenza", cmd_akenza, "register devices and their keys with akenza's REST API; import a fleet from CSV"},
 };
 #define NCOMMANDS (sizeof(commands)/sizeof(commands[0]))
 

@@ -15,6 +15,36 @@ enum { CTL_OPT_PASS = 1000, CTL_OPT_READABLE, CTL_OPT_FIRST_FREE };
 /* Applies getopt result c (with its argument) to ko. Returns false if c is no key option. */
 bool ctl_key_option(int c, const char *arg, struct akz_key_opts *ko);
 
+/* Options that reach akenza's REST API: akenzactl akenza ... and device rotate-key --register. */
+enum { CTL_OPT_API_URL = 1100, CTL_OPT_API_KEY_FILE, CTL_OPT_API_CAFILE, CTL_OPT_API_RETRIES, CTL_OPT_API_KEY };
+/* --api-key is listed only to be refused: getopt would otherwise take it as --api-key-file. */
+#define CTL_API_LONGOPTS \
+	{"api-url", required_argument, NULL, CTL_OPT_API_URL}, \
+	{"api-key", required_argument, NULL, CTL_OPT_API_KEY}, \
+	{"api-key-file", required_argument, NULL, CTL_OPT_API_KEY_FILE}, \
+	{"api-cafile", required_argument, NULL, CTL_OPT_API_CAFILE}, \
+	{"max-retries", required_argument, NULL, CTL_OPT_API_RETRIES}
+
+struct ctl_api_args {
+	const char *url;         /* NULL: https://api.akenza.io */
+	const char *key_file;    /* NULL: the key comes from $AKENZA_API_KEY */
+	const char *cafile;      /* NULL: the system CA store */
+	int max_retries;         /* -1: the default */
+};
+
+/* The API options' help text. */
+extern const char ctl_api_help[];
+
+/* Applies getopt result c (with its argument) to a. Returns 1 if c was an API option, 0 if it is
+ * none, -1 after printing why its value is bad. */
+int ctl_api_option(int c, const char *arg, struct ctl_api_args *a);
+
+/* Uploads to akenza the pending public key `pem` of device `id` (its certificate `cert` instead,
+ * when not NULL), unless akenza holds an identical public key for the device already: what device
+ * rotate-key --register does. Prints one line saying what it did. Returns 0, or 1
+ * after printing why not. (cmd_akenza.c) */
+int ctl_akenza_register_key(const struct ctl_api_args *a, const char *id, const char *pem, const char *cert);
+
 /* Each command takes argv with argv[0] = the command name, prints its result on stdout and
  * its errors on stderr, and returns the process exit code (0 success, 1 failure, 2 usage). */
 int cmd_keygen(int argc, char **argv);
@@ -27,6 +57,9 @@ int cmd_check_registry(int argc, char **argv);
 int cmd_device(int argc, char **argv);
 int cmd_gateway(int argc, char **argv);
 int cmd_status(int argc, char **argv);
+
+/* akenza's REST API: akenzactl akenza register|prune|import ... (cmd_akenza.c, cmd_import.c) */
+int cmd_akenza(int argc, char **argv);
 
 /* How akenzactl reaches a broker's control API (ctl_mqtt.c). */
 struct ctl_conn {

@@ -13,11 +13,11 @@
 /* Options of a control command; bit flags say which ones a subcommand takes. */
 enum {
 	O_USERNAME = 1 << 0, O_PASSWORD = 1 << 1, O_TYPE = 1 << 2, O_BITS = 1 << 3, O_KEYURI = 1 << 4,
-	O_ENABLE = 1 << 5, O_DISABLE = 1 << 6, O_DEVICES = 1 << 7,
+	O_ENABLE = 1 << 5, O_DISABLE = 1 << 6, O_DEVICES = 1 << 7, O_REGISTER = 1 << 8,
 };
 
 enum { L_CAFILE = CTL_OPT_FIRST_FREE, L_CAPATH, L_CERT, L_KEY, L_USERNAME, L_PASSWORD, L_TYPE, L_BITS,
-	L_KEYURI, L_ENABLE, L_DISABLE, L_DEVICES, L_HELP };
+	L_KEYURI, L_ENABLE, L_DISABLE, L_DEVICES, L_REGISTER, L_REGISTER_CERT, L_HELP };
 
 static const struct option longopts[] = {
 	{"cafile", required_argument, NULL, L_CAFILE}, {"capath", required_argument, NULL, L_CAPATH},
@@ -27,6 +27,8 @@ static const struct option longopts[] = {
 	{"key-uri", required_argument, NULL, L_KEYURI}, {"enable", no_argument, NULL, L_ENABLE},
 	{"disable", no_argument, NULL, L_DISABLE}, {"disabled", no_argument, NULL, L_DISABLE},
 	{"devices", required_argument, NULL, L_DEVICES}, {"help", no_argument, NULL, L_HELP},
+	{"register", no_argument, NULL, L_REGISTER}, {"register-cert", no_argument, NULL, L_REGISTER_CERT},
+	CTL_API_LONGOPTS,
 	{NULL, 0, NULL, 0}};
 
 static const char conn_help[] =
@@ -61,10 +63,11 @@ static const struct sub device_subs[] = {
 	{"enable", "enableDevice", "id", 0, "device enable ID\n"},
 	{"disable", "disableDevice", "id", 0, "device disable ID\n  Its local clients are disconnected and its upstream connection closed.\n"},
 	{"delete", "deleteDevice", "id", 0, "device delete ID\n  Removes the device from the registry; its key files stay.\n"},
-	{"rotate-key", "rotateKey", "id", O_TYPE | O_BITS,
-		"device rotate-key ID [--type ec|rsa] [--bits N]\n"
+	{"rotate-key", "rotateKey", "id", O_TYPE | O_BITS | O_REGISTER,
+		"device rotate-key ID [--type ec|rsa] [--bits N] [--register|--register-cert [API options]]\n"
 		"  Makes a pending key (ID.next.pem) and prints its public key: upload it to akenza, then commit-key.\n"
-		"  The current key stays in use until then.\n"},
+		"  The current key stays in use until then. --register uploads it to akenza through akenza's REST\n"
+		"  API (--register-cert: as its self-signed certificate); see akenzactl akenza --help.\n"},
 	{"commit-key", "commitKey", "id", 0, "device commit-key ID\n  The pending key becomes the device's key; the bridge reconnects with it.\n"},
 	{"reconnect", "reconnectDevice", "id", 0, "device reconnect ID\n  Drops the upstream connection and connects again now.\n"},
 };
@@ -89,6 +92,9 @@ struct args {
 	unsigned given;
 	const char *username, *password, *type, *keyuri, *devices;
 	long bits;
+	bool reg, reg_cert;          /* rotate-key --register / --register-cert */
+	bool api_given;
+	struct ctl_api_args api;
 };
 
 static void print_sub_help(FILE *out, const char *group, const struct sub *s)
@@ -96,6 +102,7 @@ static void print_sub_help(FILE *out, const char *group, const struct sub *s)
 	(void)group;   /* the usage text names it */
 	fprintf(out, "usage: akenzactl %s\n", s->usage);
 	fputs(conn_help, out);
+	if(s->opts & O_REGISTER) fputs(ctl_api_help, out);
 }
 
 static void print_group_help(FILE *out, const char *group, const struct sub *subs, size_t n)
@@ -160,12 +167,22 @@ static int parse_args(int argc, char **argv, const char *group, const struct sub
 		case L_ENABLE: flag = O_ENABLE; break;
 		case L_DISABLE: flag = O_DISABLE; break;
 		case L_DEVICES: a->devices = optarg; flag = O_DEVICES; break;
+		case L_REGISTER: a->reg = true; flag = O_REGISTER; break;
+		case L_REGISTER_CERT: a->reg = a->reg_cert = true; flag = O_REGISTER; break;
 		case L_HELP:
 			print_sub_help(stdout, group, s);
 			return 1;
-		default:
-			print_sub_help(stderr, group, s);
-			return 2;
+		default: {
+			int api = ctl_api_option(c, optarg, &a->api);
+			if(api < 0) return 2;
+			if(api == 0){
+				print_sub_help(stderr, group, s);
+				return 2;
+			}
+			a->api_given = true;
+			flag = O_REGISTER;
+			break;
+		}
 		}
 		if(flag && !(s->opts & flag)){
 			const char *name = "?";
@@ -185,6 +202,10 @@ static int parse_args(int argc, char **argv, const char *group, const struct sub
 	*positional = want ? argv[optind] : NULL;
 	if((a->given & O_ENABLE) && (a->given & O_DISABLE)){
 		ctl_error("--enable and --disable exclude each other");
+		return 2;
+	}
+	if(a->api_given && !a->reg){
+		ctl_error("akenza's API options go with --register");
 		return 2;
 	}
 	return 0;
@@ -318,10 +339,27 @@ static void print_data(const struct sub *s, const cJSON *data)
 	}
 }
 
+/* rotate-key --register: uploads the pending key of rotateKey's answer to akenza. Returns 0, or 1
+ * after printing why (the key stays pending on the broker then). */
+static int register_pending(const struct args *a, const char *id, const cJSON *data)
+{
+	const char *pem = str_of(data, "public_key"), *cert = str_of(data, "certificate");
+	if(pem[0] == '\0' || (a->reg_cert && cert[0] == '\0')){
+		ctl_error("the broker's answer has no %s to register", pem[0] ? "certificate" : "public_key");
+		return 1;
+	}
+	if(ctl_akenza_register_key(&a->api, id, pem, a->reg_cert ? cert : NULL)){
+		ctl_error("%s: the new key stays pending, unused: register it (akenzactl akenza register %s "
+				"--registry ...), then commit-key", id, id);
+		return 1;
+	}
+	return 0;
+}
+
 /* Runs one subcommand. */
 static int run_sub(int argc, char **argv, const char *group, const struct sub *s)
 {
-	struct args a = {0};
+	struct args a = {.api = {.max_retries = -1}};
 	const char *positional = NULL;
 	int prc = parse_args(argc, argv, group, s, &a, &positional);
 	if(prc) return prc == 1 ? 0 : 2;
@@ -332,6 +370,7 @@ static int run_sub(int argc, char **argv, const char *group, const struct sub *s
 	int rc = ctl_request(&a.conn, cmd, &data);   /* takes cmd */
 	OPENSSL_cleanse(pwbuf, sizeof(pwbuf));
 	if(rc == 0) print_data(s, data);
+	if(rc == 0 && a.reg) rc = register_pending(&a, positional, data);
 	cJSON_Delete(data);
 	return rc;
 }

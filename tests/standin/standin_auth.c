@@ -10,6 +10,7 @@
 #include <openssl/ecdsa.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <openssl/core_names.h>
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
@@ -17,7 +18,6 @@
 #include "akz_topic.h"
 
 #define EXPORT __attribute__((visibility("default")))
-#define AUD_PREFIX "https://akenza.io/devices/"
 #define TOKEN_MAX 8192
 
 /* A registered public key: what akenza knows after the user uploaded it. */
@@ -38,6 +38,7 @@ struct standin {
 	mosquitto_plugin_id_t *pid;
 	char *keys_dir;
 	char *observer_password;
+	char *audience;              /* plugin_opt_audience: tokens' aud is https://<audience>/devices/<id> */
 	long max_skew, max_lifetime;
 	struct regkey *keys;
 	size_t nkeys;
@@ -84,7 +85,39 @@ static void free_keys(struct standin *s)
 	s->nkeys = 0;
 }
 
-/* Reads keys_dir/<device>.pub.pem files again if the directory changed. */
+/* Reads a public key from a PEM file holding a PUBLIC KEY or a (self-signed) CERTIFICATE, as
+ * akenza takes a device credential in either form. NULL if it holds neither. */
+static EVP_PKEY *read_public_key(const char *path)
+{
+	FILE *f = fopen(path, "r");
+	if(f == NULL) return NULL;
+	EVP_PKEY *pkey = PEM_read_PUBKEY(f, NULL, NULL, NULL);
+	if(pkey == NULL){
+		rewind(f);
+		X509 *x = PEM_read_X509(f, NULL, NULL, NULL);
+		if(x) pkey = X509_get_pubkey(x);
+		X509_free(x);
+	}
+	fclose(f);
+	return pkey;
+}
+
+/* The device a key file belongs to, or NULL if the name is of neither form:
+ * "<device>.pub.pem" (a key registered by hand) or "<device>~<credential>.cred.pem" (a credential
+ * the REST stand-in, tests/akenza_rest_standin.py, created). Caller frees. */
+static char *device_of_file(const char *name)
+{
+	size_t n = strlen(name);
+	if(n > 9 && strcmp(name + n - 9, ".cred.pem") == 0){
+		const char *tilde = strrchr(name, '~');
+		return tilde && tilde > name ? strndup(name, (size_t)(tilde - name)) : NULL;
+	}
+	if(n > 8 && strcmp(name + n - 8, ".pub.pem") == 0) return strndup(name, n - 8);
+	return NULL;
+}
+
+/* Reads keys_dir's key files again if the directory's mtime changed. (Two changes within one
+ * tick of the kernel's clock leave one mtime: the REST stand-in moves the mtime on by hand then.) */
 static void rescan_keys(struct standin *s, bool force)
 {
 	struct stat sb;
@@ -97,20 +130,21 @@ static void rescan_keys(struct standin *s, bool force)
 	size_t cap = 0;
 	struct dirent *e;
 	while((e = readdir(d)) != NULL){
-		size_t n = strlen(e->d_name);
-		if(n <= 8 || strcmp(e->d_name + n - 8, ".pub.pem") != 0) continue;
+		char *device = device_of_file(e->d_name);
+		if(device == NULL) continue;
 		char path[4096];
 		snprintf(path, sizeof(path), "%s/%s", s->keys_dir, e->d_name);
-		FILE *f = fopen(path, "r");
-		if(f == NULL) continue;
-		EVP_PKEY *pkey = PEM_read_PUBKEY(f, NULL, NULL, NULL);
-		fclose(f);
-		if(pkey == NULL) continue;
+		EVP_PKEY *pkey = read_public_key(path);
+		if(pkey == NULL){
+			free(device);
+			continue;
+		}
 		if(s->nkeys == cap){
 			size_t ncap = cap ? cap * 2 : 64;
 			struct regkey *nk = realloc(s->keys, ncap * sizeof(*nk));
 			if(nk == NULL){
 				EVP_PKEY_free(pkey);
+				free(device);
 				break;
 			}
 			s->keys = nk;
@@ -118,8 +152,8 @@ static void rescan_keys(struct standin *s, bool force)
 		}
 		struct regkey *k = &s->keys[s->nkeys];
 		k->pkey = pkey;
-		k->device = strndup(e->d_name, n - 8);
-		if(k->device == NULL || kid_of(pkey, k->kid)){
+		k->device = device;
+		if(kid_of(pkey, k->kid)){
 			free(k->device);
 			EVP_PKEY_free(pkey);
 			continue;
@@ -129,13 +163,13 @@ static void rescan_keys(struct standin *s, bool force)
 	closedir(d);
 }
 
+/* Credentials come and go at run time (a REST stand-in deletes them): look at the directory
+ * before every lookup. */
 static const struct regkey *find_kid(struct standin *s, const char *kid)
 {
-	for(int pass = 0; pass < 2; pass++){
-		for(size_t i = 0; i < s->nkeys; i++){
-			if(strcmp(s->keys[i].kid, kid) == 0) return &s->keys[i];
-		}
-		if(pass == 0) rescan_keys(s, false);
+	rescan_keys(s, false);
+	for(size_t i = 0; i < s->nkeys; i++){
+		if(strcmp(s->keys[i].kid, kid) == 0) return &s->keys[i];
 	}
 	return NULL;
 }
@@ -263,8 +297,8 @@ static const char *check_token(struct standin *s, const char *id, const char *to
 		goto out;
 	}
 	const cJSON *aud = cJSON_GetObjectItemCaseSensitive(claims, "aud");
-	char want[512];
-	snprintf(want, sizeof(want), AUD_PREFIX "%s", id);
+	char want[1024];
+	snprintf(want, sizeof(want), "https://%s/devices/%s", s->audience ? s->audience : "akenza.io", id);
 	if(!cJSON_IsString(aud) || strcmp(aud->valuestring, want) != 0){
 		why = "aud mismatch";
 		goto out;
@@ -451,6 +485,7 @@ EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *pid, void **user, struct
 	for(int i = 0; i < n; i++){
 		if(!strcmp(opts[i].key, "keys_dir")) s->keys_dir = strdup(opts[i].value);
 		else if(!strcmp(opts[i].key, "observer_password")) s->observer_password = strdup(opts[i].value);
+		else if(!strcmp(opts[i].key, "audience") && s->audience == NULL) s->audience = strdup(opts[i].value);
 		else if(!strcmp(opts[i].key, "max_skew")) s->max_skew = atol(opts[i].value);
 		else if(!strcmp(opts[i].key, "max_lifetime")) s->max_lifetime = atol(opts[i].value);
 		else if(!strcmp(opts[i].key, "record_file") && s->record == NULL) s->record = fopen(opts[i].value, "a");
@@ -458,6 +493,7 @@ EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *pid, void **user, struct
 	if(s->keys_dir == NULL){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "standin: plugin_opt_keys_dir is required");
 		free(s->observer_password);
+		free(s->audience);
 		free(s);
 		return MOSQ_ERR_INVAL;
 	}
@@ -491,6 +527,7 @@ EXPORT int mosquitto_plugin_cleanup(void *user, struct mosquitto_opt *opts, int 
 	free(s->sessions);
 	free(s->keys_dir);
 	free(s->observer_password);
+	free(s->audience);
 	free(s);
 	return MOSQ_ERR_SUCCESS;
 }

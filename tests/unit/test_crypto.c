@@ -12,10 +12,12 @@
 #include <openssl/ecdsa.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/x509.h>
 #include "akz_jwt.h"
 #include "akz_keystore.h"
 #include "akz_passwd.h"
 #include "akz_registry.h"
+#include "akz_x509.h"
 
 static char dir[256];
 
@@ -177,7 +179,7 @@ static void test_jwt(void **state)
 	for(int i = 0; i < 2; i++){
 		struct akz_key *k = load_ok(names[i]);
 		char err[256];
-		char *tok = akz_jwt_mint(k, "dev-1", 1700000000, 1200, err, sizeof(err));
+		char *tok = akz_jwt_mint(k, NULL, "dev-1", 1700000000, 1200, err, sizeof(err));
 		assert_non_null(tok);
 		assert_null(strchr(tok, '='));
 		/* claims exactly as PyJWT writes them for the reference client */
@@ -188,17 +190,78 @@ static void test_jwt(void **state)
 		*last = *last == 'A' ? 'B' : 'A';   /* any change breaks it */
 		assert_false(verify_token(k, tok));
 		free(tok);
-		assert_null(akz_jwt_mint(k, "d", 0, 59, err, sizeof(err)));
+		assert_null(akz_jwt_mint(k, NULL, "d", 0, 59, err, sizeof(err)));
 		assert_non_null(strstr(err, "lifetime"));
-		assert_null(akz_jwt_mint(k, "d", 0, 86401, err, sizeof(err)));
-		assert_null(akz_jwt_mint(k, "", 0, 60, err, sizeof(err)));
-		assert_null(akz_jwt_mint(k, "a\nb", 0, 60, err, sizeof(err)));
+		assert_null(akz_jwt_mint(k, NULL, "d", 0, 86401, err, sizeof(err)));
+		assert_null(akz_jwt_mint(k, NULL, "", 0, 60, err, sizeof(err)));
+		assert_null(akz_jwt_mint(k, NULL, "a\nb", 0, 60, err, sizeof(err)));
 		assert_non_null(strstr(err, "control character"));
-		assert_null(akz_jwt_mint(k, "a\xc0\xafz", 0, 60, err, sizeof(err)));   /* overlong '/' */
+		assert_null(akz_jwt_mint(k, NULL, "a\xc0\xafz", 0, 60, err, sizeof(err)));   /* overlong '/' */
 		assert_non_null(strstr(err, "UTF-8"));
-		tok = akz_jwt_mint(k, "q\"u\\o", 0, 60, err, sizeof(err));
+		tok = akz_jwt_mint(k, NULL, "q\"u\\o", 0, 60, err, sizeof(err));
 		assert_non_null(tok);
 		free(tok);
+		/* a private cloud's audience: {"iat":0,"exp":60,"aud":"https://acme.akenza.io/devices/d"} */
+		tok = akz_jwt_mint(k, "acme.akenza.io", "d", 0, 60, err, sizeof(err));
+		assert_non_null(tok);
+		c = strchr(tok, '.') + 1;
+		assert_memory_equal(c, "eyJpYXQiOjAsImV4cCI6NjAsImF1ZCI6Imh0dHBzOi8vYWNtZS5ha2VuemEuaW8vZGV2aWNlcy9kIn0.", 80);
+		assert_true(verify_token(k, tok));
+		free(tok);
+		const char *bad_aud[] = {"", "a/b", "a\"b", ".akenza.io", "x y"};
+		for(size_t j = 0; j < sizeof(bad_aud)/sizeof(bad_aud[0]); j++){
+			assert_null(akz_jwt_mint(k, bad_aud[j], "d", 0, 60, err, sizeof(err)));
+			assert_non_null(strstr(err, "audience"));
+		}
+		akz_key_unref(k);
+	}
+}
+
+/* A certificate of each key kind: CN, its own key inside, signed by that key, the validity asked. */
+static void test_self_signed_certificate(void **state)
+{
+	(void)state;
+	const char *names[] = {"ec.pem", "rsa.pem"};
+	for(int i = 0; i < 2; i++){
+		struct akz_key *k = load_ok(names[i]);
+		char err[256];
+		char *pem = akz_x509_self_signed(k, "0A1FFFFFFFFFFF", 30, err, sizeof(err));
+		assert_non_null(pem);
+		BIO *bio = BIO_new_mem_buf(pem, -1);
+		X509 *x = PEM_read_bio_X509(bio, NULL, NULL, NULL);
+		assert_non_null(x);
+		char cn[80];
+		assert_int_equal(X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof(cn)), 14);
+		assert_string_equal(cn, "0A1FFFFFFFFFFF");
+		assert_int_equal(X509_NAME_cmp(X509_get_subject_name(x), X509_get_issuer_name(x)), 0);
+		assert_int_equal(EVP_PKEY_eq(X509_get0_pubkey(x), akz_key_pkey(k)), 1);
+		assert_int_equal(X509_verify(x, akz_key_pkey(k)), 1);
+		int days, secs;
+		assert_int_equal(ASN1_TIME_diff(&days, &secs, X509_get0_notBefore(x), X509_get0_notAfter(x)), 1);
+		assert_int_equal(days, 30);
+		assert_int_equal(secs, 0);
+		assert_int_equal(X509_get_version(x), X509_VERSION_3);
+		X509_free(x);
+		BIO_free(bio);
+		free(pem);
+		char two[2][8192];
+		for(int j = 0; j < 2; j++){
+			pem = akz_x509_self_signed(k, "d", 1, err, sizeof(err));
+			assert_non_null(pem);
+			snprintf(two[j], sizeof(two[j]), "%s", pem);
+			free(pem);
+		}
+		assert_string_not_equal(two[0], two[1]);   /* fresh serials */
+		char long_cn[70];
+		memset(long_cn, 'x', sizeof(long_cn) - 1);
+		long_cn[sizeof(long_cn) - 1] = '\0';
+		assert_null(akz_x509_self_signed(k, long_cn, 30, err, sizeof(err)));
+		assert_non_null(strstr(err, "common name"));
+		assert_null(akz_x509_self_signed(k, "", 30, err, sizeof(err)));
+		assert_null(akz_x509_self_signed(k, "d", 0, err, sizeof(err)));
+		assert_null(akz_x509_self_signed(k, "d", AKZ_X509_DAYS_MAX + 1, err, sizeof(err)));
+		assert_non_null(strstr(err, "days"));
+		assert_null(akz_x509_self_signed(k, "a\xff", 30, err, sizeof(err)));
 		akz_key_unref(k);
 	}
 }
@@ -421,6 +484,7 @@ int main(void)
 		cmocka_unit_test(test_accepts_and_chooses_alg),
 		cmocka_unit_test(test_refusals),
 		cmocka_unit_test(test_jwt),
+		cmocka_unit_test(test_self_signed_certificate),
 		cmocka_unit_test(test_generate_and_write),
 		cmocka_unit_test(test_key_forms),
 		cmocka_unit_test(test_passwords),

@@ -160,6 +160,12 @@ static void test_ids_and_paths(void **state)
 	p = akz_registry_keystore_path("devices.json", NULL, "d1", ".pem");
 	assert_string_equal(p, "./keys/d1.pem");
 	free(p);
+	p = akz_registry_resolve_key("/etc/akz/devices.json", "keys/x.pem");
+	assert_string_equal(p, "/etc/akz/keys/x.pem");
+	free(p);
+	p = akz_registry_resolve_key("/etc/akz/devices.json", "pkcs11:token=a;object=b");
+	assert_string_equal(p, "pkcs11:token=a;object=b");
+	free(p);
 }
 
 static void test_next_key(void **state)
