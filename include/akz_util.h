@@ -30,6 +30,10 @@ int akz_thread_start(struct akz_thread *t, const char *what, void *(*fn)(void *)
  * it has. Never fails; a thread never started is left alone. */
 void akz_thread_stop(struct akz_thread *t, void (*tell)(void *ctx), void *ctx);
 
+/* akz_thread_stop for a thread that sleeps on cond under lock until *stop is true: sets it under
+ * the lock, signals cond, and waits for the thread to end. Never fails. */
+void akz_thread_stop_sleeper(struct akz_thread *t, pthread_mutex_t *lock, pthread_cond_t *cond, bool *stop);
+
 /* Initialises a condition variable whose timed waits run on the monotonic clock, which a
  * wall-clock step does not move. Returns 0 or pthread's error number. */
 int akz_cond_init_monotonic(pthread_cond_t *cond);

@@ -193,20 +193,10 @@ void akz_resolver_failed(struct akz_resolver *r, const char *addr)
 	pthread_mutex_unlock(&r->lock);
 }
 
-/* Tells the lookup thread to stop (akz_thread_stop). */
-static void tell_stop(void *ctx)
-{
-	struct akz_resolver *r = ctx;
-	pthread_mutex_lock(&r->lock);
-	r->stop = true;
-	pthread_cond_signal(&r->cond);
-	pthread_mutex_unlock(&r->lock);
-}
-
 void akz_resolver_free(struct akz_resolver *r)
 {
 	if(r == NULL) return;
-	akz_thread_stop(&r->thread, tell_stop, r);
+	akz_thread_stop_sleeper(&r->thread, &r->lock, &r->cond, &r->stop);
 	pthread_mutex_destroy(&r->lock);
 	pthread_cond_destroy(&r->cond);
 	free(r->host);

@@ -1011,20 +1011,10 @@ fail:
 	return -1;
 }
 
-/* Tells the flusher to stop (akz_thread_stop). */
-static void tell_stop(void *ctx)
-{
-	struct akz_spool *s = ctx;
-	pthread_mutex_lock(&s->lock);
-	s->stop = true;
-	pthread_cond_signal(&s->cond);
-	pthread_mutex_unlock(&s->lock);
-}
-
 void akz_spool_close(struct akz_spool *s)
 {
 	if(s == NULL) return;
-	akz_thread_stop(&s->flusher, tell_stop, s);
+	akz_thread_stop_sleeper(&s->flusher, &s->lock, &s->cond, &s->stop);
 	pthread_mutex_lock(&s->lock);
 	write_markers_locked(s);
 	reclaim_locked(s);

@@ -43,6 +43,27 @@ void akz_thread_stop(struct akz_thread *t, void (*tell)(void *ctx), void *ctx)
 	t->running = false;
 }
 
+struct sleeper {
+	pthread_mutex_t *lock;
+	pthread_cond_t *cond;
+	bool *stop;
+};
+
+static void wake_sleeper(void *ctx)
+{
+	struct sleeper *s = ctx;
+	pthread_mutex_lock(s->lock);
+	*s->stop = true;
+	pthread_cond_signal(s->cond);
+	pthread_mutex_unlock(s->lock);
+}
+
+void akz_thread_stop_sleeper(struct akz_thread *t, pthread_mutex_t *lock, pthread_cond_t *cond, bool *stop)
+{
+	struct sleeper s = {lock, cond, stop};
+	akz_thread_stop(t, wake_sleeper, &s);
+}
+
 int akz_cond_init_monotonic(pthread_cond_t *cond)
 {
 	pthread_condattr_t ca;
