@@ -52,10 +52,10 @@ struct dev {
 	size_t unacked;              /* pending + handed over and not yet acknowledged or written */
 	bool enabled;                /* as the registry says */
 	bool removed;                /* out of the table: counted out of the summary already */
-	bool acks_will_pump;         /* its window is full and pending waits for it: the bridge thread
-	                              * takes pending after the next PUBACK, so new uplinks need no
-	                              * wake-up (set in the step that looked at pending; cleared when
-	                              * the connection's state changes) */
+	bool acks_will_pump;         /* its window is nearly full and pending waits for room: the
+	                              * bridge thread takes pending after the next PUBACK, so new
+	                              * uplinks need no wake-up (set in the locked step that looked at
+	                              * pending; cleared when the connection's state changes) */
 	struct akz_key *next_key;    /* the key to switch to (WORK_CHANGED), or NULL */
 	struct akz_status_dev status;   /* as status topics and the control API show it (queued and
 	                                 * the spool's figures are filled in when it is copied) */
@@ -80,7 +80,6 @@ struct dev {
 	int acked;                   /* PUBACKs taken by the last read, not yet counted */
 	int64_t out_ms;              /* when the connection last wrote (libmosquitto's keepalive) */
 	int64_t acked_ms;            /* the last PUBACK, or when the window last went from empty to not */
-	int64_t minted_wall_offset;  /* wall minus monotonic clock when the token was minted */
 	int64_t status_sent_ms;      /* when its status was last handed to the broker thread */
 	bool status_due;             /* a status change waits for status_interval_ms to pass */
 	uint64_t expired;            /* dropped by the TTL, not yet logged */

@@ -637,7 +637,6 @@ static void start_connect(struct dev *d)
 		conn_event(d, AKZ_CONN_START_FAILED, 0, mosquitto_strerror(rc));
 		return;
 	}
-	d->minted_wall_offset = wall_offset_s();
 	pthread_mutex_lock(&b->lock);
 	d->status.token_expires = now + b->lifetime;
 	pthread_mutex_unlock(&b->lock);
