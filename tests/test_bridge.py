@@ -484,6 +484,24 @@ def test_per_listener_settings_is_reported(edge, standin):
     s.close()
 
 
+def test_a_removed_device_leaves_without_a_tick(edge, standin):
+    """A device that leaves the registry is freed by the bridge thread as soon as it takes the
+    news, not after a TICK of the broker's: with per_listener_settings true Mosquitto 2.0 calls no
+    TICK, and the removed device's upstream connection still closes."""
+    for i in ("keep-t", "gone-t"):
+        standin.register(i, edge.add_device(i, password="pw-x", write=False))
+    edge.write_registry()
+    conf = edge.conf
+    edge.conf = lambda: "per_listener_settings true\n" + conf()
+    edge.start()
+    wait_for(lambda: "accepted client 'gone-t'" in standin.log(), 10, what="gone-t upstream")
+    edge.remove_device("gone-t")
+    edge.broker.sighup()
+    wait_for(lambda: "Client gone-t closed its connection." in standin.log(), 10,
+             what="gone-t's upstream connection closed")
+    assert "Client keep-t closed its connection." not in standin.log()
+
+
 def test_two_hundred_devices(edge, standin):
     ids = [f"d{i:03d}" for i in range(200)]
     edge.options["connect_rate"] = "1000"
