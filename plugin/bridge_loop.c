@@ -784,7 +784,7 @@ static void after_io(struct dev *d)
 	if(d->acked){
 		count_done(d, (size_t)d->acked, 0);
 		d->acked = 0;
-		if(d->win.count == 0) conn_event(d, AKZ_CONN_DRAINED, 0, NULL);
+		if(d->win.count == 0 && d->conn.refreshing) conn_event(d, AKZ_CONN_DRAINED, 0, NULL);
 	}
 	pump_uplinks(d);
 	note_output(d);
