@@ -17,6 +17,9 @@ Sections (run all, or name some: bench/run.py jwt connect bridge remote memory):
   light    light load: edge CPU per uplink at 1,000 uplinks/s in total through 100 devices (QoS 1)
            vs the built-in bridge at the same load (BENCH_LIGHT_ROUNDS=5 alternating rounds of
            BENCH_LIGHT_SECONDS=5 s), and the edge's CPU with 1,000 connected idle devices
+  instructions  the edge's instructions per uplink under callgrind (10 devices, 1,000 QoS 1 uplinks
+           at 200/s, minus a run as long without uplinks) vs the built-in bridge: repeatable on a
+           busy machine, where CPU time is not (it leaves out the kernel: syscalls, wake-ups)
   onboard  BENCH_FLEET=1000 devices imported from CSV (akenzactl akenza import) and registered with
            the REST stand-in over TLS (akenzactl akenza register): devices/s and requests per
            device, vs the same requests from one kept-alive Python http.client (200 devices);
@@ -52,7 +55,7 @@ STARTED = []
 def broker(conf, name, port=None, env=None):
     """A Mosquitto on conf (PORT: a free port), with env added to its environment."""
     port = port or free_port()
-    b = Broker(WORK / name, conf.replace("PORT", str(port)), port, name, env=env)
+    b = Broker(WORK / name, conf.replace("PORT", str(port)), port, name, env=env, timeout=60)
     b.port = port
     STARTED.append(b)
     return b
@@ -537,6 +540,48 @@ def bench_light():
     row("  per idle device (us per s)", (ours_ms - base_ms) * 1000 / idle_n, "us/s")
 
 
+def callgrind_ir(make_edge, user, n, uplinks, rate, seconds):
+    """Instructions the edge that make_edge() starts under callgrind runs in `seconds` from when
+    it is up, while n devices send `uplinks` QoS 1 uplinks at `rate`/s (none when 0)."""
+    out = WORK / f"callgrind-{time.monotonic_ns()}.out"
+    os.environ["AKZ_BROKER_WRAPPER"] = f"valgrind --tool=callgrind --callgrind-out-file={out}"
+    try:
+        edge = make_edge()
+    finally:
+        del os.environ["AKZ_BROKER_WRAPPER"]
+    time.sleep(3)
+    t0 = time.monotonic()
+    if uplinks:
+        r = relay(None, edge.port, 1, n, uplinks // n, rate=rate, user=user)
+        assert r["lost"] == 0, r
+    time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
+    edge.stop_timeout = 120   # callgrind writes its counts as the broker exits
+    edge.stop()
+    STARTED.remove(edge)
+    return int(re.search(r"^(?:summary|totals): (\d+)", out.read_text(errors="replace"), re.M).group(1))
+
+
+def bench_instructions():
+    global RIG
+    n, uplinks, rate = 10, 1000, 200
+    print(f"\n== Instructions per uplink (callgrind; user space only): {uplinks:,} QoS 1 uplinks at {rate}/s"
+          f" through {n} devices, minus a run as long without uplinks")
+    RIG = Rig(n)
+
+    def ours():
+        e = RIG.ours()
+        RIG.wait_connected(e, n, timeout=120)
+        return e
+    per = {}
+    seconds = uplinks / rate + 2
+    for name, make, user in (("ours", ours, True), ("builtin", RIG.builtin, False)):
+        with_ = callgrind_ir(make, user, n, uplinks, rate, seconds)
+        without = callgrind_ir(make, user, n, 0, rate, seconds)
+        per[name] = (with_ - without) / uplinks
+    row("Mosquitto built-in bridge (instructions/uplink)", per["builtin"], "")
+    row("mosquitto_akenza (instructions/uplink)", per["ours"], "", "built-in", per["builtin"])
+
+
 # ---- spool -------------------------------------------------------------------------------------
 
 def spool_opts(name, mode, extra=""):
@@ -699,7 +744,8 @@ def bench_onboard():
 
 
 SECTIONS = {"jwt": bench_jwt, "connect": bench_connect, "bridge": bench_bridge, "remote": bench_remote,
-            "memory": bench_memory, "spool": bench_spool, "light": bench_light, "onboard": bench_onboard}
+            "memory": bench_memory, "spool": bench_spool, "light": bench_light, "instructions": bench_instructions,
+            "onboard": bench_onboard}
 
 
 def main():
