@@ -332,11 +332,13 @@ static bool flush_output(struct dev *d, bool alone)
 		return false;
 	}
 	bool blocked = rc == 0;
-	if(alone && !blocked && d->win.count > 0 && d->conn.state == AKZ_CONN_CONNECTED && !d->in_deferred){
-		/* At a light load (one device wrote in this turn), akenza's PUBACKs for what just went
-		 * out are read at the start of the next loop turn, at most ACK_WAIT_MS away, not by a
-		 * wake-up of their own: the next uplink's wake-up reads them. Under load the turns
-		 * come anyway, and watching and unwatching sockets would only cost syscalls. */
+	bool light = alone && d->win.count > 0 && d->win.count < REFILL_MIN;
+	if(light && !blocked && d->conn.state == AKZ_CONN_CONNECTED && !d->in_deferred){
+		/* At a light load (one device wrote in this turn, with a few uplinks in flight),
+		 * akenza's PUBACKs for what just went out are read at the start of the next loop turn,
+		 * at most ACK_WAIT_MS away, not by a wake-up of their own: the next uplink's wake-up
+		 * reads them. Under load the turns come anyway, watching and unwatching sockets would
+		 * only cost syscalls, and a busy device's window must reopen as its PUBACKs come. */
 		d->in_deferred = true;
 		d->deferred_next = d->b->deferred;
 		d->b->deferred = d;
