@@ -9,9 +9,21 @@
 BUILD    ?= build
 CC       ?= cc
 PYTHON   ?= /usr/bin/python3
+# MOSQUITTO_DIR=<prefix> builds against the Mosquitto installed under <prefix> (include/, lib/),
+# e.g. a 2.1 built from its source; by default against pkg-config's libmosquitto (Debian's 2.0).
+# Either build loads into a 2.0 or a 2.1 broker: what differs is decided at run time.
+MOSQUITTO_DIR ?=
+ifeq ($(MOSQUITTO_DIR),)
 PKGS     := libmosquitto libcjson openssl zlib
-PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+MOSQ_CFLAGS :=
+MOSQ_LIBS :=
+else
+PKGS     := libcjson openssl zlib
+MOSQ_CFLAGS := -I$(MOSQUITTO_DIR)/include
+MOSQ_LIBS := -L$(MOSQUITTO_DIR)/lib -lmosquitto
+endif
+PKG_CFLAGS := $(MOSQ_CFLAGS) $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(MOSQ_LIBS) $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 # akenzactl alone speaks to akenza's REST API, with libcurl (OpenSSL flavour); the plugin never links it.
 CURL_CFLAGS := $(shell pkg-config --cflags libcurl 2>/dev/null)
 CURL_LIBS   := $(shell pkg-config --libs libcurl 2>/dev/null)

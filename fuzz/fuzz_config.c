@@ -4,8 +4,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <mosquitto_broker.h>
-#include <mosquitto_plugin.h>
+#include "akz_mosquitto.h"
 #include "akz_config.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);

@@ -10,8 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cJSON.h>
-#include <mosquitto.h>
-#include <mosquitto_broker.h>
+#include "akz_mosquitto.h"
 #include "akz_bridge.h"
 #include "akz_control.h"
 #include "akz_keystore.h"

@@ -121,6 +121,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 
 	/* broker */
 	int64_t sum_published_ms;
+	struct akz_status_sent sum_sent;   /* what the counters' own topics last showed */
 	int64_t last_tick_ms;        /* when akz_bridge_tick last ran (0: never) */
 	int64_t started_ms;
 	bool no_tick_reported;

@@ -8,16 +8,19 @@
 
 struct mosquitto;
 
-/* Checks, with a throwaway client, that this libmosquitto keeps its socket pair where
- * akz_fds_close_pair() looks for it. Returns true if it does (then akz_fds_close_pair() works for
- * the rest of the process), false if not (nothing is touched: every client keeps its pair).
+/* Checks, with throwaway clients, how a client's socket pair can be closed in this libmosquitto:
+ * by its MOSQ_OPT_DISABLE_SOCKETPAIR option (2.1; where setting it frees the pair), or else by
+ * hand, where the pair is proven to sit where akz_fds_close_pair() looks for it. Returns true if
+ * either works (then akz_fds_close_pair() works for the rest of the process), false if not
+ * (nothing is touched: every client keeps its pair).
  * Call once, while no other thread opens or closes descriptors (the plugin's init), after
  * mosquitto_lib_init(). */
 bool akz_fds_probe_pair(void);
 
 /* Closes the socket pair of a client fresh from mosquitto_new(), which the bridge's own event
- * loop never uses. Returns true if it closed it, false if it left it alone (the probe failed or
- * was not run, or the client does not look fresh). Never fails otherwise. */
+ * loop never uses, the way the probe found. Returns true if it closed it, false if it left it
+ * alone (the probe failed or was not run, or the client does not look fresh). Never fails
+ * otherwise. */
 bool akz_fds_close_pair(struct mosquitto *mosq);
 
 /* Descriptors each upstream device costs: its connection, plus the pair if it is kept. */

@@ -1,4 +1,4 @@
-/* akz_passwd.h - local password hashes in mosquitto_passwd's formats ($6$ and $7$). */
+/* akz_passwd.h - local password hashes in mosquitto_passwd's formats ($6$ and $7$, 2.0 and 2.1). */
 #ifndef AKZ_PASSWD_H
 #define AKZ_PASSWD_H
 
@@ -7,7 +7,8 @@
 
 #define AKZ_PW_ITERATIONS_DEFAULT 210000   /* OWASP's 2023 figure for PBKDF2-HMAC-SHA512 */
 #define AKZ_PW_ITERATIONS_MAX 1000000     /* bounds the broker-thread stall per login (passwd.c) */
-#define AKZ_PW_SALT_LEN 12                 /* as mosquitto_passwd, so hashes move between the two */
+#define AKZ_PW_SALT_LEN 12                 /* as mosquitto_passwd 2.0 writes, which 2.0 and 2.1 read */
+#define AKZ_PW_SALT_MAX 64                 /* as mosquitto_passwd 2.1 writes */
 #define AKZ_PW_HASH_LEN 64
 
 enum akz_pw_kind {
@@ -19,7 +20,8 @@ enum akz_pw_kind {
 struct akz_pw {
 	enum akz_pw_kind kind;
 	int iterations;
-	unsigned char salt[AKZ_PW_SALT_LEN];
+	unsigned char salt[AKZ_PW_SALT_MAX];
+	size_t salt_len;                       /* AKZ_PW_SALT_LEN or AKZ_PW_SALT_MAX */
 	unsigned char hash[AKZ_PW_HASH_LEN];
 };
 

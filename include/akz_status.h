@@ -1,4 +1,4 @@
-/* akz_status.h - the bridge's state as retained JSON under $SYS/broker/akenza/. */
+/* akz_status.h - the bridge's state, retained under $SYS/broker/akenza/. */
 #ifndef AKZ_STATUS_H
 #define AKZ_STATUS_H
 
@@ -40,8 +40,16 @@ struct akz_status_summary {
 /* Publishes (retained) the device's status. Broker thread. Logs and returns on failure. */
 void akz_status_publish_device(const char *id, const struct akz_status_dev *s);
 
-/* Publishes (retained) the summary. Broker thread. */
-void akz_status_publish_summary(const struct akz_status_summary *s);
+/* What akz_status_publish_summary last published on the counters' own topics (zeroed at start). */
+struct akz_status_sent {
+	bool any;                       /* false until the first publication */
+	struct akz_status_summary sum;
+};
+
+/* Publishes (retained) the summary as JSON on $SYS/broker/akenza/summary, and each counter that
+ * changed since *sent as a plain number on a topic of its own ($SYS/broker/akenza/uplinks/relayed
+ * ...; docs/metrics.md); updates *sent. Broker thread. Logs and returns on failure. */
+void akz_status_publish_summary(const struct akz_status_summary *s, struct akz_status_sent *sent);
 
 /* Clears the retained status of a device that left the registry. Broker thread. */
 void akz_status_clear_device(const char *id);

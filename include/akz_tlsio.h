@@ -27,6 +27,11 @@ int akz_tlsio_attach(SSL *ssl);
  * on a non-blocking socket. */
 int akz_tlsio_flush(SSL *ssl);
 
+/* Writes out what ssl's buffer holds, as akz_tlsio_flush() (same returns), and from then on lets
+ * every record go straight to the socket: for the last packets of a connection, which
+ * libmosquitto 2.1 follows with shutdown(2) on the socket within the same call. */
+int akz_tlsio_unbuffer(SSL *ssl);
+
 /* Bytes held for ssl, 0 for NULL or without a filter. */
 size_t akz_tlsio_pending(SSL *ssl);
 

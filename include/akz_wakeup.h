@@ -6,10 +6,16 @@
 
 struct akz_wakeup;
 
+/* Makes every wakeup made from now on also wake the broker thread when no TICK has run for ms
+ * (0: never, the default), for a broker whose loop may sleep longer than that between events
+ * (Mosquitto 2.1 built without websockets). Process-wide, as the broker is: call at plugin init,
+ * before akz_wakeup_new. Never fails. */
+void akz_wakeup_set_heartbeat(int ms);
+
 /* Sets up waking the calling thread, which must be the broker's (the plugin's init runs on it).
- * Installs a do-nothing handler for one real-time signal, shared by all instances. Returns 0,
- * or -1 with the reason in err (the signal already has another handler: the caller then lets
- * the TICK come in its own time). */
+ * Installs a do-nothing handler for one real-time signal, shared by all instances, and the
+ * heartbeat's timer if one is set. Returns 0, or -1 with the reason in err (the signal already
+ * has another handler, no timer: the caller then lets the TICK come in its own time). */
 int akz_wakeup_new(struct akz_wakeup **out, char *err, size_t errlen);
 
 /* Wakes the broker thread unless a wake is already on its way. Any thread; never fails. NULL is
@@ -22,8 +28,8 @@ void akz_wakeup_poke(struct akz_wakeup *w);
  * pokes calls it from its own loop; never fails. */
 int akz_wakeup_recheck(struct akz_wakeup *w);
 
-/* Tells that the broker thread is awake (call at the start of the TICK): the next poke signals
- * again. Broker thread; NULL is ignored. */
+/* Tells that the broker thread is awake (call at the start of every TICK): the next poke signals
+ * again, and the heartbeat, if on, is pushed back. Broker thread; NULL is ignored. */
 void akz_wakeup_ack(struct akz_wakeup *w);
 
 /* Frees w once no thread pokes any more. With the last instance the signal is set to be ignored

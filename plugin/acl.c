@@ -1,8 +1,6 @@
 /* acl.c - per-device topic rules: a device speaks only for itself, a gateway for its devices. */
 #include <string.h>
-#include <mosquitto.h>
-#include <mosquitto_broker.h>
-#include <mosquitto_plugin.h>
+#include "akz_mosquitto.h"
 #include "akz_auth.h"
 #include "akz_registry.h"
 #include "akz_topic.h"

@@ -8,8 +8,7 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
-#include <mosquitto.h>
-#include <mosquitto_broker.h>
+#include "akz_mosquitto.h"
 #include "akz_auth.h"
 #include "akz_config.h"
 #include "akz_passwd.h"

@@ -9,9 +9,7 @@
 #include <string.h>
 #include <time.h>
 #include <openssl/ssl.h>
-#include <mosquitto.h>
-#include <mosquitto_broker.h>
-#include <mqtt_protocol.h>
+#include "akz_mosquitto.h"
 #include "akz_bridge_int.h"
 #include "akz_config.h"
 #include "akz_fds.h"
@@ -393,7 +391,7 @@ static void publish_summary(struct akz_bridge *b, int64_t now)
 	pthread_mutex_unlock(&b->lock);
 	if(!due) return;
 	b->sum_published_ms = now;
-	akz_status_publish_summary(&s);
+	akz_status_publish_summary(&s, &b->sum_sent);
 }
 
 void akz_bridge_tick(struct akz_bridge *b)

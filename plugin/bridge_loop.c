@@ -16,7 +16,7 @@
 #include <openssl/err.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
-#include <mosquitto.h>
+#include "akz_mosquitto.h"
 #include "akz_bridge_int.h"
 #include "akz_fds.h"
 #include "akz_jwt.h"
@@ -293,13 +293,16 @@ static void fail_connection(struct dev *d, const char *why, int rc)
 	conn_event(d, AKZ_CONN_LOST, 0, lost_reason(d, rc, reason, sizeof(reason)));
 }
 
-/* Ends the connection with a DISCONNECT (a token refresh, a restart): libmosquitto writes it
- * into the write buffer, closes the socket (OpenSSL's close_notify flushes the buffer first)
- * and calls on_disconnect, which the state machine, having moved on, ignores. Never from
- * inside a libmosquitto callback, where the DISCONNECT would only be queued. */
+/* Ends the connection with a DISCONNECT (a token refresh, a restart): libmosquitto writes it,
+ * closes the socket and calls on_disconnect, which the state machine, having moved on, ignores.
+ * The write buffer is written out and switched off first: libmosquitto 2.1 shuts the socket
+ * down right after writing the DISCONNECT (2.0 closed it through SSL_shutdown, whose flush
+ * wrote the buffer out). Never from inside a libmosquitto callback, where the DISCONNECT would
+ * only be queued. */
 static void hang_up(struct dev *d)
 {
 	if(d->mosq == NULL) return;
+	(void)akz_tlsio_unbuffer(mosquitto_ssl_get(d->mosq));   /* a failure shows in the write */
 	check_socket(d, mosquitto_disconnect(d->mosq));
 	if(mosquitto_socket(d->mosq) >= 0) abort_connection(d, "disconnected");
 }

@@ -6,8 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <mosquitto_broker.h>
-#include <mosquitto_plugin.h>
+#include "akz_mosquitto.h"
 #include "akz_config.h"
 #include "akz_jwt.h"
 #include "akz_spool.h"

@@ -21,9 +21,7 @@
 #include <unistd.h>
 #include <cJSON.h>
 #include <openssl/evp.h>
-#include <mosquitto.h>
-#include <mosquitto_broker.h>
-#include <mosquitto_plugin.h>
+#include "akz_mosquitto.h"
 #include "akz_bridge.h"
 #include "akz_control.h"
 #include "akz_keystore.h"

@@ -14,16 +14,48 @@
  * client, so that another thread can interrupt the select() in mosquitto_loop(). The bridge
  * drives its clients from its own epoll loop and never calls mosquitto_loop(), so the pair only
  * costs two descriptors per device (three in all: a broker under the usual 1,024-descriptor
- * limit carried ~330 devices instead of ~1,000) and a write(2) on every publish. No option turns
- * it off. The pair sits right after the client's socket at the start of struct mosquitto, as
- * `sock, sockpairR, sockpairW` (mosquitto_internal.h, client build, unchanged from 1.4 to
- * 2.0.20). akz_fds_probe_pair() proves that layout once with a throwaway client; after that
- * akz_fds_close_pair() closes a fresh client's pair and stores INVALID_SOCKET in its place, the
- * state libmosquitto itself runs in when socketpair() fails (it then skips the wake-up write and
- * closes nothing at destroy). If the proof fails, nothing is ever touched. */
+ * limit carried ~330 devices instead of ~1,000) and a write(2) on every publish.
+ *
+ * libmosquitto 2.1 has an option for this, MOSQ_OPT_DISABLE_SOCKETPAIR, and the plugin sets it
+ * where the library has it; but 2.1.2 reads the flag only in mosquitto_reinitialise(), right
+ * after clearing the whole struct (flag included), and setting it on a client made by
+ * mosquitto_new() closes nothing. So the probe below first asks whether the option frees the
+ * pair (the lowest free descriptor number is the same before mosquitto_new() and after the
+ * option: socketpair() takes the lowest free numbers); only where it does not is the pair closed
+ * by hand. The pair sits right after the client's socket at the start of struct mosquitto, as
+ * `sock, sockpairR, sockpairW` (mosquitto_internal.h, client build, unchanged from 1.4 to 2.0.20
+ * and in 2.1.2). akz_fds_probe_pair() proves that layout once with a throwaway client; after
+ * that akz_fds_close_pair() closes a fresh client's pair and stores INVALID_SOCKET in its place,
+ * the state libmosquitto itself runs in when socketpair() fails (it then skips the wake-up write
+ * and closes nothing at destroy). If the proof fails, nothing is ever touched. */
 enum { SLOT_SOCK, SLOT_PAIR_R, SLOT_PAIR_W, SLOTS };
+enum pair_mode { PAIR_KEPT, PAIR_BY_OPTION, PAIR_BY_HAND };
 
-static atomic_bool pair_layout_known;
+#define OPT_DISABLE_SOCKETPAIR 14   /* MOSQ_OPT_DISABLE_SOCKETPAIR, libmosquitto 2.1 */
+
+static _Atomic int pair_mode = PAIR_KEPT;
+
+/* True if this libmosquitto (the one loaded, not the headers') has the option. */
+static bool lib_has_option(void)
+{
+	int major = 0, minor = 0, revision = 0;
+	mosquitto_lib_version(&major, &minor, &revision);
+	return major > 2 || (major == 2 && minor >= 1);
+}
+
+/* Sets the option on mosq. True if the library took it (which alone frees nothing in 2.1.2). */
+static bool set_option(struct mosquitto *mosq)
+{
+	return lib_has_option() && mosquitto_int_option(mosq, OPT_DISABLE_SOCKETPAIR, 1) == MOSQ_ERR_SUCCESS;
+}
+
+/* The number open() would give a new descriptor now, or -1. */
+static int lowest_free_fd(void)
+{
+	int fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if(fd >= 0) close(fd);
+	return fd;
+}
 
 static void read_slots(const struct mosquitto *mosq, int slots[SLOTS])
 {
@@ -55,25 +87,43 @@ static bool is_closed(int fd)
 	return fcntl(fd, F_GETFD) == -1 && errno == EBADF;
 }
 
-bool akz_fds_probe_pair(void)
+/* Whether the option alone leaves a fresh client without a pair: checked with a throwaway one. */
+static bool option_frees_pair(void)
 {
-	if(atomic_load(&pair_layout_known)) return true;
+	int before = lowest_free_fd();
+	struct mosquitto *probe = mosquitto_new(NULL, true, NULL);
+	if(probe == NULL) return false;
+	bool freed = set_option(probe) && before >= 0 && lowest_free_fd() == before;
+	mosquitto_destroy(probe);
+	return freed;
+}
+
+/* The proof that the first slots hold the pair: they held Unix sockets, and destroying the
+ * client closed exactly those descriptors. */
+static bool layout_proven(void)
+{
 	struct mosquitto *probe = mosquitto_new(NULL, true, NULL);
 	if(probe == NULL) return false;
 	int slots[SLOTS];
 	read_slots(probe, slots);
 	bool fresh = looks_fresh(slots);
 	mosquitto_destroy(probe);
-	/* The proof that the two slots are the pair: they held Unix sockets, and destroying the
-	 * client closed exactly those descriptors. */
-	bool proven = fresh && is_closed(slots[SLOT_PAIR_R]) && is_closed(slots[SLOT_PAIR_W]);
-	if(proven) atomic_store(&pair_layout_known, true);
-	return proven;
+	return fresh && is_closed(slots[SLOT_PAIR_R]) && is_closed(slots[SLOT_PAIR_W]);
+}
+
+bool akz_fds_probe_pair(void)
+{
+	if(atomic_load(&pair_mode) != PAIR_KEPT) return true;
+	if(option_frees_pair()) atomic_store(&pair_mode, PAIR_BY_OPTION);
+	else if(layout_proven()) atomic_store(&pair_mode, PAIR_BY_HAND);
+	return atomic_load(&pair_mode) != PAIR_KEPT;
 }
 
 bool akz_fds_close_pair(struct mosquitto *mosq)
 {
-	if(mosq == NULL || !atomic_load(&pair_layout_known)) return false;
+	int mode = atomic_load(&pair_mode);
+	if(mosq == NULL || mode == PAIR_KEPT) return false;
+	if(mode == PAIR_BY_OPTION) return set_option(mosq);
 	int slots[SLOTS];
 	read_slots(mosq, slots);
 	if(!looks_fresh(slots)) return false;
@@ -86,7 +136,7 @@ bool akz_fds_close_pair(struct mosquitto *mosq)
 
 int akz_fds_per_device(void)
 {
-	return atomic_load(&pair_layout_known) ? 1 : 3;
+	return atomic_load(&pair_mode) != PAIR_KEPT ? 1 : 3;
 }
 
 int akz_fds_reserve(size_t need, size_t *soft_before, size_t *soft_after)

@@ -39,6 +39,20 @@ static int decode_b64_exact(const char *s, size_t len, unsigned char *out, size_
 	return 0;
 }
 
+/* Decodes a salt of either length mosquitto_passwd writes (12 bytes in 2.0, 64 in 2.1) into pw.
+ * Returns 0, or -1 if s is neither. */
+static int decode_salt(const char *s, size_t len, struct akz_pw *pw)
+{
+	const size_t lens[] = {AKZ_PW_SALT_LEN, AKZ_PW_SALT_MAX};
+	for(size_t i = 0; i < sizeof(lens)/sizeof(lens[0]); i++){
+		if(decode_b64_exact(s, len, pw->salt, lens[i]) == 0){
+			pw->salt_len = lens[i];
+			return 0;
+		}
+	}
+	return -1;
+}
+
 /* Splits "$<k>$a$b[$c]" into up to 3 fields after the scheme. Returns the field count. */
 static int split_fields(const char *text, const char *f[3], size_t flen[3])
 {
@@ -61,6 +75,11 @@ int akz_pw_parse(const char *text, struct akz_pw *out, char *err, size_t errlen)
 	size_t flen[3];
 
 	memset(out, 0, sizeof(*out));
+	if(text && strncmp(text, "$argon2id$", 10) == 0){
+		akz_set_err(err, errlen, "an argon2id hash (mosquitto_passwd -H argon2id) is not supported: "
+				"make a $7$ hash (mosquitto_passwd -H sha512-pbkdf2, or 'akenzactl passwd')");
+		return -1;
+	}
 	if(text == NULL || text[0] != '$' || (text[1] != '6' && text[1] != '7') || text[2] != '$'){
 		akz_set_err(err, errlen, "not a password hash ($6$ or $7$, as mosquitto_passwd or "
 				"'akenzactl passwd' write them): plain-text passwords are refused");
@@ -70,9 +89,9 @@ int akz_pw_parse(const char *text, struct akz_pw *out, char *err, size_t errlen)
 	if(text[1] == '6'){
 		out->kind = AKZ_PW_SHA512;
 		out->iterations = 1;
-		if(n != 2 || decode_b64_exact(f[0], flen[0], out->salt, AKZ_PW_SALT_LEN)
+		if(n != 2 || decode_salt(f[0], flen[0], out)
 				|| decode_b64_exact(f[1], flen[1], out->hash, AKZ_PW_HASH_LEN)){
-			akz_set_err(err, errlen, "malformed $6$ hash: expected $6$<base64 salt of 12 bytes>$<base64 hash of 64 bytes>");
+			akz_set_err(err, errlen, "malformed $6$ hash: expected $6$<base64 salt of 12 or 64 bytes>$<base64 hash of 64 bytes>");
 			return -1;
 		}
 		return 0;
@@ -91,9 +110,8 @@ int akz_pw_parse(const char *text, struct akz_pw *out, char *err, size_t errlen)
 		return -1;
 	}
 	out->iterations = (int)it;
-	if(decode_b64_exact(f[1], flen[1], out->salt, AKZ_PW_SALT_LEN)
-			|| decode_b64_exact(f[2], flen[2], out->hash, AKZ_PW_HASH_LEN)){
-		akz_set_err(err, errlen, "malformed $7$ hash: salt must be 12 bytes and hash 64 bytes, in base64");
+	if(decode_salt(f[1], flen[1], out) || decode_b64_exact(f[2], flen[2], out->hash, AKZ_PW_HASH_LEN)){
+		akz_set_err(err, errlen, "malformed $7$ hash: salt must be 12 or 64 bytes and hash 64 bytes, in base64");
 		return -1;
 	}
 	return 0;
@@ -108,13 +126,13 @@ static int compute(const struct akz_pw *pw, const char *password, unsigned char 
 		unsigned int n = 0;
 		int ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha512(), NULL) == 1
 				&& EVP_DigestUpdate(ctx, password, len) == 1
-				&& EVP_DigestUpdate(ctx, pw->salt, sizeof(pw->salt)) == 1
+				&& EVP_DigestUpdate(ctx, pw->salt, pw->salt_len) == 1
 				&& EVP_DigestFinal_ex(ctx, out, &n) == 1 && n == AKZ_PW_HASH_LEN;
 		EVP_MD_CTX_free(ctx);
 		return ok ? 0 : -1;
 	}
 	if(len > INT32_MAX) return -1;
-	return PKCS5_PBKDF2_HMAC(password, (int)len, pw->salt, sizeof(pw->salt), pw->iterations,
+	return PKCS5_PBKDF2_HMAC(password, (int)len, pw->salt, (int)pw->salt_len, pw->iterations,
 			EVP_sha512(), AKZ_PW_HASH_LEN, out) == 1 ? 0 : -1;
 }
 
@@ -135,7 +153,8 @@ static void encode_b64(const unsigned char *in, size_t len, char *out)
 
 char *akz_pw_hash(const char *password, int iterations, char *err, size_t errlen)
 {
-	struct akz_pw pw = {.kind = AKZ_PW_PBKDF2, .iterations = iterations};
+	/* A 12-byte salt, which Mosquitto 2.0's password_file reads as well as 2.1's. */
+	struct akz_pw pw = {.kind = AKZ_PW_PBKDF2, .iterations = iterations, .salt_len = AKZ_PW_SALT_LEN};
 	if(iterations < 1 || iterations > ITERATIONS_MAX){
 		akz_set_err(err, errlen, "iterations %d outside 1..%d", iterations, ITERATIONS_MAX);
 		return NULL;
@@ -144,12 +163,12 @@ char *akz_pw_hash(const char *password, int iterations, char *err, size_t errlen
 		akz_set_err(err, errlen, "empty password");
 		return NULL;
 	}
-	if(RAND_bytes(pw.salt, sizeof(pw.salt)) != 1 || compute(&pw, password, pw.hash)){
+	if(RAND_bytes(pw.salt, (int)pw.salt_len) != 1 || compute(&pw, password, pw.hash)){
 		akz_set_err(err, errlen, "hashing failed");
 		return NULL;
 	}
 	char salt[32], hash[96];
-	encode_b64(pw.salt, sizeof(pw.salt), salt);
+	encode_b64(pw.salt, pw.salt_len, salt);
 	encode_b64(pw.hash, sizeof(pw.hash), hash);
 	OPENSSL_cleanse(&pw, sizeof(pw));
 	size_t n = strlen(salt) + strlen(hash) + 32;

@@ -3,18 +3,22 @@
 #include <stdlib.h>
 #include <string.h>
 #include <openssl/crypto.h>
-#include <mosquitto.h>
-#include <mosquitto_broker.h>
-#include <mosquitto_plugin.h>
-#include <mqtt_protocol.h>
+#include "akz_mosquitto.h"
 #include "akz_auth.h"
 #include "akz_bridge.h"
+#include "akz_compat.h"
 #include "akz_control.h"
 #include "akz_plugin.h"
 #include "akz_registry.h"
 #include "akz_topic.h"
+#include "akz_wakeup.h"
 
 #define AKZ_EXPORT __attribute__((visibility("default")))
+
+/* Mosquitto 2.1 built without websockets sleeps until its next event: the plugin wakes it when
+ * no TICK has run for this long (akz_wakeup_set_heartbeat). Longer than the 100 ms that 2.0 and
+ * 2.1 with websockets sleep at most, so that it never fires where the loop turns on its own. */
+#define TICK_HEARTBEAT_MS 150
 
 static void log_problem(void *ctx, const char *msg)
 {
@@ -93,28 +97,22 @@ static int on_message(int event, void *event_data, void *userdata)
 	case AKZ_UPLINK_SPOOL_IO: why = "the spool cannot write (disk full or I/O error, see above)"; break;
 	case AKZ_UPLINK_NOMEM: why = "out of memory"; break;
 	}
-	/* Full: an MQTT v5 client gets a failure reason code in its PUBACK (0x97 "quota exceeded"
-	 * where the broker passes ours on; 2.0 sends 0x87) and knows the message was not taken. A 3.1.1 client
-	 * would take ACL_DENIED as delivered, so it is disconnected without a PUBACK instead and
-	 * sends the message again when it reconnects (docs/DESIGN.md). */
+	/* Full: an MQTT v5 client gets a failure reason code in its PUBACK and knows the message
+	 * was not taken; a 3.1.1 client is disconnected without a PUBACK and sends the message again
+	 * when it reconnects (akz_refuse_publish, docs/DESIGN.md). */
 	const char *cid = mosquitto_client_id(ev->client);
 	mosquitto_log_printf(MOSQ_LOG_WARNING,
 			"akenza: device '%.*s': refusing uplink from client '%s': %s; the client keeps it",
 			(int)idlen, id, cid ? cid : "?", why);
-	if(mosquitto_client_protocol_version(ev->client) == 5){
-		ev->reason_code = 0x97; /* quota exceeded */
-		return MOSQ_ERR_ACL_DENIED;
-	}
-	/* Any error but ACL_DENIED makes the broker drop the connection without acknowledging. */
-	return MOSQ_ERR_ADMINISTRATIVE_ACTION;
+	return akz_refuse_publish(ev);
 }
 
 static int on_tick(int event, void *event_data, void *userdata)
 {
 	struct akz_plugin *p = userdata;
 	(void)event;
-	(void)event_data;
 	if(p->bridge) akz_bridge_tick(p->bridge);
+	akz_tick_every_turn(event_data);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -193,7 +191,7 @@ static const struct {
 	{on_basic_auth, MOSQ_EVT_BASIC_AUTH, false},
 	{on_acl_check, MOSQ_EVT_ACL_CHECK, false},
 	{on_reload, MOSQ_EVT_RELOAD, false},
-	{on_message, MOSQ_EVT_MESSAGE, true},
+	{on_message, AKZ_EVT_MESSAGE_IN, true},
 	{on_tick, MOSQ_EVT_TICK, true},
 };
 #define NCALLBACKS (sizeof(callbacks)/sizeof(callbacks[0]))
@@ -232,8 +230,11 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 	if(p == NULL) return MOSQ_ERR_NOMEM;
 	p->id = identifier;
 
-	mosquitto_log_printf(MOSQ_LOG_INFO, "akenza: mosquitto_akenza %s (libmosquitto %d, %s)",
-			AKZ_VERSION, mosquitto_lib_version(NULL, NULL, NULL), OpenSSL_version(OPENSSL_VERSION));
+	akz_compat_init(identifier, "mosquitto_akenza", AKZ_VERSION);
+	if(akz_broker_is_21()) akz_wakeup_set_heartbeat(TICK_HEARTBEAT_MS);
+	mosquitto_log_printf(MOSQ_LOG_INFO, "akenza: mosquitto_akenza %s (broker API %s, libmosquitto %d, %s)",
+			AKZ_VERSION, akz_broker_is_21() ? "2.1" : "2.0", mosquitto_lib_version(NULL, NULL, NULL),
+			OpenSSL_version(OPENSSL_VERSION));
 	if(akz_config_parse(&p->cfg, options, option_count, log_problem, NULL)){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: refusing to start: fix the plugin_opt_ lines above");
 		free(p);

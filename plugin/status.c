@@ -1,11 +1,11 @@
-/* status.c - retained $SYS/broker/akenza/ status topics, rendered with cJSON. */
+/* status.c - retained $SYS/broker/akenza/ status topics: JSON (cJSON) and one number per counter. */
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <cJSON.h>
-#include <mosquitto.h>
-#include <mosquitto_broker.h>
+#include "akz_mosquitto.h"
 #include "akz_status.h"
 
 bool akz_status_device_fields(cJSON *o, const struct akz_status_dev *s, const char *kid_field)
@@ -49,21 +49,49 @@ void akz_status_publish_device(const char *id, const struct akz_status_dev *s)
 	publish_retained(topic, akz_status_device_json(s));
 }
 
+/* The summary's counters: the name in the JSON, the topic of its own under AKZ_STATUS_PREFIX,
+ * and where the value is. One table serves both, so they cannot drift apart. The topics avoid
+ * devices/, whose levels are device ids. */
+#define SUM(f) offsetof(struct akz_status_summary, f)
+static const struct counter {
+	const char *name;
+	const char *topic;
+	size_t off;
+} counters[] = {
+	{"devices", "upstream/devices", SUM(devices)},
+	{"connected", "upstream/connected", SUM(connected)},
+	{"uplinks", "uplinks/relayed", SUM(uplinks)},
+	{"downlinks", "downlinks/relayed", SUM(downlinks)},
+	{"queued", "uplinks/queued", SUM(queued)},
+	{"refused", "uplinks/refused", SUM(refused)},
+	{"expired", "uplinks/expired", SUM(expired)},
+	{"orphaned", "uplinks/orphaned", SUM(orphaned)},
+	{"errors", "errors", SUM(errors)},
+	{"connects", "upstream/connects", SUM(connects)},
+	{"tls_resumed", "upstream/tls_resumed", SUM(tls_resumed)},
+	{"spool_bytes", "spool/bytes", SUM(spool.bytes)},
+	{"spool_msgs", "spool/messages", SUM(spool.msgs)},
+	{"spool_disk_bytes", "spool/disk_bytes", SUM(spool.disk_bytes)},
+	{"spool_segments", "spool/segments", SUM(spool.segments)},
+	{"spool_replayed", "spool/replayed", SUM(spool.replayed)},
+	{"spool_io_errors", "spool/io_errors", SUM(spool.io_errors)},
+};
+#undef SUM
+#define NCOUNTERS (sizeof(counters)/sizeof(counters[0]))
+
+static uint64_t counter_value(const struct akz_status_summary *s, const struct counter *c)
+{
+	uint64_t v;
+	memcpy(&v, (const unsigned char *)s + c->off, sizeof(v));
+	return v;
+}
+
 cJSON *akz_status_summary_object(const struct akz_status_summary *s)
 {
-	const struct { const char *name; uint64_t v; } f[] = {
-		{"devices", s->devices}, {"connected", s->connected}, {"uplinks", s->uplinks},
-		{"downlinks", s->downlinks}, {"queued", s->queued}, {"refused", s->refused},
-		{"expired", s->expired}, {"orphaned", s->orphaned}, {"errors", s->errors},
-		{"connects", s->connects}, {"tls_resumed", s->tls_resumed},
-		{"spool_bytes", s->spool.bytes}, {"spool_msgs", s->spool.msgs},
-		{"spool_disk_bytes", s->spool.disk_bytes}, {"spool_segments", s->spool.segments},
-		{"spool_replayed", s->spool.replayed}, {"spool_io_errors", s->spool.io_errors},
-	};
 	cJSON *o = cJSON_CreateObject();
 	if(o == NULL) return NULL;
-	for(size_t i = 0; i < sizeof(f)/sizeof(f[0]); i++){
-		if(cJSON_AddNumberToObject(o, f[i].name, (double)f[i].v) == NULL){
+	for(size_t i = 0; i < NCOUNTERS; i++){
+		if(cJSON_AddNumberToObject(o, counters[i].name, (double)counter_value(s, &counters[i])) == NULL){
 			cJSON_Delete(o);
 			return NULL;
 		}
@@ -80,9 +108,31 @@ char *akz_status_summary_json(const struct akz_status_summary *s)
 	return out;
 }
 
-void akz_status_publish_summary(const struct akz_status_summary *s)
+/* Publishes each counter that differs from what *sent holds (all of them the first time) on its
+ * own topic, as Mosquitto's $SYS tree does: retained, the number in decimal as the payload,
+ * which is what $SYS readers such as mosquitto-exporter take (one gauge per topic). */
+static void publish_counters(const struct akz_status_summary *s, struct akz_status_sent *sent)
+{
+	for(size_t i = 0; i < NCOUNTERS; i++){
+		uint64_t v = counter_value(s, &counters[i]);
+		if(sent->any && v == counter_value(&sent->sum, &counters[i])) continue;
+		char topic[96], text[24];
+		snprintf(topic, sizeof(topic), AKZ_STATUS_PREFIX "%s", counters[i].topic);
+		snprintf(text, sizeof(text), "%" PRIu64, v);
+		int rc = mosquitto_broker_publish_copy(NULL, topic, (int)strlen(text), text, 0, true, NULL);
+		if(rc != MOSQ_ERR_SUCCESS){
+			mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: cannot publish %s: %s", topic, mosquitto_strerror(rc));
+			return;   /* what is in *sent stays, so the next summary tries again */
+		}
+	}
+	sent->sum = *s;
+	sent->any = true;
+}
+
+void akz_status_publish_summary(const struct akz_status_summary *s, struct akz_status_sent *sent)
 {
 	publish_retained(AKZ_STATUS_PREFIX "summary", akz_status_summary_json(s));
+	publish_counters(s, sent);
 }
 
 void akz_status_clear_device(const char *id)

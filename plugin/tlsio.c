@@ -31,6 +31,7 @@ struct tlsio {
 	size_t len;
 	size_t cap;
 	bool drained;      /* the last read emptied the socket */
+	bool direct;       /* records go straight to the socket (akz_tlsio_unbuffer) */
 };
 
 /* One method for every filter, made by the first akz_tlsio_init and freed by the last
@@ -92,16 +93,17 @@ static bool append(struct tlsio *w, const void *data, size_t n)
 }
 
 /* BIO write: keeps the record, or, when it does not fit, writes out what is held and then
- * keeps it (one larger than the buffer goes straight through). Returns the bytes taken, or
+ * keeps it (one larger than the buffer goes straight through, as every record does once
+ * unbuffered). Returns the bytes taken, or
  * <= 0 with the next BIO's retry flags. */
 static int tlsio_write(BIO *bio, const char *data, int len)
 {
 	struct tlsio *w = BIO_get_data(bio);
 	BIO_clear_retry_flags(bio);
 	if(len <= 0) return 0;
-	if(append(w, data, (size_t)len)) return len;
+	if(!w->direct && append(w, data, (size_t)len)) return len;
 	if(w->len && write_out(bio, w) != 1) return -1;   /* order: what is held goes first */
-	if(append(w, data, (size_t)len)) return len;
+	if(!w->direct && append(w, data, (size_t)len)) return len;
 	int n = BIO_write(BIO_next(bio), data, len);
 	BIO_copy_next_retry(bio);
 	return n;
@@ -249,6 +251,15 @@ int akz_tlsio_flush(SSL *ssl)
 	int rc = write_out(f, w);
 	if(rc < 0 && errno == 0) errno = EIO;
 	return rc;
+}
+
+int akz_tlsio_unbuffer(SSL *ssl)
+{
+	BIO *f = find_filter(ssl);
+	if(f == NULL) return 1;
+	struct tlsio *w = BIO_get_data(f);
+	w->direct = true;
+	return akz_tlsio_flush(ssl);
 }
 
 size_t akz_tlsio_pending(SSL *ssl)

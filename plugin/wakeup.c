@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 #include "akz_wakeup.h"
 #include "akz_util.h"
 
@@ -15,8 +17,8 @@
  * waited 50 ms on average for the next TICK. The plugin API offers no wake-up; a signal to the
  * broker thread ends the sleep (epoll_wait returns EINTR, which the loop takes as a normal
  * turn) and the TICK follows at once. Around epoll_wait the broker blocks only SIGINT, SIGTERM,
- * SIGHUP, SIGUSR1 and SIGUSR2, and it uses no real-time signal. SA_RESTART keeps every other
- * call the broker thread may be in from failing with EINTR. */
+ * SIGHUP, SIGUSR1 and SIGUSR2; 2.0 uses no real-time signal, 2.1 only SIGRTMIN. SA_RESTART
+ * keeps every other call the broker thread may be in from failing with EINTR. */
 #define WAKE_SIGNAL_OFFSET 6     /* SIGRTMIN + 6: clear of the few that libraries pick first */
 
 /* A signal that lands after the TICK's last look at the hand-over queue and before the broker's
@@ -28,12 +30,29 @@
  * stops TICKs altogether): repeating further would only cost signals. */
 #define REPOKE_UNTIL_MS 100
 
+/* glibc 2.36 has SIGEV_THREAD_ID but not the field's documented name. */
+#ifndef sigev_notify_thread_id
+#define sigev_notify_thread_id _sigev_un._tid
+#endif
+
+/* The heartbeat: Mosquitto 2.1 built without websockets sleeps until its next event (its
+ * keepalive check, every 5 s while clients are connected; the $SYS update otherwise), not at
+ * most 100 ms as 2.0 does, and its TICK offers no way to bound that sleep and still be called
+ * on every loop turn (compat.c). A one-shot timer sends the wake signal to the broker thread
+ * when no TICK has run for heartbeat_ms; every TICK pushes it back once less than half of it is
+ * left, so while the loop turns on its own (2.1 with websockets turns every 100 ms) it never
+ * fires, and a busy broker re-arms it once per half heartbeat. */
+static int heartbeat_ms;         /* 0: off. Set at plugin init, before any wakeup is made */
+
 struct akz_wakeup {
 	pthread_t broker;
 	int sig;
 	atomic_bool poked;           /* a signal is on its way and the TICK has not run yet */
 	_Atomic int64_t poked_ms;    /* when it was sent, CLOCK_MONOTONIC */
 	_Atomic int64_t repoke_ms;   /* when to send it again */
+	bool has_timer;              /* the heartbeat's timer exists */
+	timer_t timer;
+	int64_t beat_due_ms;         /* broker thread only: when the heartbeat fires */
 };
 
 static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -42,6 +61,17 @@ static int installs;             /* instances sharing the handler, under install
 static void on_wake_signal(int sig)
 {
 	(void)sig;   /* interrupting epoll_wait is all it is for */
+}
+
+/* Sets w's heartbeat to fire heartbeat_ms from now. Broker thread. Cannot fail for a timer
+ * that exists; a failure would only leave the old due time. */
+static void rearm_heartbeat(struct akz_wakeup *w, int64_t now)
+{
+	struct itimerspec its;
+	memset(&its, 0, sizeof(its));
+	its.it_value.tv_sec = heartbeat_ms / 1000;
+	its.it_value.tv_nsec = (long)(heartbeat_ms % 1000) * 1000000L;
+	if(timer_settime(w->timer, 0, &its, NULL) == 0) w->beat_due_ms = now + heartbeat_ms;
 }
 
 /* Installs the handler unless someone else's is there. Returns 0 or -1 with the reason. */
@@ -66,6 +96,29 @@ static int install_handler(int sig, char *err, size_t errlen)
 		akz_set_err(err, errlen, "signal %d: %s", sig, strerror(errno));
 		return -1;
 	}
+	return 0;
+}
+
+void akz_wakeup_set_heartbeat(int ms)
+{
+	heartbeat_ms = ms > 0 ? ms : 0;
+}
+
+/* Creates w's heartbeat timer, aimed at the calling (broker) thread and first due in
+ * heartbeat_ms. Returns 0, or -1 with the reason in err. */
+static int start_heartbeat(struct akz_wakeup *w, int sig, char *err, size_t errlen)
+{
+	struct sigevent sev;
+	memset(&sev, 0, sizeof(sev));
+	sev.sigev_notify = SIGEV_THREAD_ID;
+	sev.sigev_signo = sig;
+	sev.sigev_notify_thread_id = gettid();
+	if(timer_create(CLOCK_MONOTONIC, &sev, &w->timer) != 0){
+		snprintf(err, errlen, "cannot make the heartbeat timer: %s", strerror(errno));
+		return -1;
+	}
+	w->has_timer = true;
+	rearm_heartbeat(w, akz_mono_ms());
 	return 0;
 }
 
@@ -95,6 +148,10 @@ int akz_wakeup_new(struct akz_wakeup **out, char *err, size_t errlen)
 	atomic_init(&w->poked, false);
 	atomic_init(&w->poked_ms, 0);
 	atomic_init(&w->repoke_ms, 0);
+	if(heartbeat_ms > 0 && start_heartbeat(w, sig, err, errlen)){
+		akz_wakeup_free(w);
+		return -1;
+	}
 	*out = w;
 	return 0;
 }
@@ -123,12 +180,18 @@ int akz_wakeup_recheck(struct akz_wakeup *w)
 
 void akz_wakeup_ack(struct akz_wakeup *w)
 {
-	if(w) atomic_store(&w->poked, false);
+	if(w == NULL) return;
+	atomic_store(&w->poked, false);
+	if(w->has_timer){
+		int64_t now = akz_mono_ms();
+		if(w->beat_due_ms - now < heartbeat_ms / 2) rearm_heartbeat(w, now);
+	}
 }
 
 void akz_wakeup_free(struct akz_wakeup *w)
 {
 	if(w == NULL) return;
+	if(w->has_timer) timer_delete(w->timer);
 	pthread_mutex_lock(&install_lock);
 	if(--installs == 0){
 		struct sigaction sa;

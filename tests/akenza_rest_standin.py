@@ -266,13 +266,15 @@ class Handler(BaseHTTPRequestHandler):
         if body is not None:
             self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        # Head and body in one write: two small writes meet the client's delayed ACK (40 ms each).
-        self._headers_buffer.append(b"\r\n" + data)
-        self.flush_headers()
+        # Logged before the answer leaves: a test that reads the log once the client is done
+        # must find every request the client made.
         srv = self.server
         with srv.log_lock:
             srv.log.write(f"{self.command} {self.path} {status}\n")
             srv.log.flush()
+        # Head and body in one write: two small writes meet the client's delayed ACK (40 ms each).
+        self._headers_buffer.append(b"\r\n" + data)
+        self.flush_headers()
 
     def handle_any(self):
         srv = self.server

@@ -1,4 +1,5 @@
 """Shared fixtures: free ports, a test PKI made with openssl, real Mosquitto brokers."""
+import functools
 import os
 import re
 import shlex
@@ -16,9 +17,65 @@ BUILD = Path(os.environ.get("AKZ_BUILD", ROOT / "build"))
 PLUGIN = BUILD / "mosquitto_akenza.so"
 STANDIN = BUILD / "standin_auth.so"
 AKENZACTL = BUILD / "akenzactl"
-SHARED = ROOT.parent / "shared"
-MOSQUITTO = "/usr/sbin/mosquitto"
+# akenza's reference client and notes: beside the checkout, or where AKZ_SHARED says (a worktree).
+SHARED = Path(os.environ.get("AKZ_SHARED", ROOT.parent / "shared"))
+# The Mosquitto under test: Debian's by default. Another build (e.g. 2.1 from source) is chosen with
+#   AKZ_MOSQUITTO      its broker binary
+#   AKZ_MOSQUITTO_LIB  the directory of its libmosquitto (put first on LD_LIBRARY_PATH)
+#   AKZ_MOSQUITTO_BIN  the directory of its mosquitto_passwd, mosquitto_ctrl ... (first on PATH;
+#                      default: ../bin beside the broker's directory, when it holds mosquitto_passwd)
+# They go into this process's environment, so every broker and tool the tests start (akenzactl
+# and the benchmarks' programs included) runs with that build's library and tools.
+MOSQUITTO = os.environ.get("AKZ_MOSQUITTO", "/usr/sbin/mosquitto")
+
+
+def _use_mosquitto_build():
+    lib = os.environ.get("AKZ_MOSQUITTO_LIB")
+    if lib:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (lib, os.environ.get("LD_LIBRARY_PATH")) if p)
+    tools = os.environ.get("AKZ_MOSQUITTO_BIN")
+    if tools is None and "AKZ_MOSQUITTO" in os.environ:
+        beside = Path(MOSQUITTO).resolve().parent.parent / "bin"
+        tools = str(beside) if (beside / "mosquitto_passwd").exists() else None
+    if tools:
+        os.environ["PATH"] = os.pathsep.join([tools, os.environ.get("PATH", "")])
+
+
+_use_mosquitto_build()
+
+
+@functools.lru_cache(maxsize=None)
+def mosquitto_version():
+    """The broker's version as a tuple of ints, e.g. (2, 0, 11), from `mosquitto -h`."""
+    out = subprocess.run([MOSQUITTO, "-h"], capture_output=True, text=True, timeout=30).stdout
+    for word in out.split():
+        parts = word.split(".")
+        if len(parts) == 3 and all(x.isdigit() for x in parts):
+            return tuple(int(x) for x in parts)
+    raise AssertionError(f"cannot tell the version of {MOSQUITTO}:\n{out}")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def mosquitto_plugin(name):
+    """The path of one of Mosquitto's own plugins (e.g. mosquitto_dynamic_security.so) from the
+    build under test: beside its libmosquitto, else Debian's."""
+    lib = os.environ.get("AKZ_MOSQUITTO_LIB")
+    if lib and (Path(lib) / name).exists():
+        return str(Path(lib) / name)
+    return f"/usr/lib/x86_64-linux-gnu/{name}"
+
+
+def disconnects(log, client_id, clean=True):
+    """How many times a broker's log says client_id's connection ended with a DISCONNECT of its
+    own (clean) or closed without one. 2.0 logs "Client <id> disconnected." and "Client <id>
+    closed its connection.", 2.1 "Client <id> [<address>:<port>] disconnected." and "...
+    disconnected: connection closed by client."."""
+    cid = re.escape(client_id)
+    if clean:
+        line = re.compile(rf"Client {cid}(?: \[[^\]]*\])? disconnected\.$")
+    else:
+        line = re.compile(rf"Client {cid}(?: closed its connection\.| \[[^\]]*\] disconnected: connection closed by client\.)$")
+    return sum(1 for x in log.splitlines() if line.search(x))
 
 
 def free_port():

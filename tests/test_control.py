@@ -13,7 +13,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from conftest import AKENZACTL, PLUGIN, free_port, run, wait_for
+from conftest import AKENZACTL, PLUGIN, disconnects, free_port, mosquitto_plugin, run, wait_for
 from edge import Edge, Sensor, make_key, password_hash
 
 TOPIC = "$CONTROL/akenza/v1"
@@ -513,10 +513,12 @@ def test_rotation_through_the_bridge(edge, standin):
     # reconnectDevice: a new connection (the stand-in sees a second login), and the old one ends
     # with a DISCONNECT, which the bridge's write buffer (plugin/tlsio.c) must send before closing
     accepted = standin.log().count("accepted client 'rot-1'")
-    clean = standin.log().count("Client rot-1 disconnected.")
+    clean = disconnects(standin.log(), "rot-1")
+    closed = disconnects(standin.log(), "rot-1", clean=False)
     c.ok("reconnectDevice", id="rot-1")
     wait_for(lambda: standin.log().count("accepted client 'rot-1'") > accepted, 15, what="a reconnect")
-    wait_for(lambda: standin.log().count("Client rot-1 disconnected.") > clean, 5, what="a clean DISCONNECT")
+    wait_for(lambda: disconnects(standin.log(), "rot-1") > clean, 5, what="a clean DISCONNECT")
+    assert disconnects(standin.log(), "rot-1", clean=False) == closed
 
     rk = c.ok("rotateKey", id="rot-1")
     assert c.ok("getDevice", id="rot-1")["device"]["upstream_kid"] == d["kid"], "the old key stays in use"
@@ -615,7 +617,7 @@ def test_dynamic_security_role(brokers, tmp_path):
     run(["mosquitto_ctrl", "dynsec", "init", str(dyn), "admin", "adminpw"])
     port = free_port()
     conf = "\n".join([f"listener {port} 127.0.0.1", "allow_anonymous false",
-                      "plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+                      f"plugin {mosquitto_plugin('mosquitto_dynamic_security.so')}",
                       f"plugin_opt_config_file {dyn}",
                       f"plugin {PLUGIN}", f"plugin_opt_devices {reg}", f"plugin_opt_keystore {keys}",
                       "plugin_opt_bridge false"])

@@ -1,12 +1,12 @@
 /* ctl_mqtt.c - akenzactl's request/response over MQTT: one control command, one answer. */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include <cJSON.h>
-#include <mosquitto.h>
-#include <mqtt_protocol.h>
+#include "akz_mosquitto.h"
 #include <openssl/rand.h>
 #include "akenzactl.h"
 #include "akz_control.h"
@@ -207,6 +207,10 @@ int ctl_request(const struct ctl_conn *conn, cJSON *command, cJSON **data)
 		return 1;
 	}
 	struct exchange ex = {.payload = payload, .corr = corr, .user = conn->user};
+	/* A write to a connection the broker closed must fail with EPIPE, not end the process:
+	 * libmosquitto 2.0's mosquitto_lib_init ignored SIGPIPE, 2.1's leaves it to the program
+	 * (its TLS close after DISCONNECT writes to a socket it has shut down). */
+	signal(SIGPIPE, SIG_IGN);
 	mosquitto_lib_init();
 	int rc = exchange_run(conn, &ex);
 	mosquitto_lib_cleanup();

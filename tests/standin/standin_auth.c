@@ -12,9 +12,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <openssl/core_names.h>
-#include <mosquitto.h>
-#include <mosquitto_broker.h>
-#include <mosquitto_plugin.h>
+#include "akz_mosquitto.h"
 #include "akz_topic.h"
 
 #define EXPORT __attribute__((visibility("default")))

@@ -398,19 +398,34 @@ static void test_passwords(void **state)
 	assert_false(akz_pw_verify(&pw, ""));
 	assert_int_equal(akz_pw_parse("$6$stGpGYC10cZUvzfm$M2J/IE7ML3l0asGBMR6vsTy8fjVRxjBh1dLTuts3XAHbfx4b07m8oMa111VDswbq2rUyiKVXtqZMr4FHucQwng==", &pw, err, sizeof(err)), 0);
 	assert_true(akz_pw_verify(&pw, "secret"));
+	/* made by mosquitto_passwd 2.1.2 (64-byte salts): "secret" */
+	assert_int_equal(akz_pw_parse("$7$1000$uIjaE9oQ4POVBK4317wzOwty8cDCORQVApGABeU0/Ea8CmCYN4iNFyEMMJv3Vj0794ox5VTCy9mRJ1w9oZQ8EA==$MYVV6y2qdn/G4sJ5JCvkZqMzVhaoS1QAk2ccIFbxTEAU9nld7mbCJi57d6BFezv/33b65HJm3rtRH+0HfTH6Pw==", &pw, err, sizeof(err)), 0);
+	assert_true(akz_pw_verify(&pw, "secret"));
+	assert_false(akz_pw_verify(&pw, "secreT"));
+	assert_int_equal(akz_pw_parse("$6$kY+qO1E0rRN1mjXn3xWxdQe3jwMMkWWFTeLqiKmqzditTd7bjWIwEtLwujGsj3SmWqsI6M+qBIQOf+96rBzcaQ==$CGf6ZINF9J1JhMwDOlITKwQ9+xCj6NLcmaGwOVCSqztD/dk1dejpBWtx40uE+BPovmSMYyEC1wWpbJ1qWBqLDQ==", &pw, err, sizeof(err)), 0);
+	assert_true(akz_pw_verify(&pw, "secret"));
+	assert_false(akz_pw_verify(&pw, "secreT"));
 	char *h = akz_pw_hash("pw", 1000, err, sizeof(err));
 	assert_non_null(h);
+	/* 12-byte salts (16 base64 characters), which Mosquitto 2.0's password_file reads too */
 	assert_memory_equal(h, "$7$1000$", 8);
+	assert_int_equal(strchr(h + 8, '$') - (h + 8), 16);
 	assert_int_equal(akz_pw_parse(h, &pw, err, sizeof(err)), 0);
 	assert_true(akz_pw_verify(&pw, "pw"));
 	free(h);
 	const char *bad[] = {"secret", "", "$5$abc$def", "$7$", "$7$0$NwjylbCRZwEpqPIK$YQ==", "$7$x$a$b",
 		"$7$101$Nwjy$Yv03", "$6$NwjylbCRZwEpqPIK$", "$7$101$NwjylbCRZwEpqPIK$Yv03m6CK$extra",
-		"$7$99999999999$NwjylbCRZwEpqPIK$Yv03", "$6$!!!!!!!!!!!!!!!!$M2J/", NULL};
+		"$7$99999999999$NwjylbCRZwEpqPIK$Yv03", "$6$!!!!!!!!!!!!!!!!$M2J/",
+		/* a 15-byte salt: neither 12 nor 64 */
+		"$7$101$NwjylbCRZwEpqPIKNwjy$Yv03m6CKOpvWy5oKIJCqIWgwpCfD+x/3KP5bEDDwkS9jLeIjdCRHcOqU4kT2+VB9/ObqWA0buPl5uARhIC6OiQ==",
+		NULL};
 	for(int i = 0; bad[i]; i++){
 		if(akz_pw_parse(bad[i], &pw, err, sizeof(err)) != -1) fail_msg("accepted '%s'", bad[i]);
 	}
 	assert_int_equal(akz_pw_parse(NULL, &pw, err, sizeof(err)), -1);
+	/* made by mosquitto_passwd 2.1.2 -H argon2id: refused, and told why */
+	assert_int_equal(akz_pw_parse("$argon2id$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2g", &pw, err, sizeof(err)), -1);
+	assert_non_null(strstr(err, "argon2id"));
 	/* the iteration bound (the fuzzer's first finding): 10,000,000 stalled the broker ~4 s */
 	char big[160];
 	snprintf(big, sizeof(big), "$7$%d$NwjylbCRZwEpqPIK$Yv03m6CKOpvWy5oKIJCqIWgwpCfD+x/3KP5bEDDwkS9jLeIjdCRHcOqU4kT2+VB9/ObqWA0buPl5uARhIC6OiQ==",

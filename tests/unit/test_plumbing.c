@@ -19,9 +19,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 #include <cmocka.h>
-#include <mosquitto.h>
-#include <mosquitto_broker.h>
-#include <mosquitto_plugin.h>
+#include "akz_mosquitto.h"
 #include "akz_config.h"
 #include "akz_fds.h"
 #include "akz_queue.h"
@@ -292,6 +290,37 @@ static void test_wakeup_repoke(void **state)
 	assert_int_equal(err_no, EINTR);
 	assert_int_equal(akz_wakeup_recheck(w), -1);        /* acknowledged */
 	akz_wakeup_free(w);
+	close(ep);
+}
+
+/* The heartbeat (a broker loop that may sleep until its next event, Mosquitto 2.1 without
+ * websockets): it ends a long sleep of the thread that made the wakeup when no TICK came, and
+ * acknowledged TICKs keep it from firing while they come. */
+static void test_wakeup_heartbeat(void **state)
+{
+	(void)state;
+	struct akz_wakeup *w = NULL;
+	char err[200];
+	int ep = epoll_create1(0);
+	assert_true(ep >= 0);
+	akz_wakeup_set_heartbeat(500);
+	assert_int_equal(akz_wakeup_new(&w, err, sizeof(err)), 0);
+	struct epoll_event ev;
+	errno = 0;
+	int n = epoll_wait(ep, &ev, 1, 20000);   /* 0 after 20 s without the heartbeat */
+	assert_int_equal(n, -1);
+	assert_int_equal(errno, EINTR);
+	/* TICKs every 10 ms push it back: it would fire only after a stall of 250 ms or more */
+	for(int i = 0; i < 50; i++){
+		akz_wakeup_ack(w);
+		assert_int_equal(epoll_wait(ep, &ev, 1, 10), 0);
+	}
+	/* ... and re-arm it: once they stop, it ends the next long sleep too */
+	errno = 0;
+	assert_int_equal(epoll_wait(ep, &ev, 1, 20000), -1);
+	assert_int_equal(errno, EINTR);
+	akz_wakeup_free(w);
+	akz_wakeup_set_heartbeat(0);
 	close(ep);
 }
 
@@ -625,6 +654,7 @@ int main(void)
 		cmocka_unit_test(test_tls_ctx),
 		cmocka_unit_test(test_wakeup),
 		cmocka_unit_test(test_wakeup_repoke),
+		cmocka_unit_test(test_wakeup_heartbeat),
 		cmocka_unit_test(test_fds_pair),
 		cmocka_unit_test(test_fds_reserve),
 		cmocka_unit_test(test_resolver),
