@@ -45,7 +45,7 @@ ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) $(CFLAGS)
 LDLIBS   := $(PKG_LIBS) -lpthread
 
 # Modules shared by the plugin, akenzactl and the unit tests: no broker calls in them.
-SHARED   := util keystore jwt passwd registry topic config queue tls spool regfile wakeup fds resolver tlsio x509 htab evloop conn window handoff
+SHARED   := util keystore keythread tss2 jwt mint passwd registry topic config queue tls spool regfile wakeup fds resolver tlsio x509 htab evloop conn window handoff
 SHARED_OBJ := $(SHARED:%=$(BUILD)/obj/plugin/%.o)
 PLUGIN_SRC := $(wildcard plugin/*.c)
 PLUGIN_OBJ := $(PLUGIN_SRC:%.c=$(BUILD)/obj/%.o)
@@ -126,14 +126,14 @@ unit: $(UNIT_BIN)
 san-unit:
 	$(MAKE) BUILD=build/san SAN=1 unit
 
-# The token refresh tests (three refreshes of one device; 1,000 devices through one refresh
-# cycle) spend minutes waiting for 60-second tokens to age, on little CPU: they run beside the
+# The token refresh tests (three refreshes of one device, one with a key in a TPM; 1,000 devices
+# through one refresh cycle) spend minutes waiting for 60-second tokens to age, on little CPU: they run beside the
 # rest of the suite. Each run has its own --basetemp (pytest's default one would let two
 # concurrent runs delete each other's directories).
 SLOW := token_refresh or thousand_devices or outage_log
 integration: all $(BUILD)/standin_auth.so $(BUILD)/slow_dns.so
 	@mkdir -p $(BUILD)/pytest; \
-	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -ra -s tests/test_bridge.py tests/test_scale.py \
+	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -ra -s tests/test_bridge.py tests/test_scale.py tests/test_tpm.py \
 		-k '$(SLOW)' --basetemp=$(abspath $(BUILD))/pytest/slow > $(BUILD)/pytest/slow.log 2>&1 & slow=$$!; \
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -q -ra tests/ -k 'not ($(SLOW))' \
 		--ignore=tests/test_docker.py --basetemp=$(abspath $(BUILD))/pytest/main; rc=$$?; \
@@ -147,15 +147,15 @@ san-integration:
 	$(MAKE) BUILD=build/san SAN=1 all build/san/standin_auth.so build/san/slow_dns.so
 	ASAN_OPTIONS=detect_leaks=0 AKZ_BROKER_PRELOAD=$(ASAN_RT) AKZ_BUILD=$(abspath build/san) \
 		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_edge_auth.py tests/test_standin.py \
-		tests/test_spool.py tests/test_control.py tests/test_reload_storm.py \
+		tests/test_spool.py tests/test_control.py tests/test_reload_storm.py tests/test_tpm.py \
 		-k 'not token_refresh and not fifty_devices and not outage_log' --basetemp=$(abspath build/san)/pytest
 
-# ThreadSanitizer on the broker-thread / bridge-thread / spool-flusher hand-offs.
+# ThreadSanitizer on the broker-thread / bridge-thread / spool-flusher / key-thread hand-offs.
 TSAN_RT = $(shell $(CC) -print-file-name=libtsan.so)
 tsan-integration:
 	$(MAKE) BUILD=build/tsan SAN=thread all build/tsan/standin_auth.so build/tsan/slow_dns.so
 	AKZ_BROKER_PRELOAD=$(TSAN_RT) AKZ_BUILD=$(abspath build/tsan) \
-		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_spool.py \
+		$(PYTHON) -m pytest -q -ra tests/test_bridge.py tests/test_spool.py tests/test_tpm.py \
 		-k 'not token_refresh and not fifty_devices and not outage_log' --basetemp=$(abspath build/tsan)/pytest
 
 # The plugin from the normal build inside a broker run under valgrind memcheck: start, traffic,

@@ -24,6 +24,10 @@ Sections (run all, or name some: bench/run.py jwt connect bridge remote memory):
            the REST stand-in over TLS (akenzactl akenza register): devices/s and requests per
            device, vs the same requests from one kept-alive Python http.client (200 devices);
            and BENCH_FLEET_WAN=100 devices with BENCH_API_DELAY_MS=50 added per request
+  tpm      tokens/s with keys in a TPM (ES256, RS256) vs the same in files; time to bring
+           BENCH_TPM_DEVICES=1000 TPM-keyed devices online vs file keys, and the uplink latency of
+           a connected device meanwhile. A software TPM (swtpm) unless AKZ_TPM_TCTI names a real
+           one (device:/dev/tpmrm0)
 """
 import json
 import os
@@ -196,13 +200,15 @@ class Rig:
         self.acl = WORK / "admin.acl"
         self.acl.write_text("user admin\ntopic readwrite #\ntopic read $SYS/#\n")
 
-    def ours(self, extra=""):
+    def ours(self, extra="", reg=None, keys=None, env=None):
+        """Our edge on this rig's registry and keys, or on reg and keys."""
         return broker(f"listener PORT 127.0.0.1\nallow_anonymous false\npassword_file {self.adminpw}\n"
                       f"acl_file {self.acl}\nplugin {BUILD / 'mosquitto_akenza.so'}\n"
-                      f"plugin_opt_devices {self.reg}\nplugin_opt_keystore {self.keys}\n"
+                      f"plugin_opt_devices {reg or self.reg}\nplugin_opt_keystore {keys or self.keys}\n"
                       f"plugin_opt_upstream_host localhost\nplugin_opt_upstream_port {self.up.port}\n"
                       f"plugin_opt_upstream_cafile {self.pki.ca_cert}\nplugin_opt_connect_rate 5000\n"
-                      f"plugin_opt_queue_max 100000\nplugin_opt_status_interval 100\nmax_queued_messages 0\n{extra}", "ours")
+                      f"plugin_opt_queue_max 100000\nplugin_opt_status_interval 100\nmax_queued_messages 0\n{extra}", "ours",
+                      env=env)
 
     def builtin(self, name="builtin", extra="", env=None):
         """An edge with Mosquitto's built-in bridge; name is also its client id upstream."""
@@ -743,9 +749,113 @@ def bench_onboard():
     row(f"  so {n:,} devices take", t * n / n_wan, "s")
 
 
+# ---- tpm ---------------------------------------------------------------------------------------
+
+class RealTpm:
+    """The TPM named by AKZ_TPM_TCTI (e.g. device:/dev/tpmrm0), used as tests/swtpm.Swtpm is."""
+
+    def __init__(self, tcti):
+        self.tcti = tcti
+
+    def env(self):
+        return {"TPM2OPENSSL_TCTI": self.tcti, "TSS2_LOG": "all+none"}
+
+    def keygen(self, keydir, device_id, kind="ec"):
+        return run([str(BUILD / "akenzactl"), "keygen", "--device", device_id, "--type", kind, "--out",
+                    str(keydir), "--store", "tpm2"], env=dict(os.environ, **self.env())).stdout.strip()
+
+    def stop(self):
+        pass
+
+
+def ramp_with_latency(edge, n, msgs, rate):
+    """Waits for n devices on edge to be online while device d000 (a file key, online first) relays
+    msgs uplinks at rate/s. Returns the ramp's seconds and the relay's figures (latency samples)."""
+    import threading
+    t0 = time.monotonic()
+    admin = Sensor(edge.port, "admin", "adminpw")
+    assert admin.connect() == 0
+    admin.subscribe("$SYS/broker/akenza/devices/d000", 0)
+    wait_for(lambda: any(json.loads(p).get("state") == "connected" for t, p in admin.received() if p), 60,
+             interval=0.01, what="d000 online")
+    admin.close()
+    res = {}
+    th = threading.Thread(target=lambda: res.update(relay(edge, edge.port, 1, 1, msgs, rate=rate, samples=True)))
+    th.start()
+    RIG.wait_connected(edge, n, timeout=1800)
+    ramp = time.monotonic() - t0
+    th.join()
+    return ramp, res
+
+
+def bench_tpm():
+    global RIG
+    from swtpm import Swtpm
+    n = int(os.environ.get("BENCH_TPM_DEVICES", "1000"))
+    tcti = os.environ.get("AKZ_TPM_TCTI")
+    tpm = RealTpm(tcti) if tcti else Swtpm(WORK / "swtpm")
+    print(f"\n== Keys in a TPM through OpenSSL's tpm2 provider ({tcti or 'swtpm, a software TPM 2.0 on this machine'})")
+    env = dict(os.environ, **tpm.env())
+    try:
+        print(" Tokens per second, one key, signed one after the other (akz_jwt_mint):")
+        d = WORK / "tpm1"
+        d.mkdir(exist_ok=True)
+        for kind, alg in (("ec", "es256"), ("rsa", "rs256")):
+            fpriv, _ = make_key(d, f"file-{kind}", kind)
+            file_rate = float(run([str(BENCH_JWT), str(fpriv), alg, "3"], timeout=120).stdout.split()[1])
+            tpm.keygen(d, f"tpm-{kind}", kind)
+            tpm_rate = float(run([str(BENCH_JWT), str(d / f"tpm-{kind}.pem"), alg, "5", "default,tpm2"],
+                                 env=env, timeout=120).stdout.split()[1])
+            row(f"{alg.upper()}, key in the TPM (tokens/s)", tpm_rate, "/s", "key in a file", file_rate)
+            row(f"{alg.upper()}, key in a file (tokens/s)", file_rate, "/s")
+
+        print(f" {n} devices brought online (ES256), and meanwhile the uplink latency of a device online:")
+        RIG = Rig(n)
+        keys = WORK / "tpmkeys"
+        keys.mkdir(exist_ok=True)
+        t0 = time.monotonic()
+        for i in range(n):
+            if not (keys / f"t{i:04d}.pem").exists():
+                tpm.keygen(keys, f"t{i:04d}")
+        gen = time.monotonic() - t0
+        import shutil
+        shutil.copy(RIG.keys / "d000.pem", keys / "d000.pem")
+        pw = password_hash("pw")
+        reg = WORK / f"devices-tpm-{n}.json"
+        reg.write_text(json.dumps({"devices": [{"id": "d000", "password": pw}] +
+                                   [{"id": f"t{i:04d}", "password": pw} for i in range(n - 1)]}))
+        msgs, rate = 1000, 100
+        results = {}
+        for label, edge_args in (("files", {}), ("tpm", {"reg": reg, "keys": keys, "env": tpm.env(),
+                                                         "extra": "plugin_opt_providers default,tpm2\n"})):
+            tpm_cpu0 = cpu_seconds(tpm.proc.pid) if getattr(tpm, "proc", None) else 0
+            e = RIG.ours(**edge_args)
+            ramp, during = ramp_with_latency(e, n, msgs, rate)
+            edge_cpu = cpu_seconds(e.proc.pid)
+            tpm_cpu = cpu_seconds(tpm.proc.pid) - tpm_cpu0 if getattr(tpm, "proc", None) else 0
+            quiet = relay(e, e.port, 1, 1, msgs, rate=rate, samples=True)
+            results[label] = (ramp, during, quiet, edge_cpu, tpm_cpu)
+            e.stop()
+            STARTED.remove(e)
+        row("akenzactl keygen --store tpm2 (keys/s, a process each)", n / gen, "/s")
+        for label, name in (("files", "keys in files"), ("tpm", "keys in the TPM")):
+            ramp, during, quiet, edge_cpu, tpm_cpu = results[label]
+            row(f"{n} devices, {name}: time to bring all online", ramp, "s",
+                *(("keys in files", results["files"][0]) if label == "tpm" else ()))
+            row("  edge CPU until then (s)", edge_cpu, "s")
+            if label == "tpm" and tpm_cpu:
+                row("  swtpm CPU until then (s; a real TPM is a chip of its own)", tpm_cpu, "s")
+            row(f"  uplink latency p50 during the ramp ({rate}/s, QoS 1)", pooled([during], 0.5), "us",
+                "after it", pooled([quiet], 0.5))
+            row("  uplink latency p99 during the ramp", pooled([during], 0.99), "us", "after it", pooled([quiet], 0.99))
+            row("  uplink latency max during the ramp", max(during["samples"]), "us", "after it", max(quiet["samples"]))
+    finally:
+        tpm.stop()
+
+
 SECTIONS = {"jwt": bench_jwt, "connect": bench_connect, "bridge": bench_bridge, "remote": bench_remote,
             "memory": bench_memory, "spool": bench_spool, "light": bench_light, "instructions": bench_instructions,
-            "onboard": bench_onboard}
+            "onboard": bench_onboard, "tpm": bench_tpm}
 
 
 def main():

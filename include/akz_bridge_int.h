@@ -21,6 +21,7 @@
 #include "akz_handoff.h"
 #include "akz_htab.h"
 #include "akz_keystore.h"
+#include "akz_mint.h"
 #include "akz_queue.h"
 #include "akz_resolver.h"
 #include "akz_spool.h"
@@ -68,6 +69,7 @@ struct dev {
 	struct akz_ev_timer timer;   /* the first of the device's deadlines (dev_next_due) */
 	struct akz_window win;       /* uplinks waiting for their PUBACK */
 	struct akz_key *key;
+	struct akz_mint *mint;       /* its next token, minted on the key thread (a key in a TPM) */
 	struct mosquitto *mosq;      /* NULL until the first connect */
 	int zombie_fd;               /* a socket given up on that libmosquitto has yet to close */
 	bool disconnect_seen;        /* on_disconnect ran during the last libmosquitto call */

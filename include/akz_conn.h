@@ -65,7 +65,8 @@ struct akz_conn_in {
 	int64_t now_ms;              /* monotonic */
 	uint32_t rnd;                /* a random number: spreads a fleet's backoffs and refreshes */
 	int connack_rc;              /* CONNACK: 0 accepted, 4 bad credentials, 5 not authorized ... */
-	int inflight;                /* uplinks waiting for a PUBACK (a due refresh waits for them) */
+	int inflight;                /* what a due refresh waits for: uplinks waiting for a PUBACK, and
+	                              * one more while the next token is being signed (a key in a TPM) */
 };
 
 struct akz_conn_out {

@@ -28,7 +28,12 @@ struct akz_key_opts {
 struct akz_key;
 
 /* Loads the private key at `uri`: a plain path, a `file:` URI or any OSSL_STORE URI
- * (pkcs11:, tpm2:, ... where such a provider is configured).
+ * (handle:0x81000001 for a TPM's persistent key, ... where such a provider is configured:
+ * akz_keythread_configure).
+ * A file holding a TPM key blob ("TSS2 PRIVATE KEY" PEM, made by the tpm2 provider) is read
+ * without the TPM: only its public half is needed until it signs. A URI is opened on the key
+ * thread (keythread.c), waiting at most its timeout; a key it yields from a device keeps only
+ * its public half here (akz_key_held).
  * Returns 0 and sets *out (one reference, release with akz_key_unref) on success.
  * Returns -1 on failure with a one-line reason in err that names the file; *out is NULL. */
 int akz_key_load(const char *uri, const struct akz_key_opts *opts, struct akz_key **out,
@@ -76,8 +81,30 @@ char *akz_key_public_pem(const struct akz_key *key);
  * Returns 0 and *out (one reference), or -1 with a reason in err. */
 int akz_key_generate(enum akz_alg alg, int bits, struct akz_key **out, char *err, size_t errlen);
 
+/* Generates a new key inside the device of provider `store` ("tpm2"), on the key thread: the
+ * private half never exists outside the device. alg and bits as akz_key_generate. The key keeps
+ * the provider's PEM of it (a TSS2 blob, useless without that TPM) for akz_key_write.
+ * Returns 0 and *out (one reference), or -1 with a reason in err (provider not loaded, device
+ * absent or not answering within the key thread's timeout). */
+int akz_key_generate_in(const char *store, enum akz_alg alg, int bits, struct akz_key **out,
+		char *err, size_t errlen);
+
+/* Signs the certificate *cert with the key (SHA-256): in memory at once, or in the key's device
+ * on the key thread (waiting at most its timeout). Returns 0, or -1 with a reason in err that
+ * starts with the key's URI; for a key in a device *cert is then NULL (freed, or left to a job
+ * still running). */
+int akz_key_sign_x509(const struct akz_key *key, X509 **cert, char *err, size_t errlen);
+
+/* True if the key's private half is held in a device (a TPM), not in memory. */
+bool akz_key_held(const struct akz_key *key);
+
+/* Where the private half is: "file" (in memory, from a file), or the provider holding it ("tpm2"). */
+const char *akz_key_store(const struct akz_key *key);
+
 /* Writes the private key (PKCS#8 PEM, mode 0600, written to a temporary file, fsynced and
  * renamed) to priv_path and, if pub_path is not NULL, the public PEM (mode 0644) to pub_path.
+ * A key from akz_key_generate_in writes its device's blob instead, and from then on names
+ * priv_path as its URI (call this before sharing the key with another thread).
  * Refuses to overwrite existing files. Returns 0, or -1 with a reason naming the file. */
 int akz_key_write(const struct akz_key *key, const char *priv_path, const char *pub_path,
 		char *err, size_t errlen);

@@ -20,6 +20,7 @@
 #include "akz_bridge_int.h"
 #include "akz_fds.h"
 #include "akz_jwt.h"
+#include "akz_keythread.h"
 #include "akz_tls.h"
 #include "akz_tlsio.h"
 #include "akz_topic.h"
@@ -32,6 +33,7 @@
 #define SLOT_RECHECK_MS 10        /* connects waiting for the first name lookup or the pilot */
 #define PILOT_MS 2000             /* longest wait for the first TLS session before the others */
 #define ACK_WAIT_MS 5             /* longest a device's input waits for the next loop turn */
+#define TOKEN_POLL_MS 100         /* how often a token signed on the key thread is looked for */
 #define REFILL_MIN (AKZ_WINDOW / 4)   /* a full window is refilled this many slots at a time */
 
 #define blog(b, ...) akz_handoff_log((b)->out, __VA_ARGS__)
@@ -194,13 +196,15 @@ static void queue_for_slot(struct dev *d);
 static void hang_up(struct dev *d);
 static void abort_connection(struct dev *d, const char *why);
 
-/* Feeds ev (with the CONNACK's rc, and error: the reason of a failure, may be NULL) to the
- * device's state machine and carries out what it asks. Returns what it said. Never fails. */
-static struct akz_conn_out conn_event(struct dev *d, enum akz_conn_event ev, int rc, const char *error)
+/* Feeds ev (with the CONNACK's rc, error: the reason of a failure (may be NULL), and waits:
+ * what a due token refresh waits for besides the uplinks in flight) to the device's state
+ * machine and carries out what it asks. Returns what it said. Never fails. */
+static struct akz_conn_out conn_step(struct dev *d, enum akz_conn_event ev, int rc, const char *error,
+		int waits)
 {
 	struct akz_bridge *b = d->b;
 	struct akz_conn_in in = {.now_ms = akz_mono_ms(), .rnd = random_u32(), .connack_rc = rc,
-			.inflight = d->win.count};
+			.inflight = d->win.count + waits};
 	enum akz_conn_state was = d->conn.state;
 	bool shook = handshaking(&d->conn);
 	struct akz_conn_out out;
@@ -225,6 +229,30 @@ static struct akz_conn_out conn_event(struct dev *d, enum akz_conn_event ev, int
 	}
 	dev_arm(d);
 	return out;
+}
+
+/* conn_step with nothing to wait for but the uplinks in flight. */
+static struct akz_conn_out conn_event(struct dev *d, enum akz_conn_event ev, int rc, const char *error)
+{
+	return conn_step(d, ev, rc, error, 0);
+}
+
+/* The device's next token (akz_mint_poll): signed on the key thread for a key in a TPM, which
+ * may be slow or stop answering (neither may stall this thread); DONE at once for a key in
+ * memory, which start_connect signs itself. */
+static enum akz_mint_rc poll_token(struct dev *d, char *err, size_t errlen)
+{
+	return akz_mint_poll(&d->mint, d->key, d->b->audience, d->id, d->b->lifetime,
+			akz_keythread_timeout_ms(), err, errlen);
+}
+
+/* Whether a token refresh under way may hang up: every uplink in flight acknowledged and the
+ * next token ready. A failure to sign is not reported here: it shows again at the reconnect,
+ * which backs off then. */
+static bool refresh_ready(struct dev *d)
+{
+	char ignored[8];
+	return d->win.count == 0 && poll_token(d, ignored, sizeof(ignored)) != AKZ_MINT_PENDING;
 }
 
 /* The reason a connection ended, with what libmosquitto logged before (a TLS failure). */
@@ -612,9 +640,9 @@ static int create_client(struct dev *d)
 	return 0;
 }
 
-/* Mints a fresh token and starts connecting to the next upstream address; tells the state
- * machine whether the connection is under way. Never blocks on the network: the name was
- * looked up beforehand (resolver.c). */
+/* Mints a fresh token (or takes the one the key thread signed, dev_timer) and starts connecting
+ * to the next upstream address; tells the state machine whether the connection is under way.
+ * Never blocks on the network: the name was looked up beforehand (resolver.c). */
 static void start_connect(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
@@ -629,8 +657,9 @@ static void start_connect(struct dev *d)
 		conn_event(d, AKZ_CONN_START_FAILED, 0, err);   /* PENDING does not get here: grant_slots */
 		return;
 	}
-	time_t now = time(NULL);
-	char *token = akz_jwt_mint(d->key, b->audience, d->id, now, b->lifetime, err, sizeof(err));
+	time_t iat;
+	char *token = akz_mint_take(&d->mint, d->key, b->audience, d->id, time(NULL), b->lifetime, &iat,
+			err, sizeof(err));
 	if(token == NULL){
 		conn_event(d, AKZ_CONN_START_FAILED, 0, err);
 		return;
@@ -643,7 +672,7 @@ static void start_connect(struct dev *d)
 		return;
 	}
 	pthread_mutex_lock(&b->lock);
-	d->status.token_expires = now + b->lifetime;
+	d->status.token_expires = iat + b->lifetime;
 	pthread_mutex_unlock(&b->lock);
 	d->last_log[0] = '\0';
 	mosquitto_log_callback_set(d->mosq, on_log);   /* until CONNACK: see on_connect */
@@ -789,7 +818,7 @@ static void after_io(struct dev *d)
 	if(d->acked){
 		count_done(d, (size_t)d->acked, 0);
 		d->acked = 0;
-		if(d->win.count == 0 && d->conn.refreshing) conn_event(d, AKZ_CONN_DRAINED, 0, NULL);
+		if(d->conn.refreshing && refresh_ready(d)) conn_event(d, AKZ_CONN_DRAINED, 0, NULL);
 	}
 	pump_uplinks(d);
 	note_output(d);
@@ -848,16 +877,20 @@ static int64_t dev_next_due(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
 	int64_t due = d->conn.waiting_slot ? INT64_MAX : d->conn.due_ms;
+	int64_t now = akz_mono_ms();
 
+	/* A token signed on the key thread is looked for every TOKEN_POLL_MS while it is awaited. */
+	if(d->mint && due <= now) due = now + TOKEN_POLL_MS;
 #define SOONER(t) do{ int64_t t_ = (t); if(t_ < due) due = t_; }while(0)
 	if(d->conn.state == AKZ_CONN_CONNECTED){
+		if(d->conn.refreshing && d->mint) SOONER(now + TOKEN_POLL_MS);
 		SOONER(d->out_ms + keepalive_ms(b) + 1000);
 		if(d->win.count) SOONER(d->acked_ms + keepalive_ms(b) + 1);
 	}else if(b->ttl){
 		pthread_mutex_lock(&b->lock);
 		int64_t oldest = d->pending.head ? d->pending.head->time : INT64_MAX;
 		pthread_mutex_unlock(&b->lock);
-		if(oldest != INT64_MAX) SOONER(akz_mono_ms() + (oldest + b->ttl + 1 - (int64_t)time(NULL)) * 1000);
+		if(oldest != INT64_MAX) SOONER(now + (oldest + b->ttl + 1 - (int64_t)time(NULL)) * 1000);
 	}
 	if(d->status_due) SOONER(d->status_sent_ms + b->status_interval_ms);
 #undef SOONER
@@ -893,11 +926,28 @@ static void check_connected(struct dev *d, int64_t now)
 	}
 }
 
+/* The state machine's deadline has come. A connect, and a token refresh, wait for the next token
+ * when the key thread signs it (a key in a TPM): a waiting device asks for a connect slot only
+ * once it is ready, and one that cannot get it backs off. */
+static void conn_due(struct dev *d)
+{
+	char err[512];
+	bool connected = d->conn.state == AKZ_CONN_CONNECTED;
+	/* A connection under way, and a drain under way, have their token already. */
+	bool wants_token = connected ? !d->conn.refreshing : !d->conn.linked;
+	enum akz_mint_rc rc = wants_token ? poll_token(d, err, sizeof(err)) : AKZ_MINT_DONE;
+
+	if(!connected && rc == AKZ_MINT_FAILED) conn_event(d, AKZ_CONN_START_FAILED, 0, err);
+	else if(connected || rc == AKZ_MINT_DONE) conn_step(d, AKZ_CONN_TIMER, 0, NULL, rc == AKZ_MINT_PENDING);
+	/* else still being signed: dev_arm looks again in TOKEN_POLL_MS */
+}
+
 static void dev_timer(struct akz_ev_timer *t, int64_t now)
 {
 	struct dev *d = akz_container_of(t, struct dev, timer);
 
-	if(!d->conn.waiting_slot && now >= d->conn.due_ms) conn_event(d, AKZ_CONN_TIMER, 0, NULL);
+	if(!d->conn.waiting_slot && now >= d->conn.due_ms) conn_due(d);
+	else if(d->conn.refreshing && refresh_ready(d)) conn_event(d, AKZ_CONN_DRAINED, 0, NULL);
 	if(d->conn.state == AKZ_CONN_CONNECTED){
 		check_connected(d, now);
 	}else{
@@ -1147,6 +1197,7 @@ void bridge_destroy_dev(struct dev *d)
 	}
 	if(b->loop) akz_ev_timer_cancel(b->loop, &d->timer);
 	if(d->mosq) mosquitto_destroy(d->mosq);   /* closes the socket, which leaves the epoll set */
+	akz_mint_cancel(&d->mint);
 	akz_key_unref(d->key);
 	akz_key_unref(d->next_key);
 	struct akz_msgq back = {0};

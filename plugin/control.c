@@ -205,7 +205,21 @@ struct keyspec {
 	const char *uri;     /* use this key (path or OSSL_STORE URI), or NULL: generate */
 	enum akz_alg alg;
 	int bits;
+	const char *store;   /* generate inside this provider's device ("tpm2"), or NULL: in a file */
 };
+
+/* Parses "store": "file" or "tpm2" (NULL: def) into ks->store. Returns 0, or -1 after answering. */
+static int parse_store(struct req *r, const cJSON *store, const char *def, struct keyspec *ks)
+{
+	ks->store = def;
+	if(store == NULL) return 0;
+	if(!cJSON_IsString(store) || (strcmp(store->valuestring, "file") != 0 && strcmp(store->valuestring, "tpm2") != 0)){
+		fail(r, "key store must be \"file\" or \"tpm2\" (generate the key inside the TPM)");
+		return -1;
+	}
+	ks->store = strcmp(store->valuestring, "tpm2") == 0 ? "tpm2" : NULL;
+	return 0;
+}
 
 /* Parses {"type":"ec"|"rsa","bits":N} or {"uri":"..."}. def_alg/def_bits apply when "type"
  * or "bits" are absent (AKZ_ALG_NONE: "type" is required). Returns 0, or -1 after answering. */
@@ -257,15 +271,17 @@ static int parse_keyspec(struct req *r, const cJSON *key, struct keyspec *ks)
 	const cJSON *uri = cJSON_GetObjectItemCaseSensitive(key, "uri");
 	const cJSON *type = cJSON_GetObjectItemCaseSensitive(key, "type");
 	const cJSON *bits = cJSON_GetObjectItemCaseSensitive(key, "bits");
+	const cJSON *store = cJSON_GetObjectItemCaseSensitive(key, "store");
 	for(const cJSON *f = key->child; f; f = f->next){
-		if(strcmp(f->string, "uri") != 0 && strcmp(f->string, "type") != 0 && strcmp(f->string, "bits") != 0){
+		if(strcmp(f->string, "uri") != 0 && strcmp(f->string, "type") != 0 && strcmp(f->string, "bits") != 0
+				&& strcmp(f->string, "store") != 0){
 			fail(r, "unknown field 'key.%s'", f->string);
 			return -1;
 		}
 	}
 	if(uri){
-		if(type || bits){
-			fail(r, "field 'key' takes either \"uri\" or \"type\"/\"bits\", not both");
+		if(type || bits || store){
+			fail(r, "field 'key' takes either \"uri\" or \"type\"/\"bits\"/\"store\", not both");
 			return -1;
 		}
 		if(!cJSON_IsString(uri) || uri->valuestring[0] == '\0'){
@@ -274,9 +290,10 @@ static int parse_keyspec(struct req *r, const cJSON *key, struct keyspec *ks)
 		}
 		ks->uri = uri->valuestring;
 		ks->alg = AKZ_ALG_NONE;
+		ks->store = NULL;
 		return 0;
 	}
-	return parse_keygen(r, type, bits, AKZ_ALG_NONE, 2048, ks);
+	return parse_keygen(r, type, bits, AKZ_ALG_NONE, 2048, ks) || parse_store(r, store, NULL, ks) ? -1 : 0;
 }
 
 /* ---- the registry file as a tree ------------------------------------------------------------ */
@@ -467,8 +484,10 @@ static struct akz_key *make_key_files(struct req *r, const char *id, const char 
 		}
 	}
 	/* Key generation runs on the broker thread: an EC key takes well under a millisecond,
-	 * an RSA 4096 key can take a second or more (documented). */
-	if(akz_key_generate(ks->alg, ks->bits, &key, err, sizeof(err))){
+	 * an RSA 4096 key can take a second or more (documented). In a TPM it runs on the key
+	 * thread, and the broker waits at most plugin_opt_key_timeout for it. */
+	if(ks->store ? akz_key_generate_in(ks->store, ks->alg, ks->bits, &key, err, sizeof(err))
+			: akz_key_generate(ks->alg, ks->bits, &key, err, sizeof(err))){
 		fail(r, "cannot generate the key: %s", err);
 		goto fail;
 	}
@@ -522,6 +541,7 @@ static bool add_key(cJSON *o, const char *name, const char *uri, const struct ak
 	bool ok = k && cJSON_AddStringToObject(k, "uri", uri) && cJSON_AddStringToObject(k, "kid", akz_key_kid(key))
 			&& cJSON_AddStringToObject(k, "algorithm", akz_alg_name(akz_key_alg(key)))
 			&& cJSON_AddStringToObject(k, "type", alg_type(akz_key_alg(key)))
+			&& cJSON_AddStringToObject(k, "store", akz_key_store(key))
 			&& cJSON_AddStringToObject(k, "public_key", pem);
 	free(pem);
 	return ok;
@@ -888,7 +908,7 @@ out:
 
 static void cmd_rotate_key(struct req *r)
 {
-	static const char *const known[] = {"id", "type", "bits", NULL};
+	static const char *const known[] = {"id", "type", "bits", "store", NULL};
 	const char *id;
 	struct keyspec ks;
 	if(check_fields(r, known) || get_id(r, &id)) return;
@@ -905,8 +925,11 @@ static void cmd_rotate_key(struct req *r)
 	enum akz_alg alg = akz_key_alg(d->key);
 	int bits = alg == AKZ_ALG_RS256 ? EVP_PKEY_get_bits(akz_key_pkey(d->key)) : 0;
 	if(bits != 3072 && bits != 4096) bits = 2048;
+	/* ... and in the same store. */
 	if(parse_keygen(r, cJSON_GetObjectItemCaseSensitive(r->cmd, "type"),
-			cJSON_GetObjectItemCaseSensitive(r->cmd, "bits"), alg, bits, &ks)){
+			cJSON_GetObjectItemCaseSensitive(r->cmd, "bits"), alg, bits, &ks)
+			|| parse_store(r, cJSON_GetObjectItemCaseSensitive(r->cmd, "store"),
+				akz_key_held(d->key) ? akz_key_store(d->key) : NULL, &ks)){
 		return;
 	}
 	cJSON *root = open_tree(r);

@@ -21,7 +21,9 @@ static EVP_MD *sha256_md;
  * lookup on each token. */
 static void fetch_sha256(void)
 {
-	sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+	/* Preferably OpenSSL's own: a TPM's provider loaded beside it (OPENSSL_CONF) also offers
+	 * SHA256, one device round trip per use. */
+	sha256_md = EVP_MD_fetch(NULL, "SHA256", "?provider=default");
 }
 
 /* The plugin can be unloaded before the process ends: give the digest back then. */
@@ -208,9 +210,14 @@ char *akz_jwt_mint(const struct akz_key *key, const char *audience, const char *
 	unsigned char digest[32], sig[SIG_MAX], raw[64];
 	unsigned int dlen = 0;
 	size_t siglen = sizeof(sig);
-	if(EVP_Digest(tok, n, digest, &dlen, sha256(), NULL) != 1
-			|| akz_key_sign_digest(key, digest, sig, &siglen) != 0){
-		akz_set_err(err, errlen, "signing failed (key %s)", akz_key_uri(key));
+	char reason[512];
+	if(EVP_Digest(tok, n, digest, &dlen, sha256(), NULL) != 1){
+		akz_set_err(err, errlen, "SHA-256 failed");
+		free(tok);
+		return NULL;
+	}
+	if(akz_key_sign_digest(key, digest, sig, &siglen, reason, sizeof(reason)) != 0){
+		akz_set_err(err, errlen, "signing failed: %s", reason);
 		free(tok);
 		return NULL;
 	}

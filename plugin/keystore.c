@@ -14,12 +14,15 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/provider.h>
 #include <openssl/store.h>
 #include <openssl/ui.h>
 #include <openssl/x509.h>
 #include "akz_util.h"
 #include "akz_keystore.h"
 #include "akz_keystore_int.h"
+#include "akz_keythread.h"
+#include "akz_tss2.h"
 
 #define PASSPHRASE_MAX 1024
 /* A PEM RSA-4096 key is ~3.3 KB and a key with a certificate chain tens of KB: a larger "key"
@@ -37,6 +40,15 @@ struct akz_key {
 	 * OpenSSL 3's per-call fetches cost as much as an ECDSA signature. */
 	pthread_mutex_t sign_lock;
 	EVP_PKEY_CTX *sign_ctx;
+	/* A key held in a provider (a TPM): pkey is only its public half, and each signature loads
+	 * the private half again on the key thread (keythread.c), from blob (a TSS2 PEM kept from
+	 * loading) or else from uri (handle:...), and lets it go: a TPM has room for two or three
+	 * loaded keys, and one that restarted has forgotten every key loaded before. */
+	bool held;
+	char store[32];              /* the provider holding it ("tpm2"); "" for keys in memory */
+	char *blob;
+	size_t bloblen;
+	char *passphrase_file;       /* the key's authorisation value, if it has one */
 };
 
 /* What the passphrase callback saw, to tell "encrypted, no passphrase" from "wrong passphrase". */
@@ -217,6 +229,7 @@ int akz_pkey_kid(EVP_PKEY *pkey, char kid[AKZ_KID_LEN], char *err, size_t errlen
 struct found {
 	EVP_PKEY *pkey;
 	bool pubkey, cert, other, two_keys;
+	char why[256];               /* the loader's last error, for URIs */
 };
 
 static void collect_item(struct found *f, OSSL_STORE_INFO *info)
@@ -333,8 +346,18 @@ void akz_keystore_cleanup(void)
 	pthread_mutex_unlock(&fast_lock);
 }
 
-/* Opens uri through OSSL_STORE and takes its private key. Returns it, or NULL with a reason. */
-static EVP_PKEY *load_pkey(const char *uri, const struct akz_key_opts *opts, char *err, size_t errlen)
+static const char *openssl_reason(char *buf, size_t len);
+
+/* Keeps the reason of a failed OSSL_STORE_load: for a device URI it is what the device said. */
+static void store_error_text(char *buf, size_t len)
+{
+	if(ERR_peek_last_error()) openssl_reason(buf, len);
+}
+
+/* Opens uri through OSSL_STORE in libctx (NULL: the default one) and takes its private key.
+ * Returns it, or NULL with a reason. */
+static EVP_PKEY *load_pkey(const char *uri, const struct akz_key_opts *opts, OSSL_LIB_CTX *libctx,
+		char *err, size_t errlen)
 {
 	struct pass_state ps = {.file = opts ? opts->passphrase_file : NULL};
 	struct found f = {0};
@@ -344,7 +367,7 @@ static EVP_PKEY *load_pkey(const char *uri, const struct akz_key_opts *opts, cha
 		return NULL;
 	}
 	ERR_clear_error();
-	OSSL_STORE_CTX *ctx = OSSL_STORE_open_ex(uri, NULL, NULL, ui, &ps, NULL, NULL, NULL);
+	OSSL_STORE_CTX *ctx = OSSL_STORE_open_ex(uri, libctx, NULL, ui, &ps, NULL, NULL, NULL);
 	if(ctx == NULL){
 		unsigned long e = ERR_peek_last_error();
 		akz_set_err(err, errlen, "%s: cannot open: %s", uri, e ? ERR_reason_error_string(e) : "no loader for this URI");
@@ -354,7 +377,10 @@ static EVP_PKEY *load_pkey(const char *uri, const struct akz_key_opts *opts, cha
 	for(int items = 0; items < 64 && !OSSL_STORE_eof(ctx); items++){
 		OSSL_STORE_INFO *info = OSSL_STORE_load(ctx);
 		if(info == NULL){
-			if(OSSL_STORE_error(ctx)) continue;
+			if(OSSL_STORE_error(ctx)){
+				store_error_text(f.why, sizeof(f.why));
+				continue;
+			}
 			break;
 		}
 		collect_item(&f, info);
@@ -379,7 +405,8 @@ static EVP_PKEY *load_pkey(const char *uri, const struct akz_key_opts *opts, cha
 	}else if(f.pubkey || f.cert){
 		akz_set_err(err, errlen, "%s: holds a %s but no private key", uri, f.cert ? "certificate" : "public key");
 	}else{
-		akz_set_err(err, errlen, "%s: no private key found (not a PEM or DER key file)", uri);
+		if(local_path(uri)) akz_set_err(err, errlen, "%s: no private key found (not a PEM or DER key file)", uri);
+		else akz_set_err(err, errlen, "%s: no private key there%s%s", uri, f.why[0] ? ": " : "", f.why);
 	}
 out:
 	UI_destroy_method(ui);
@@ -387,22 +414,41 @@ out:
 	return f.pkey;
 }
 
-/* Prepares the reusable signing context of a key. Returns 0, or -1 with a reason. */
+/* A signing context for pkey in libctx, set up for alg. The signature comes from the provider
+ * that holds the key: fetched without a preference, OpenSSL 3.0 may take another provider's
+ * ECDSA or RSA and hand it an exported copy of the key, which for a TPM key has no private
+ * half ("missing private key"). Returns it, or NULL. */
+static EVP_PKEY_CTX *new_sign_ctx(OSSL_LIB_CTX *libctx, EVP_PKEY *pkey, enum akz_alg alg)
+{
+	const OSSL_PROVIDER *prov = EVP_PKEY_get0_provider(pkey);
+	char propq[64] = "";
+	if(prov) snprintf(propq, sizeof(propq), "?provider=%s", OSSL_PROVIDER_get0_name(prov));
+	EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_pkey(libctx, pkey, propq[0] ? propq : NULL);
+	if(ctx == NULL || EVP_PKEY_sign_init(ctx) != 1
+			|| EVP_PKEY_CTX_set_signature_md(ctx, EVP_sha256()) != 1
+			|| (alg == AKZ_ALG_RS256 && EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PADDING) != 1)){
+		EVP_PKEY_CTX_free(ctx);
+		return NULL;
+	}
+	return ctx;
+}
+
+/* Prepares the reusable signing context of a key in memory. Returns 0, or -1 with a reason. */
 static int prepare_signing(struct akz_key *k, char *err, size_t errlen)
 {
-	k->sign_ctx = EVP_PKEY_CTX_new_from_pkey(NULL, k->pkey, NULL);
-	if(k->sign_ctx == NULL || EVP_PKEY_sign_init(k->sign_ctx) != 1
-			|| EVP_PKEY_CTX_set_signature_md(k->sign_ctx, EVP_sha256()) != 1
-			|| (k->alg == AKZ_ALG_RS256
-				&& EVP_PKEY_CTX_set_rsa_padding(k->sign_ctx, RSA_PKCS1_PADDING) != 1)){
+	if(k->held) return 0;
+	k->sign_ctx = new_sign_ctx(NULL, k->pkey, k->alg);
+	if(k->sign_ctx == NULL){
 		akz_set_err(err, errlen, "%s: cannot prepare signing with this key", k->uri);
 		return -1;
 	}
 	return 0;
 }
 
-/* Wraps a checked EVP_PKEY (ownership taken, also on failure) into a new akz_key. */
-static struct akz_key *wrap_pkey(EVP_PKEY *pkey, enum akz_alg alg, const char *uri, char *err, size_t errlen)
+/* Wraps a checked EVP_PKEY (ownership taken, also on failure) into a new akz_key; store names
+ * the provider holding the private half when pkey is only the public half (NULL otherwise). */
+static struct akz_key *wrap_pkey(EVP_PKEY *pkey, enum akz_alg alg, const char *uri, const char *store,
+		char *err, size_t errlen)
 {
 	struct akz_key *k = calloc(1, sizeof(*k));
 	if(k == NULL){
@@ -413,6 +459,8 @@ static struct akz_key *wrap_pkey(EVP_PKEY *pkey, enum akz_alg alg, const char *u
 	atomic_init(&k->refs, 1);
 	k->pkey = pkey;
 	k->alg = alg;
+	k->held = store != NULL;
+	snprintf(k->store, sizeof(k->store), "%s", store ? store : "");
 	pthread_mutex_init(&k->sign_lock, NULL);
 	k->uri = strdup(uri);
 	if(k->uri == NULL){
@@ -438,6 +486,437 @@ static struct akz_key *wrap_pkey(EVP_PKEY *pkey, enum akz_alg alg, const char *u
 	return k;
 }
 
+/* ---- keys held in a provider (a TPM) -------------------------------------------------------- */
+
+/* A public-only copy of pkey held by the default provider, so that the kid, the public PEM and
+ * the checks never reach the device. Returns it, or NULL. */
+static EVP_PKEY *public_copy(EVP_PKEY *pkey)
+{
+	unsigned char *der = NULL;
+	int len = i2d_PUBKEY(pkey, &der);
+	if(len <= 0) return NULL;
+	const unsigned char *p = der;
+	EVP_PKEY *pub = d2i_PUBKEY_ex(NULL, &p, len, NULL, "?provider=default");
+	OPENSSL_free(der);
+	return pub;
+}
+
+/* The name of the provider holding pkey's private half in *name; true if that is a device
+ * (not one of OpenSSL's own providers, which keep keys in memory). */
+static bool held_in_device(EVP_PKEY *pkey, const char **name)
+{
+	static const char *const builtin[] = {"default", "fips", "base", "legacy"};
+	const OSSL_PROVIDER *prov = EVP_PKEY_get0_provider(pkey);
+	*name = prov ? OSSL_PROVIDER_get0_name(prov) : "default";
+	for(size_t i = 0; i < sizeof(builtin) / sizeof(builtin[0]); i++){
+		if(strcmp(*name, builtin[i]) == 0) return false;
+	}
+	return true;
+}
+
+/* OpenSSL's newest error as "reason: detail" (the tpm2 provider puts the TPM's answer in the
+ * detail), into buf; "unknown error" when there is none. Returns buf. */
+static const char *openssl_reason(char *buf, size_t len)
+{
+	const char *data = NULL;
+	int flags = 0;
+	unsigned long e = ERR_peek_last_error_data(&data, &flags);
+	const char *reason = e ? ERR_reason_error_string(e) : NULL;
+	bool detail = data && (flags & ERR_TXT_STRING) && data[0];
+	snprintf(buf, len, "%s%s%s", reason ? reason : "unknown error", detail ? ": " : "", detail ? data : "");
+	return buf;
+}
+
+/* Makes a held key from its public half (taken, also on failure), keeping a copy of blob (the
+ * provider's PEM of the private half, or NULL) and of the passphrase file. Returns 0 with *out,
+ * or -1 with a reason. */
+static int make_held(EVP_PKEY *pub, const char *uri, const char *store, const char *blob, size_t bloblen,
+		const struct akz_key_opts *opts, struct akz_key **out, char *err, size_t errlen)
+{
+	enum akz_alg alg = choose_alg(pub, uri, err, errlen);
+	if(alg == AKZ_ALG_NONE){
+		EVP_PKEY_free(pub);
+		return -1;
+	}
+	struct akz_key *k = wrap_pkey(pub, alg, uri, store, err, errlen);
+	if(k == NULL) return -1;
+	if(blob){
+		k->blob = malloc(bloblen + 1);
+		if(k->blob){
+			memcpy(k->blob, blob, bloblen);
+			k->blob[bloblen] = '\0';
+			k->bloblen = bloblen;
+		}
+	}
+	if(opts && opts->passphrase_file) k->passphrase_file = strdup(opts->passphrase_file);
+	if((blob && k->blob == NULL) || (opts && opts->passphrase_file && k->passphrase_file == NULL)){
+		akz_set_err(err, errlen, "%s: out of memory", uri);
+		akz_key_unref(k);
+		return -1;
+	}
+	*out = k;
+	return 0;
+}
+
+/* A TSS2 PEM file, read without the TPM (tss2.c). Returns 0 with *out, -1 with a reason, or 1
+ * if path holds no TSS2 key. */
+static int load_tss2_file(const char *path, const char *uri, const struct akz_key_opts *opts,
+		struct akz_key **out, char *err, size_t errlen)
+{
+	size_t len = 0;
+	char *buf = read_key_file(path, &len);
+	if(buf == NULL) return 1;
+	int rc = 1;
+	if(akz_tss2_is_pem(buf)){
+		char why[256];
+		EVP_PKEY *pub = akz_tss2_public(buf, len, why, sizeof(why));
+		if(pub == NULL){
+			akz_set_err(err, errlen, "%s: %s", uri, why);
+			rc = -1;
+		}else{
+			rc = make_held(pub, uri, "tpm2", buf, len, opts, out, err, errlen);
+		}
+	}
+	OPENSSL_clear_free(buf, len + 1);
+	return rc;
+}
+
+/* The private half of a held key, loaded into its device for one use. Key thread. Returns it
+ * (free it as soon as possible: that unloads it from the device), or NULL with a reason. */
+static EVP_PKEY *load_held_private(const struct akz_key *k, OSSL_LIB_CTX *libctx, char *err, size_t errlen)
+{
+	struct akz_key_opts o = {.passphrase_file = k->passphrase_file};
+	if(k->blob == NULL) return load_pkey(k->uri, &o, libctx, err, errlen);
+
+	char why[256];
+	EVP_PKEY *pkey = NULL;
+	struct pass_state ps = {.file = k->passphrase_file};
+	ERR_clear_error();
+	OSSL_DECODER_CTX *dctx = OSSL_DECODER_CTX_new_for_pkey(&pkey, "PEM", NULL, NULL, EVP_PKEY_KEYPAIR,
+			libctx, NULL);
+	const unsigned char *data = (const unsigned char *)k->blob;
+	size_t left = k->bloblen;
+	if(dctx == NULL || OSSL_DECODER_CTX_set_pem_password_cb(dctx, passphrase_cb, &ps) != 1
+			|| OSSL_DECODER_from_data(dctx, &data, &left) != 1 || pkey == NULL){
+		akz_set_err(err, errlen, "%s: the TPM cannot load the key: %s", k->uri,
+				ps.why[0] ? ps.why : openssl_reason(why, sizeof(why)));
+		EVP_PKEY_free(pkey);
+		pkey = NULL;
+	}
+	OSSL_DECODER_CTX_free(dctx);
+	return pkey;
+}
+
+struct load_job {
+	char *uri;
+	char *passphrase_file;
+	bool allow_group_readable;
+	struct akz_key *key;         /* the result */
+	char err[512];
+};
+
+static void free_load_job(void *arg)
+{
+	struct load_job *j = arg;
+	akz_key_unref(j->key);
+	free(j->uri);
+	free(j->passphrase_file);
+	free(j);
+}
+
+/* Loads a key by URI in the key thread's library context. Key thread. */
+static void run_load(void *arg)
+{
+	struct load_job *j = arg;
+	struct akz_key_opts o = {.passphrase_file = j->passphrase_file, .allow_group_readable = j->allow_group_readable};
+	OSSL_LIB_CTX *libctx;
+	char why[400];
+	if(akz_keythread_libctx(NULL, &libctx, why, sizeof(why))){
+		akz_set_err(j->err, sizeof(j->err), "%s: %s", j->uri, why);
+		return;
+	}
+	EVP_PKEY *pkey = load_pkey(j->uri, &o, libctx, j->err, sizeof(j->err));
+	if(pkey == NULL){
+		akz_keythread_failed();
+		return;
+	}
+	const char *store;
+	if(!held_in_device(pkey, &store)){
+		/* It would live in the key thread's library context, which is made again after a
+		 * provider failure: keys in memory come from files. */
+		akz_set_err(j->err, sizeof(j->err), "%s: the %s provider holds this key in memory: name a "
+				"key file by its path, and URIs for keys in a device", j->uri, store);
+		EVP_PKEY_free(pkey);
+		return;
+	}
+	EVP_PKEY *pub = public_copy(pkey);
+	EVP_PKEY_free(pkey);          /* out of the device again */
+	if(pub == NULL){
+		akz_set_err(j->err, sizeof(j->err), "%s: cannot read the public key", j->uri);
+		return;
+	}
+	make_held(pub, j->uri, store, NULL, 0, &o, &j->key, j->err, sizeof(j->err));
+}
+
+/* A key named by a provider URI (handle:0x81000001, ...): loaded on the key thread, which may
+ * have to ask the device. Returns 0 with *out, or -1 with a reason. */
+static int load_held_uri(const char *uri, const struct akz_key_opts *opts, struct akz_key **out,
+		char *err, size_t errlen)
+{
+	struct load_job *j = calloc(1, sizeof(*j));
+	if(j == NULL || (j->uri = strdup(uri)) == NULL
+			|| (opts && opts->passphrase_file && (j->passphrase_file = strdup(opts->passphrase_file)) == NULL)){
+		if(j) free_load_job(j);
+		akz_set_err(err, errlen, "%s: out of memory", uri);
+		return -1;
+	}
+	j->allow_group_readable = opts && opts->allow_group_readable;
+	int timeout = akz_keythread_timeout_ms();
+	if(!akz_kjob_call(run_load, j, free_load_job, timeout)){
+		akz_set_err(err, errlen, "%s: no answer from the key's device within %d ms", uri, timeout);
+		return -1;
+	}
+	*out = j->key;
+	j->key = NULL;
+	if(*out == NULL) akz_set_err(err, errlen, "%s", j->err);
+	free_load_job(j);
+	return *out ? 0 : -1;
+}
+
+struct sign_job {
+	struct akz_key *key;
+	unsigned char digest[32];    /* signs this digest ... */
+	X509 *cert;                  /* ... or, if set, this certificate (owned) */
+	unsigned char sig[1024];
+	size_t siglen;
+	int rc;
+	char err[512];
+};
+
+static void free_sign_job(void *arg)
+{
+	struct sign_job *j = arg;
+	X509_free(j->cert);
+	akz_key_unref(j->key);
+	free(j);
+}
+
+/* Signs j->cert with pkey, through the provider holding it. Returns 1, or 0. */
+static int sign_cert_with(OSSL_LIB_CTX *libctx, EVP_PKEY *pkey, X509 *cert)
+{
+	const OSSL_PROVIDER *prov = EVP_PKEY_get0_provider(pkey);
+	char propq[64] = "";
+	if(prov) snprintf(propq, sizeof(propq), "?provider=%s", OSSL_PROVIDER_get0_name(prov));
+	EVP_MD_CTX *mctx = EVP_MD_CTX_new();
+	int ok = mctx && EVP_DigestSignInit_ex(mctx, NULL, "SHA256", libctx, propq[0] ? propq : NULL, pkey, NULL) == 1
+			&& X509_sign_ctx(cert, mctx) > 0;
+	EVP_MD_CTX_free(mctx);
+	return ok;
+}
+
+/* Signs j->digest (or j->cert) with the held key: load it into the device, check that it is
+ * still the key the kid was taken from, sign, unload. Key thread. */
+static void run_sign(void *arg)
+{
+	struct sign_job *j = arg;
+	const struct akz_key *k = j->key;
+	OSSL_LIB_CTX *libctx;
+	char why[400];
+
+	j->rc = -1;
+	if(akz_keythread_libctx(k->store, &libctx, why, sizeof(why))){
+		akz_set_err(j->err, sizeof(j->err), "%s: %s", k->uri, why);
+		akz_keythread_failed();
+		return;
+	}
+	EVP_PKEY *pkey = load_held_private(k, libctx, j->err, sizeof(j->err));
+	if(pkey == NULL){
+		akz_keythread_failed();
+		return;
+	}
+	EVP_PKEY *pub = public_copy(pkey);
+	if(pub == NULL || EVP_PKEY_eq(pub, k->pkey) != 1){
+		/* A persistent handle can be given to another key: never sign with that one. */
+		akz_set_err(j->err, sizeof(j->err), "%s: the device now holds another key under this name "
+				"(not kid %s)", k->uri, k->kid);
+	}else{
+		ERR_clear_error();
+		if(j->cert){
+			if(sign_cert_with(libctx, pkey, j->cert)) j->rc = 0;
+		}else{
+			EVP_PKEY_CTX *ctx = new_sign_ctx(libctx, pkey, k->alg);
+			j->siglen = sizeof(j->sig);
+			if(ctx && EVP_PKEY_sign(ctx, j->sig, &j->siglen, j->digest, 32) == 1) j->rc = 0;
+			EVP_PKEY_CTX_free(ctx);
+		}
+		if(j->rc){
+			akz_set_err(j->err, sizeof(j->err), "%s: the TPM did not sign: %s", k->uri,
+					openssl_reason(why, sizeof(why)));
+		}
+	}
+	EVP_PKEY_free(pub);
+	EVP_PKEY_free(pkey);
+	if(j->rc) akz_keythread_failed();
+	ERR_clear_error();
+}
+
+/* Runs the signing job j (taken) for key on the key thread, waiting at most its timeout.
+ * Returns j, done and signed (the caller frees it with free_sign_job), or NULL with a reason. */
+static struct sign_job *call_sign(const struct akz_key *key, struct sign_job *j, char *err, size_t errlen)
+{
+	j->key = akz_key_ref((struct akz_key *)key);
+	int timeout = akz_keythread_timeout_ms();
+	if(!akz_kjob_call(run_sign, j, free_sign_job, timeout)){
+		akz_set_err(err, errlen, "%s: no answer from the key's device within %d ms", key->uri, timeout);
+		return NULL;
+	}
+	if(j->rc){
+		akz_set_err(err, errlen, "%s", j->err);
+		free_sign_job(j);
+		return NULL;
+	}
+	return j;
+}
+
+/* akz_key_sign_digest for a held key: on the key thread, waiting at most its timeout. */
+static int sign_held(const struct akz_key *key, const unsigned char digest[32], unsigned char *sig,
+		size_t *siglen, char *err, size_t errlen)
+{
+	struct sign_job *j = calloc(1, sizeof(*j));
+	if(j == NULL){
+		akz_set_err(err, errlen, "%s: out of memory", key->uri);
+		return -1;
+	}
+	memcpy(j->digest, digest, 32);
+	if((j = call_sign(key, j, err, errlen)) == NULL) return -1;
+	int rc = 0;
+	if(j->siglen <= *siglen){
+		memcpy(sig, j->sig, j->siglen);
+		*siglen = j->siglen;
+	}else{
+		akz_set_err(err, errlen, "%s: signature too long", key->uri);
+		rc = -1;
+	}
+	free_sign_job(j);
+	return rc;
+}
+
+int akz_key_sign_x509(const struct akz_key *key, X509 **cert, char *err, size_t errlen)
+{
+	if(!key->held){
+		int ok = X509_sign(*cert, key->pkey, EVP_sha256()) > 0;
+		ERR_clear_error();
+		if(!ok) akz_set_err(err, errlen, "%s: the signature failed", key->uri);
+		return ok ? 0 : -1;
+	}
+	/* The job takes the certificate: after a timeout it may still be running. */
+	struct sign_job *j = calloc(1, sizeof(*j));
+	if(j == NULL){
+		akz_set_err(err, errlen, "%s: out of memory", key->uri);
+		return -1;
+	}
+	j->cert = *cert;
+	*cert = NULL;
+	if((j = call_sign(key, j, err, errlen)) == NULL) return -1;
+	*cert = j->cert;
+	j->cert = NULL;
+	free_sign_job(j);
+	return 0;
+}
+
+struct gen_job {
+	char store[32];
+	enum akz_alg alg;
+	int bits;
+	struct akz_key *key;
+	char err[512];
+};
+
+static void free_gen_job(void *arg)
+{
+	struct gen_job *j = arg;
+	akz_key_unref(j->key);
+	free(j);
+}
+
+/* Generates a key inside the provider j->store and keeps its PEM (a TSS2 blob for tpm2). Key
+ * thread. */
+static void run_generate(void *arg)
+{
+	struct gen_job *j = arg;
+	OSSL_LIB_CTX *libctx;
+	char why[400], propq[64];
+	EVP_PKEY *pkey = NULL;
+	BIO *bio = NULL;
+
+	if(akz_keythread_libctx(j->store, &libctx, why, sizeof(why))){
+		akz_set_err(j->err, sizeof(j->err), "%s", why);
+		return;
+	}
+	snprintf(propq, sizeof(propq), "provider=%s", j->store);
+	ERR_clear_error();
+	EVP_PKEY_CTX *gctx = EVP_PKEY_CTX_new_from_name(libctx, j->alg == AKZ_ALG_ES256 ? "EC" : "RSA", propq);
+	if(gctx == NULL || EVP_PKEY_keygen_init(gctx) != 1
+			|| (j->alg == AKZ_ALG_ES256 ? EVP_PKEY_CTX_set_group_name(gctx, "P-256")
+				: EVP_PKEY_CTX_set_rsa_keygen_bits(gctx, j->bits)) != 1
+			|| EVP_PKEY_generate(gctx, &pkey) != 1){
+		akz_set_err(j->err, sizeof(j->err), "%s cannot generate the key: %s%s", j->store,
+				gctx ? "" : "no such provider loaded, or it makes no such keys: ",
+				openssl_reason(why, sizeof(why)));
+		goto out;
+	}
+	char *data = NULL;
+	long n = 0;
+	EVP_PKEY *pub = public_copy(pkey);
+	bio = BIO_new(BIO_s_mem());
+	if(pub == NULL || bio == NULL || PEM_write_bio_PrivateKey(bio, pkey, NULL, NULL, 0, NULL, NULL) != 1
+			|| (n = BIO_get_mem_data(bio, &data)) <= 0){
+		EVP_PKEY_free(pub);
+		akz_set_err(j->err, sizeof(j->err), "%s made the key but cannot export its blob: %s", j->store,
+				openssl_reason(why, sizeof(why)));
+		goto out;
+	}
+	make_held(pub, "(generated)", j->store, data, (size_t)n, NULL, &j->key, j->err, sizeof(j->err));
+out:
+	if(j->key == NULL) akz_keythread_failed();
+	BIO_free(bio);
+	EVP_PKEY_free(pkey);
+	EVP_PKEY_CTX_free(gctx);
+	ERR_clear_error();
+}
+
+int akz_key_generate_in(const char *store, enum akz_alg alg, int bits, struct akz_key **out,
+		char *err, size_t errlen)
+{
+	*out = NULL;
+	if(alg == AKZ_ALG_RS256 && bits != 2048 && bits != 3072 && bits != 4096){
+		akz_set_err(err, errlen, "RSA key size %d: use 2048, 3072 or 4096", bits);
+		return -1;
+	}
+	if(alg != AKZ_ALG_RS256 && alg != AKZ_ALG_ES256){
+		akz_set_err(err, errlen, "unknown key type");
+		return -1;
+	}
+	struct gen_job *j = calloc(1, sizeof(*j));
+	if(j == NULL){
+		akz_set_err(err, errlen, "out of memory");
+		return -1;
+	}
+	snprintf(j->store, sizeof(j->store), "%s", store);
+	j->alg = alg;
+	j->bits = bits;
+	int timeout = akz_keythread_timeout_ms();
+	if(!akz_kjob_call(run_generate, j, free_gen_job, timeout)){
+		akz_set_err(err, errlen, "%s: no answer from the key's device within %d ms", store, timeout);
+		return -1;
+	}
+	*out = j->key;
+	j->key = NULL;
+	if(*out == NULL) akz_set_err(err, errlen, "%s", j->err);
+	free_gen_job(j);
+	return *out ? 0 : -1;
+}
+
 int akz_key_load(const char *uri, const struct akz_key_opts *opts, struct akz_key **out,
 		char *err, size_t errlen)
 {
@@ -448,15 +927,20 @@ int akz_key_load(const char *uri, const struct akz_key_opts *opts, struct akz_ke
 	}
 	if(check_key_file(uri, opts, err, errlen)) return -1;
 	const char *path = local_path(uri);
-	EVP_PKEY *pkey = path ? decode_plain_pem(path) : NULL;
-	if(pkey == NULL) pkey = load_pkey(uri, opts, err, errlen);
+	if(path == NULL) return load_held_uri(uri, opts, out, err, errlen);
+	EVP_PKEY *pkey = decode_plain_pem(path);
+	if(pkey == NULL){
+		int rc = load_tss2_file(path, uri, opts, out, err, errlen);
+		if(rc != 1) return rc;
+	}
+	if(pkey == NULL) pkey = load_pkey(uri, opts, NULL, err, errlen);
 	if(pkey == NULL) return -1;
 	enum akz_alg alg = choose_alg(pkey, uri, err, errlen);
 	if(alg == AKZ_ALG_NONE){
 		EVP_PKEY_free(pkey);
 		return -1;
 	}
-	*out = wrap_pkey(pkey, alg, uri, err, errlen);
+	*out = wrap_pkey(pkey, alg, uri, NULL, err, errlen);
 	return *out ? 0 : -1;
 }
 
@@ -472,6 +956,8 @@ void akz_key_unref(struct akz_key *key)
 	EVP_PKEY_CTX_free(key->sign_ctx);
 	EVP_PKEY_free(key->pkey);
 	pthread_mutex_destroy(&key->sign_lock);
+	if(key->blob) OPENSSL_clear_free(key->blob, key->bloblen + 1);
+	free(key->passphrase_file);
 	free(key->uri);
 	free(key);
 }
@@ -483,14 +969,20 @@ EVP_PKEY *akz_key_pkey(const struct akz_key *key) { return key->pkey; }
 const char *akz_key_header_b64(const struct akz_key *key) { return key->header_b64; }
 
 int akz_key_sign_digest(const struct akz_key *key, const unsigned char digest[32],
-		unsigned char *sig, size_t *siglen)
+		unsigned char *sig, size_t *siglen, char *err, size_t errlen)
 {
+	if(key->held) return sign_held(key, digest, sig, siglen, err, errlen);
 	struct akz_key *k = (struct akz_key *)key;   /* the lock and the context are mutable state */
 	pthread_mutex_lock(&k->sign_lock);
 	int ok = EVP_PKEY_sign(k->sign_ctx, sig, siglen, digest, 32);
 	pthread_mutex_unlock(&k->sign_lock);
+	if(ok != 1) akz_set_err(err, errlen, "%s: the signature failed", key->uri);
+	ERR_clear_error();
 	return ok == 1 ? 0 : -1;
 }
+
+bool akz_key_held(const struct akz_key *key) { return key->held; }
+const char *akz_key_store(const struct akz_key *key) { return key->held ? key->store : "file"; }
 
 int akz_file_kid(const char *path, const struct akz_key_opts *opts, char kid[AKZ_KID_LEN],
 		char *err, size_t errlen)
@@ -559,7 +1051,7 @@ int akz_key_generate(enum akz_alg alg, int bits, struct akz_key **out, char *err
 		akz_set_err(err, errlen, "key generation failed");
 		return -1;
 	}
-	*out = wrap_pkey(pkey, alg, "(generated)", err, errlen);
+	*out = wrap_pkey(pkey, alg, "(generated)", NULL, err, errlen);
 	return *out ? 0 : -1;
 }
 
@@ -600,9 +1092,42 @@ fail:
 	return rc;
 }
 
+/* Writes the public PEM of key to path (mode 0644). Returns 0, or -1 with a reason. */
+static int write_public(const struct akz_key *key, const char *path, char *err, size_t errlen)
+{
+	char *pem = akz_key_public_pem(key);
+	if(pem == NULL){
+		akz_set_err(err, errlen, "%s: cannot encode the public key", path);
+		return -1;
+	}
+	int rc = write_new_file(path, pem, strlen(pem), 0644, err, errlen);
+	free(pem);
+	return rc;
+}
+
+/* akz_key_write for a key generated in a device: its blob (useless without that device, but
+ * kept as private as a key file) and the public key; the key then names the file it is in. */
+static int write_held(const struct akz_key *key, const char *priv_path, const char *pub_path,
+		char *err, size_t errlen)
+{
+	if(key->blob == NULL){
+		akz_set_err(err, errlen, "%s: the key is in %s and has no blob to write", priv_path, key->store);
+		return -1;
+	}
+	if(write_new_file(priv_path, key->blob, key->bloblen, 0600, err, errlen)) return -1;
+	char *uri = strdup(priv_path);
+	if(uri){
+		struct akz_key *k = (struct akz_key *)key;   /* not yet shared: see the contract */
+		free(k->uri);
+		k->uri = uri;
+	}
+	return pub_path ? write_public(key, pub_path, err, errlen) : 0;
+}
+
 int akz_key_write(const struct akz_key *key, const char *priv_path, const char *pub_path,
 		char *err, size_t errlen)
 {
+	if(key->held) return write_held(key, priv_path, pub_path, err, errlen);
 	BIO *bio = BIO_new(BIO_s_mem());
 	if(bio == NULL || PEM_write_bio_PrivateKey(bio, key->pkey, NULL, NULL, 0, NULL, NULL) != 1){
 		BIO_free(bio);
@@ -615,12 +1140,5 @@ int akz_key_write(const struct akz_key *key, const char *priv_path, const char *
 	OPENSSL_cleanse(data, (size_t)n);
 	BIO_free(bio);
 	if(rc || pub_path == NULL) return rc;
-	char *pem = akz_key_public_pem(key);
-	if(pem == NULL){
-		akz_set_err(err, errlen, "%s: cannot encode the public key", pub_path);
-		return -1;
-	}
-	rc = write_new_file(pub_path, pem, strlen(pem), 0644, err, errlen);
-	free(pem);
-	return rc;
+	return write_public(key, pub_path, err, errlen);
 }

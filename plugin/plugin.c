@@ -8,6 +8,7 @@
 #include "akz_bridge.h"
 #include "akz_compat.h"
 #include "akz_control.h"
+#include "akz_keythread.h"
 #include "akz_plugin.h"
 #include "akz_registry.h"
 #include "akz_topic.h"
@@ -33,6 +34,26 @@ static struct akz_key_opts key_opts(const struct akz_config *cfg)
 		.allow_group_readable = cfg->allow_readable_keys,
 	};
 	return o;
+}
+
+/* Sets up the OpenSSL providers for keys held in a device (a TPM), loaded by the key thread
+ * when first needed: a TPM absent at start fails its devices' tokens, not the start. Returns 0,
+ * or -1 after logging why. */
+static int configure_key_providers(const struct akz_config *cfg)
+{
+	char err[512];
+	akz_keythread_set_timeout(cfg->key_timeout * 1000);
+	if(akz_keythread_configure(cfg->providers, cfg->openssl_conf, err, sizeof(err))){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: refusing to start: plugin_opt_providers / "
+				"plugin_opt_openssl_conf: %s", err);
+		return -1;
+	}
+	if(cfg->providers || cfg->openssl_conf){
+		mosquitto_log_printf(MOSQ_LOG_INFO, "akenza: keys in a device through OpenSSL providers %s%s%s",
+				cfg->providers ? cfg->providers : "", cfg->openssl_conf ? " from " : "",
+				cfg->openssl_conf ? cfg->openssl_conf : "");
+	}
+	return 0;
 }
 
 /* Loads the registry named in cfg, taking unchanged keys over from prev (NULL at start).
@@ -213,6 +234,7 @@ static void destroy(struct akz_plugin *p)
 	akz_config_free(&p->cfg);
 	free(p);
 	akz_keystore_cleanup();
+	akz_keythread_cleanup();
 }
 
 AKZ_EXPORT int mosquitto_plugin_version(int supported_version_count, const int *supported_versions)
@@ -242,6 +264,10 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 	}
 	p->auth = akz_auth_new();
 	if(p->auth == NULL) goto nomem;
+	if(configure_key_providers(&p->cfg)){
+		destroy(p);
+		return MOSQ_ERR_INVAL;
+	}
 	p->reg = load_registry(&p->cfg, NULL);
 	if(p->reg == NULL){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: refusing to start: registry %s has the problems above",

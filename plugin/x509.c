@@ -89,6 +89,7 @@ char *akz_x509_self_signed(const struct akz_key *key, const char *cn, int days, 
 	X509 *x = X509_new();
 	char *pem = NULL;
 	const char *step = "out of memory";
+	char why[300];
 	if(x == NULL) goto out;
 	step = "building it";
 	if(X509_set_version(x, X509_VERSION_3) != 1 || set_random_serial(x)
@@ -101,8 +102,10 @@ char *akz_x509_self_signed(const struct akz_key *key, const char *cn, int days, 
 	if(set_names(x, cn)) goto out;
 	step = "adding its extensions";
 	if(add_extensions(x)) goto out;
-	step = "signing it with the device key";
-	if(X509_sign(x, pkey, EVP_sha256()) <= 0) goto out;
+	if(akz_key_sign_x509(key, &x, why, sizeof(why))){   /* a key in a TPM signs there */
+		step = why;
+		goto out;
+	}
 	step = "out of memory";
 	pem = to_pem(x);
 out:

@@ -2,8 +2,10 @@
  * the control API of a running broker, and akenza's REST API. */
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include "akenzactl.h"
+#include "akz_keythread.h"
 
 static const struct command {
 	const char *name;
@@ -43,9 +45,21 @@ bool ctl_wants_help(int argc, char **argv)
 
 bool ctl_key_option(int c, const char *arg, struct akz_key_opts *ko)
 {
+	static const char *providers, *conf;
+	char err[512];
+
 	switch(c){
 	case CTL_OPT_PASS: ko->passphrase_file = arg; return true;
 	case CTL_OPT_READABLE: ko->allow_group_readable = true; return true;
+	case CTL_OPT_PROVIDERS:
+	case CTL_OPT_OSSL_CONF:
+		if(c == CTL_OPT_PROVIDERS) providers = arg;
+		else conf = arg;
+		if(akz_keythread_configure(providers, conf, err, sizeof(err))){
+			ctl_error("%s", err);
+			exit(2);
+		}
+		return true;
 	default: return false;
 	}
 }
@@ -69,7 +83,11 @@ int main(int argc, char **argv)
 		return 0;
 	}
 	for(size_t i = 0; i < NCOMMANDS; i++){
-		if(strcmp(argv[1], commands[i].name) == 0) return commands[i].run(argc - 1, argv + 1);
+		if(strcmp(argv[1], commands[i].name) == 0){
+			int rc = commands[i].run(argc - 1, argv + 1);
+			akz_keythread_cleanup();
+			return rc;
+		}
 	}
 	ctl_error("unknown command '%s'", argv[1]);
 	usage(stderr);

@@ -7,12 +7,22 @@
 #include "akz_keystore.h"
 
 /* Long options shared by every command that reads keys (ids from 1000 up, clear of letters). */
-enum { CTL_OPT_PASS = 1000, CTL_OPT_READABLE, CTL_OPT_FIRST_FREE };
+enum { CTL_OPT_PASS = 1000, CTL_OPT_READABLE, CTL_OPT_PROVIDERS, CTL_OPT_OSSL_CONF, CTL_OPT_FIRST_FREE };
 #define CTL_KEY_LONGOPTS \
 	{"passphrase-file", required_argument, NULL, CTL_OPT_PASS}, \
-	{"allow-readable", no_argument, NULL, CTL_OPT_READABLE}
+	{"allow-readable", no_argument, NULL, CTL_OPT_READABLE}, \
+	{"providers", required_argument, NULL, CTL_OPT_PROVIDERS}, \
+	{"openssl-conf", required_argument, NULL, CTL_OPT_OSSL_CONF}
 
-/* Applies getopt result c (with its argument) to ko. Returns false if c is no key option. */
+/* The help text of the key options, for each command's usage. */
+#define CTL_KEY_HELP \
+	"Key options: --passphrase-file F (encrypted keys), --allow-readable (key files others can\n" \
+	"read), --providers LIST and --openssl-conf FILE (OpenSSL providers for keys held in a device,\n" \
+	"e.g. --providers default,tpm2: as plugin_opt_providers and plugin_opt_openssl_conf).\n"
+
+/* Applies getopt result c (with its argument) to ko; --providers and --openssl-conf set up the
+ * key thread's providers (akz_keythread_configure) and exit with status 2 if they are refused.
+ * Returns false if c is no key option. */
 bool ctl_key_option(int c, const char *arg, struct akz_key_opts *ko);
 
 /* Options that reach akenza's REST API: akenzactl akenza ... and device rotate-key --register. */

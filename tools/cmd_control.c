@@ -13,11 +13,11 @@
 /* Options of a control command; bit flags say which ones a subcommand takes. */
 enum {
 	O_USERNAME = 1 << 0, O_PASSWORD = 1 << 1, O_TYPE = 1 << 2, O_BITS = 1 << 3, O_KEYURI = 1 << 4,
-	O_ENABLE = 1 << 5, O_DISABLE = 1 << 6, O_DEVICES = 1 << 7, O_REGISTER = 1 << 8,
+	O_ENABLE = 1 << 5, O_DISABLE = 1 << 6, O_DEVICES = 1 << 7, O_REGISTER = 1 << 8, O_STORE = 1 << 9,
 };
 
 enum { L_CAFILE = CTL_OPT_FIRST_FREE, L_CAPATH, L_CERT, L_KEY, L_USERNAME, L_PASSWORD, L_TYPE, L_BITS,
-	L_KEYURI, L_ENABLE, L_DISABLE, L_DEVICES, L_REGISTER, L_REGISTER_CERT, L_HELP };
+	L_KEYURI, L_ENABLE, L_DISABLE, L_DEVICES, L_REGISTER, L_REGISTER_CERT, L_STORE, L_HELP };
 
 static const struct option longopts[] = {
 	{"cafile", required_argument, NULL, L_CAFILE}, {"capath", required_argument, NULL, L_CAPATH},
@@ -28,6 +28,7 @@ static const struct option longopts[] = {
 	{"disable", no_argument, NULL, L_DISABLE}, {"disabled", no_argument, NULL, L_DISABLE},
 	{"devices", required_argument, NULL, L_DEVICES}, {"help", no_argument, NULL, L_HELP},
 	{"register", no_argument, NULL, L_REGISTER}, {"register-cert", no_argument, NULL, L_REGISTER_CERT},
+	{"store", required_argument, NULL, L_STORE},
 	CTL_API_LONGOPTS,
 	{NULL, 0, NULL, 0}};
 
@@ -51,20 +52,22 @@ struct sub {
 static const struct sub device_subs[] = {
 	{"list", "listDevices", NULL, 0, "device list\n  Lists the devices: id, username, enabled, kid.\n"},
 	{"get", "getDevice", "id", 0, "device get ID\n  Shows a device, its keys and its live bridge state.\n"},
-	{"create", "createDevice", "id", O_USERNAME | O_PASSWORD | O_TYPE | O_BITS | O_KEYURI | O_DISABLE,
-		"device create ID [--username U] [--password P] (--type ec|rsa [--bits 2048|3072|4096] | --key-uri URI)\n"
-		"                 [--disabled]\n"
+	{"create", "createDevice", "id", O_USERNAME | O_PASSWORD | O_TYPE | O_BITS | O_KEYURI | O_DISABLE | O_STORE,
+		"device create ID [--username U] [--password P] (--type ec|rsa [--bits 2048|3072|4096]\n"
+		"                 [--store file|tpm2] | --key-uri URI) [--disabled]\n"
 		"  Creates a device. Without --password the password is read from standard input (no echo on a\n"
 		"  terminal). --type makes a key pair in the broker's key store and prints the public key to upload\n"
-		"  to akenza; --key-uri uses an existing key (path or OSSL_STORE URI).\n"},
+		"  to akenza (--store tpm2: inside the broker's TPM, which it never leaves); --key-uri uses an\n"
+		"  existing key (path or OSSL_STORE URI).\n"},
 	{"modify", "modifyDevice", "id", O_USERNAME | O_PASSWORD | O_KEYURI | O_ENABLE | O_DISABLE,
 		"device modify ID [--username U] [--password P] [--key-uri URI] [--enable|--disable]\n"
 		"  Changes a device. A new generated key goes through rotate-key and commit-key.\n"},
 	{"enable", "enableDevice", "id", 0, "device enable ID\n"},
 	{"disable", "disableDevice", "id", 0, "device disable ID\n  Its local clients are disconnected and its upstream connection closed.\n"},
 	{"delete", "deleteDevice", "id", 0, "device delete ID\n  Removes the device from the registry; its key files stay.\n"},
-	{"rotate-key", "rotateKey", "id", O_TYPE | O_BITS | O_REGISTER,
-		"device rotate-key ID [--type ec|rsa] [--bits N] [--register|--register-cert [API options]]\n"
+	{"rotate-key", "rotateKey", "id", O_TYPE | O_BITS | O_REGISTER | O_STORE,
+		"device rotate-key ID [--type ec|rsa] [--bits N] [--store file|tpm2]\n"
+		"                     [--register|--register-cert [API options]]\n"
 		"  Makes a pending key (ID.next.pem) and prints its public key: upload it to akenza, then commit-key.\n"
 		"  The current key stays in use until then. --register uploads it to akenza through akenza's REST\n"
 		"  API (--register-cert: as its self-signed certificate); see akenzactl akenza --help.\n"},
@@ -90,7 +93,7 @@ static const struct sub status_sub = {"status", "getStatus", NULL, 0,
 struct args {
 	struct ctl_conn conn;
 	unsigned given;
-	const char *username, *password, *type, *keyuri, *devices;
+	const char *username, *password, *type, *keyuri, *devices, *store;
 	long bits;
 	bool reg, reg_cert;          /* rotate-key --register / --register-cert */
 	bool api_given;
@@ -164,6 +167,7 @@ static int parse_args(int argc, char **argv, const char *group, const struct sub
 			flag = O_BITS;
 			break;
 		case L_KEYURI: a->keyuri = optarg; flag = O_KEYURI; break;
+		case L_STORE: a->store = optarg; flag = O_STORE; break;
 		case L_ENABLE: flag = O_ENABLE; break;
 		case L_DISABLE: flag = O_DISABLE; break;
 		case L_DEVICES: a->devices = optarg; flag = O_DEVICES; break;
@@ -272,6 +276,7 @@ static cJSON *build_command(const struct sub *s, const struct args *a, const cha
 	if(ok && strcmp(s->command, "rotateKey") == 0){
 		if(a->type) ok = cJSON_AddStringToObject(cmd, "type", a->type) != NULL;
 		if(ok && (a->given & O_BITS)) ok = cJSON_AddNumberToObject(cmd, "bits", (double)a->bits) != NULL;
+		if(ok && a->store) ok = cJSON_AddStringToObject(cmd, "store", a->store) != NULL;
 	}else if(ok && (a->type || a->keyuri)){
 		if(a->type && a->keyuri){
 			ctl_error("--type and --key-uri exclude each other");
@@ -283,6 +288,7 @@ static cJSON *build_command(const struct sub *s, const struct args *a, const cha
 		if(ok && a->keyuri) ok = cJSON_AddStringToObject(key, "uri", a->keyuri) != NULL;
 		if(ok && a->type) ok = cJSON_AddStringToObject(key, "type", a->type) != NULL;
 		if(ok && (a->given & O_BITS)) ok = cJSON_AddNumberToObject(key, "bits", (double)a->bits) != NULL;
+		if(ok && a->store) ok = cJSON_AddStringToObject(key, "store", a->store) != NULL;
 	}else if(ok && strcmp(s->command, "createDevice") == 0){
 		ctl_error("device create needs --type ec|rsa or --key-uri URI");
 		cJSON_Delete(cmd);

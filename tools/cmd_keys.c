@@ -11,6 +11,7 @@
 #include "akenzactl.h"
 #include "akz_jwt.h"
 #include "akz_keystore.h"
+#include "akz_keythread.h"
 #include "akz_x509.h"
 
 enum { OPT_LIFETIME = CTL_OPT_FIRST_FREE, OPT_AUDIENCE, OPT_CERT, OPT_DAYS };
@@ -64,19 +65,24 @@ int cmd_keygen(int argc, char **argv)
 {
 	static const char help[] =
 		"usage: akenzactl keygen --device ID --type ec|rsa [--bits 2048|3072|4096] --out DIR\n"
-		"                        [--cert [--days N]]\n"
+		"                        [--cert [--days N]] [--store file|tpm2] [--providers LIST]\n"
+		"                        [--openssl-conf FILE]\n"
 		"Writes DIR/ID.pem (private key, mode 0600: keep it on the gateway) and DIR/ID.pub.pem\n"
 		"(upload it to the device in akenza) and prints the kid. With --cert also DIR/ID.cert.pem, a\n"
 		"self-signed certificate of the key with CN=ID, valid N days (default 3650), for akenza's\n"
-		"RSA256_X509_PEM / EC256_X509_PEM credentials. Existing files are never overwritten.\n";
+		"RSA256_X509_PEM / EC256_X509_PEM credentials. Existing files are never overwritten.\n"
+		"--store tpm2 makes the key inside the TPM (through OpenSSL's tpm2 provider): DIR/ID.pem is\n"
+		"then the TPM's key blob, useless without that TPM. Default providers: default,tpm2.\n";
 	static const struct option lo[] = {
 		{"device", required_argument, NULL, 'd'}, {"type", required_argument, NULL, 't'},
 		{"bits", required_argument, NULL, 'b'}, {"out", required_argument, NULL, 'o'},
 		{"cert", no_argument, NULL, OPT_CERT}, {"days", required_argument, NULL, OPT_DAYS},
+		{"store", required_argument, NULL, 's'}, CTL_KEY_LONGOPTS,
 		{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
-	const char *id = NULL, *type = NULL, *dir = NULL;
+	struct akz_key_opts ko = {0};
+	const char *id = NULL, *type = NULL, *dir = NULL, *store = "file";
 	long bits = 2048, days = AKZ_X509_DAYS_DEFAULT;
-	bool cert = false, days_given = false;
+	bool cert = false, days_given = false, providers_set = false;
 	int c;
 
 	optind = 1;
@@ -86,13 +92,20 @@ int cmd_keygen(int argc, char **argv)
 		case 't': type = optarg; break;
 		case 'b': if(parse_long("--bits", optarg, 2048, 4096, &bits)) return 2; break;
 		case 'o': dir = optarg; break;
+		case 's': store = optarg; break;
 		case OPT_CERT: cert = true; break;
 		case OPT_DAYS:
 			if(parse_long("--days", optarg, 1, AKZ_X509_DAYS_MAX, &days)) return 2;
 			days_given = true;
 			break;
 		case 'h': fputs(help, stdout); return 0;
-		default: fputs(help, stderr); return 2;
+		default:
+			if(ctl_key_option(c, optarg, &ko)){
+				providers_set = true;
+				break;
+			}
+			fputs(help, stderr);
+			return 2;
 		}
 	}
 	if(id == NULL || type == NULL || dir == NULL || optind != argc){
@@ -117,8 +130,19 @@ int cmd_keygen(int argc, char **argv)
 		ctl_error("path too long");
 		return 1;
 	}
+	bool in_file = strcmp(store, "file") == 0;
+	if(!in_file && strcmp(store, "tpm2") != 0){
+		ctl_error("--store: '%s' is not file or tpm2", store);
+		return 2;
+	}
+	/* A TPM key needs the tpm2 provider (and the default one for everything else). */
+	if(!in_file && !providers_set && akz_keythread_configure("default,tpm2", NULL, err, sizeof(err))){
+		ctl_error("%s", err);
+		return 1;
+	}
 	struct akz_key *key;
-	if(akz_key_generate(alg, (int)bits, &key, err, sizeof(err))){
+	if(in_file ? akz_key_generate(alg, (int)bits, &key, err, sizeof(err))
+			: akz_key_generate_in(store, alg, (int)bits, &key, err, sizeof(err))){
 		ctl_error("%s", err);
 		return 1;
 	}
@@ -149,9 +173,10 @@ int cmd_keygen(int argc, char **argv)
 int cmd_fingerprint(int argc, char **argv)
 {
 	static const char help[] =
-		"usage: akenzactl fingerprint [--passphrase-file F] [--allow-readable] FILE\n"
-		"Prints the kid akenza expects for the key in FILE (private or public key, PEM):\n"
-		"the lowercase hex SHA-256 of its SubjectPublicKeyInfo DER, EC points uncompressed.\n";
+		"usage: akenzactl fingerprint [KEY OPTIONS] FILE|URI\n"
+		"Prints the kid akenza expects for the key in FILE (private or public key, PEM, or a TPM\n"
+		"key blob) or at URI (handle:0x81000001): the lowercase hex SHA-256 of its\n"
+		"SubjectPublicKeyInfo DER, EC points uncompressed.\n" CTL_KEY_HELP;
 	static const struct option lo[] = {
 		CTL_KEY_LONGOPTS,
 		{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
@@ -185,11 +210,11 @@ int cmd_fingerprint(int argc, char **argv)
 int cmd_token(int argc, char **argv)
 {
 	static const char help[] =
-		"usage: akenzactl token --device ID --key FILE [--lifetime SECONDS] [--audience HOST]\n"
-		"                       [--passphrase-file F] [--allow-readable]\n"
+		"usage: akenzactl token --device ID --key FILE|URI [--lifetime SECONDS] [--audience HOST]\n"
+		"                       [KEY OPTIONS]\n"
 		"Prints a fresh JWT for device ID signed with FILE (RS256 or ES256 by the key's type),\n"
 		"valid for SECONDS (60 to 86400, default 1200). Its aud is https://HOST/devices/ID, HOST\n"
-		"akenza.io unless --audience names a private cloud's (as plugin_opt_audience).\n";
+		"akenza.io unless --audience names a private cloud's (as plugin_opt_audience).\n" CTL_KEY_HELP;
 	static const struct option lo[] = {
 		{"device", required_argument, NULL, 'd'}, {"key", required_argument, NULL, 'k'},
 		{"lifetime", required_argument, NULL, OPT_LIFETIME},

@@ -97,9 +97,10 @@ static void print_problem(void *ctx, const char *msg)
 int cmd_check_registry(int argc, char **argv)
 {
 	static const char help[] =
-		"usage: akenzactl check-registry [--keystore DIR] [--passphrase-file F] [--allow-readable] FILE\n"
+		"usage: akenzactl check-registry [--keystore DIR] [KEY OPTIONS] FILE\n"
 		"Checks a device registry as the plugin would at start: JSON, fields, password hashes,\n"
-		"duplicates, gateways, and every device key. Prints every problem; exits 1 if there is any.\n";
+		"duplicates, gateways, and every device key. Prints every problem; exits 1 if there is any.\n"
+		CTL_KEY_HELP;
 	enum { OPT_KEYSTORE = CTL_OPT_FIRST_FREE };
 	static const struct option lo[] = {
 		{"keystore", required_argument, NULL, OPT_KEYSTORE},

@@ -2,7 +2,7 @@
 # install-deps.sh - installs the Debian packages a part of the project needs, if missing.
 #   tools/install-deps.sh [GROUP...]   groups: build, unit, test, docker; none given: build unit test
 #   build   compile the plugin and akenzactl          unit    the cmocka unit tests
-#   test    lint, sanitizers, integration tests, fuzzing, the demo
+#   test    lint, sanitizers, integration tests (a software TPM for the TPM tests), fuzzing, the demo
 #   docker  the container lane: Debian's Docker engine, debootstrap for its base image, docker-compose
 set -eu
 build="build-essential pkg-config libssl-dev libcjson-dev mosquitto-dev libmosquitto-dev zlib1g-dev
@@ -10,7 +10,8 @@ libcurl4-openssl-dev"
 unit="libcmocka-dev openssl"
 test="openssl mosquitto mosquitto-clients libjwt-dev python3 python3-pytest python3-paho-mqtt
 python3-jwt python3-pycryptodome ca-certificates clang-tidy cppcheck clang valgrind libfaketime
-python3-pyflakes docker-compose"
+python3-pyflakes docker-compose
+swtpm swtpm-tools tpm2-openssl libtss2-tcti-swtpm0 tpm2-tools"
 docker="docker.io debootstrap docker-compose"
 [ $# -gt 0 ] || set -- build unit test
 PKGS=""
