@@ -45,7 +45,7 @@ ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) $(CFLAGS)
 LDLIBS   := $(PKG_LIBS) -lpthread
 
 # Modules shared by the plugin, akenzactl and the unit tests: no broker calls in them.
-SHARED   := util keystore keythread tss2 jwt mint passwd registry topic config queue tls spool regfile wakeup fds resolver tlsio x509
+SHARED   := util keystore keythread tss2 jwt mint passwd registry topic config queue tls spool regfile wakeup fds resolver tlsio x509 htab evloop conn window handoff
 SHARED_OBJ := $(SHARED:%=$(BUILD)/obj/plugin/%.o)
 PLUGIN_SRC := $(wildcard plugin/*.c)
 PLUGIN_OBJ := $(PLUGIN_SRC:%.c=$(BUILD)/obj/%.o)

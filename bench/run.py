@@ -14,6 +14,12 @@ Sections (run all, or name some: bench/run.py jwt connect bridge remote memory):
            message backlog (BENCH_BACKLOG) after an outage
   memory   memory per upstream device and time to bring N devices online (N = 1000, and
            BENCH_DEVICES=10000 for the large run)
+  light    light load: edge CPU per uplink at 1,000 uplinks/s in total through 100 devices (QoS 1)
+           vs the built-in bridge at the same load (BENCH_LIGHT_ROUNDS=5 alternating rounds of
+           BENCH_LIGHT_SECONDS=5 s), and the edge's CPU with 1,000 connected idle devices
+  instructions  the edge's instructions per uplink under callgrind (10 devices, 1,000 QoS 1 uplinks
+           at 200/s, minus a run as long without uplinks) vs the built-in bridge: repeatable on a
+           busy machine, where CPU time is not (it leaves out the kernel: syscalls, wake-ups)
   auth     the longest stall of the broker thread (an admin client's round trip through it) while
            10 threads send wrong passwords for 50 usernames for BENCH_FLOOD_SECONDS=10 s, from one
            address and from 10; the login time of a registry user, a disabled device and an unknown
@@ -57,7 +63,7 @@ STARTED = []
 def broker(conf, name, port=None, env=None):
     """A Mosquitto on conf (PORT: a free port), with env added to its environment."""
     port = port or free_port()
-    b = Broker(WORK / name, conf.replace("PORT", str(port)), port, name, env=env)
+    b = Broker(WORK / name, conf.replace("PORT", str(port)), port, name, env=env, timeout=60)
     b.port = port
     STARTED.append(b)
     return b
@@ -477,6 +483,113 @@ def bench_memory():
         row(f"{n} devices: time to bring all online", ramp, "s")
         row(f"{n} devices: devices online per second", n / ramp, "/s")
         ours.stop()
+
+
+# ---- light load --------------------------------------------------------------------------------
+
+def cpu_ns(pid):
+    """Nanoseconds a process (all its threads) has run on a CPU, from the scheduler's
+    /proc/PID/task/*/schedstat: finer than cpu_seconds' clock ticks."""
+    total = 0
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((t / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass   # a thread that ended meanwhile
+    return total
+
+
+def bench_light():
+    """CPU at the load a gateway mostly sees: a steady trickle of uplinks, and no uplinks at all."""
+    global RIG
+    n, rate = 100, 1000
+    rounds = int(os.environ.get("BENCH_LIGHT_ROUNDS", "5"))
+    secs = int(os.environ.get("BENCH_LIGHT_SECONDS", "5"))
+    msgs = rate * secs // n
+    print(f"\n== Light load: {rate:,} QoS 1 uplinks/s in total through {n} devices, {rounds} rounds of {secs} s"
+          " (the two bridges taking turns; median, min-max in brackets)")
+    RIG = Rig(n)
+    ours = RIG.ours()
+    RIG.wait_connected(ours, n)
+    builtin = RIG.builtin()
+    time.sleep(1)
+    per = {"builtin": [], "ours": []}
+    lost = 0
+    for _ in range(rounds):
+        for name, tgt, user in (("builtin", builtin, False), ("ours", ours, True)):
+            c0 = cpu_ns(tgt.proc.pid)
+            r = relay(None, tgt.port, 1, n, msgs, rate=rate, user=user)
+            per[name].append((cpu_ns(tgt.proc.pid) - c0) / 1000 / max(r["received"], 1))
+            lost += r["lost"]
+    med = {k: sorted(v)[len(v) // 2] for k, v in per.items()}
+    for name, label in (("builtin", "Mosquitto built-in bridge"), ("ours", "mosquitto_akenza")):
+        v = sorted(per[name])
+        row(f"edge CPU per uplink: {label}", med[name], f"us [{v[0]:.1f}-{v[-1]:.1f}]",
+            "built-in" if name == "ours" else None, med["builtin"] if name == "ours" else None)
+    row("lost, both bridges, all rounds", lost, "msgs")
+    stop_all()
+    idle_n, idle_s = 1000, int(os.environ.get("BENCH_IDLE_SECONDS", "20"))
+    print(f" Idle: the edge's CPU over {idle_s} s with {idle_n:,} connected devices and no traffic"
+          " (a broker without the bridge beside it)")
+    RIG = Rig(idle_n)
+    base = RIG.ours("plugin_opt_bridge false\n")
+    time.sleep(2)
+    c0 = cpu_ns(base.proc.pid)
+    time.sleep(idle_s)
+    base_ms = (cpu_ns(base.proc.pid) - c0) / 1e6 / idle_s
+    base.stop()
+    STARTED.remove(base)
+    ours = RIG.ours()
+    RIG.wait_connected(ours, idle_n, timeout=600)
+    time.sleep(7)   # the connect storm's after-effects (memory given back after 5 s) are over
+    c0 = cpu_ns(ours.proc.pid)
+    time.sleep(idle_s)
+    ours_ms = (cpu_ns(ours.proc.pid) - c0) / 1e6 / idle_s
+    row(f"{idle_n:,} idle devices: edge CPU (ms per s)", ours_ms, "ms/s", "no bridge", base_ms)
+    row("  the same edge without the bridge (ms per s)", base_ms, "ms/s")
+    row("  per idle device (us per s)", (ours_ms - base_ms) * 1000 / idle_n, "us/s")
+
+
+def callgrind_ir(make_edge, user, n, uplinks, rate, seconds):
+    """Instructions the edge that make_edge() starts under callgrind runs in `seconds` from when
+    it is up, while n devices send `uplinks` QoS 1 uplinks at `rate`/s (none when 0)."""
+    out = WORK / f"callgrind-{time.monotonic_ns()}.out"
+    os.environ["AKZ_BROKER_WRAPPER"] = f"valgrind --tool=callgrind --callgrind-out-file={out}"
+    try:
+        edge = make_edge()
+    finally:
+        del os.environ["AKZ_BROKER_WRAPPER"]
+    time.sleep(3)
+    t0 = time.monotonic()
+    if uplinks:
+        r = relay(None, edge.port, 1, n, uplinks // n, rate=rate, user=user)
+        assert r["lost"] == 0, r
+    time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
+    edge.stop_timeout = 120   # callgrind writes its counts as the broker exits
+    edge.stop()
+    STARTED.remove(edge)
+    return int(re.search(r"^(?:summary|totals): (\d+)", out.read_text(errors="replace"), re.M).group(1))
+
+
+def bench_instructions():
+    global RIG
+    n, uplinks, rate = 10, 1000, 200
+    print(f"\n== Instructions per uplink (callgrind; user space only): {uplinks:,} QoS 1 uplinks at {rate}/s"
+          f" through {n} devices, minus a run as long without uplinks")
+    RIG = Rig(n)
+
+    def ours():
+        e = RIG.ours()
+        RIG.wait_connected(e, n, timeout=120)
+        return e
+    per = {}
+    seconds = uplinks / rate + 2
+    for name, make, user in (("ours", ours, True), ("builtin", RIG.builtin, False)):
+        with_ = callgrind_ir(make, user, n, uplinks, rate, seconds)
+        without = callgrind_ir(make, user, n, 0, rate, seconds)
+        per[name] = (with_ - without) / uplinks
+    row("Mosquitto built-in bridge (instructions/uplink)", per["builtin"], "")
+    row("mosquitto_akenza (instructions/uplink)", per["ours"], "", "built-in", per["builtin"])
 
 
 # ---- spool -------------------------------------------------------------------------------------
@@ -924,8 +1037,8 @@ def bench_tpm():
 
 
 SECTIONS = {"jwt": bench_jwt, "connect": bench_connect, "bridge": bench_bridge, "remote": bench_remote,
-            "memory": bench_memory, "spool": bench_spool, "onboard": bench_onboard, "tpm": bench_tpm,
-            "auth": bench_auth}
+            "memory": bench_memory, "spool": bench_spool, "light": bench_light, "instructions": bench_instructions,
+            "onboard": bench_onboard, "tpm": bench_tpm, "auth": bench_auth}
 
 
 def main():

@@ -1,16 +1,25 @@
-/* akz_bridge_int.h - what bridge.c (the broker-thread side) and bridge_loop.c (the bridge
- * thread) share: the device and bridge structures. Private to those two files. */
+/* akz_bridge_int.h - what bridge.c (the broker thread's side) and bridge_loop.c (the bridge
+ * thread) share: the device and the bridge. Private to those two files. Threads, ownership and
+ * the lock order: docs/DESIGN.md. Each field says who may touch it:
+ *   const    set before the device or bridge is shared, read-only after: any thread
+ *   locked   under akz_bridge.lock
+ *   broker   the broker thread only
+ *   bridge   the bridge thread only (before it starts and after it stopped: the thread that
+ *            starts and stops it) */
 #ifndef AKZ_BRIDGE_INT_H
 #define AKZ_BRIDGE_INT_H
 
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <openssl/ssl.h>
 #include <mosquitto.h>
 #include "akz_bridge.h"
+#include "akz_conn.h"
+#include "akz_evloop.h"
+#include "akz_handoff.h"
+#include "akz_htab.h"
 #include "akz_keystore.h"
 #include "akz_mint.h"
 #include "akz_queue.h"
@@ -19,104 +28,70 @@
 #include "akz_status.h"
 #include "akz_util.h"
 #include "akz_wakeup.h"
+#include "akz_window.h"
 
-/* Uplinks in flight per connection (handed to libmosquitto, no PUBACK yet); a power of two
- * (take_inflight finds a slot by mid). libmosquitto walks its whole list of them on every
- * PUBACK, so more is not free. */
-#define WINDOW 32
-
-enum dev_state { ST_DISABLED, ST_CONNECTING, ST_CONNECTED, ST_BACKOFF, ST_UNAUTHORIZED };
-
-/* The names of the states in status messages and the log, indexed by enum dev_state. */
-extern const char *const bridge_state_names[];
-
-/* An uplink handed to libmosquitto and waiting for its PUBACK: kept for the spool's bookkeeping
- * and the delivery receipt (libmosquitto keeps its own copy to resend). */
-struct inflight {
-	int mid;
-	struct akz_msg *m;           /* NULL: slot free */
+/* What the broker thread asks the bridge thread to do with a device (struct dev.work). */
+enum {
+	WORK_ADOPT = 1,              /* new: start running it */
+	WORK_UPLINKS = 2,            /* new pending uplinks */
+	WORK_CHANGED = 4,            /* enabled or next_key changed */
+	WORK_RECONNECT = 8,          /* the control API asks for a new connection */
+	WORK_REMOVE = 16,            /* gone from the registry: free it (the broker has let go of it) */
 };
 
 struct dev {
-	char *id;                    /* read-only after creation */
-	struct akz_bridge *b;
+	struct akz_htab_node node;   /* in b->devices, keyed by id: broker writes, both read (locked) */
+	char *id;                    /* const */
+	struct akz_bridge *b;        /* const */
+	struct akz_spool_dev *sd;    /* const: its share of the spool (lives as long as the spool), or NULL */
 
-	/* Guarded by b->lock. */
-	struct dev *hnext;           /* hash chain */
-	struct dev *ready_next;      /* on b->ready: has new pending uplinks */
-	struct dev *dirty_next;      /* on b->dirty: status to publish */
-	struct dev *incoming_next;   /* on b->incoming: new, not yet adopted by the thread */
-	struct akz_msgq pending;     /* accepted, not yet handed to libmosquitto */
-	struct akz_spool_dev *sd;    /* its share of the spool, NULL without one */
-	size_t unacked;              /* pending + handed over and not yet acknowledged */
-	bool enabled;
-	bool removed;
-	bool changed;                /* enabled or next_key changed by a sync */
-	bool reconnect_requested;    /* akz_bridge_reconnect: drop the connection and connect again */
-	bool in_ready, in_dirty;
-	/* The bridge thread will take new pending uplinks without being woken: held uplinks (the
-	 * flush at the hold's end pumps first), a full window (the next PUBACK's read pumps) or a
-	 * connection not up (the CONNACK's read pumps) comes first. Set by the bridge thread in
-	 * the same locked step as its last look at pending (pump_uplinks, hold_uplinks). */
-	bool pump_promised;
-	struct akz_key *next_key;    /* key to switch to after a sync, or NULL */
-	struct akz_status_dev status;
-	int64_t status_published_ms;
+	/* locked */
+	struct dev *inbox_next;      /* on b->inbox while work != 0 */
+	unsigned work;               /* WORK_* for the bridge thread */
+	struct akz_msgq pending;     /* accepted, not yet handed to libmosquitto: the broker appends,
+	                              * the bridge takes from the head */
+	size_t unacked;              /* pending + handed over and not yet acknowledged or written */
+	bool enabled;                /* as the registry says */
+	bool removed;                /* out of the table: counted out of the summary already */
+	bool acks_will_pump;         /* its window is nearly full and pending waits for room: the
+	                              * bridge thread takes pending after the next PUBACK, so new
+	                              * uplinks need no wake-up (set in the locked step that looked at
+	                              * pending; cleared when the connection's state changes) */
+	struct akz_key *next_key;    /* the key to switch to (WORK_CHANGED), or NULL */
+	struct akz_status_dev status;   /* as status topics and the control API show it (queued and
+	                                 * the spool's figures are filled in when it is copied) */
 
-	/* Guards what follows, and the device's libmosquitto client, while the bridge thread works
-	 * on the device: the broker thread may take it (try, never wait) to write an idle device's
-	 * uplink itself (bridge_send_direct). Taken before b->lock, never after. */
-	pthread_mutex_t io_lock;
-
-	/* Bridge thread only, or the broker thread holding io_lock. */
-	struct dev *next;            /* the thread's list of every device (bridge thread only) */
+	/* bridge */
+	struct dev *prev, *next;     /* b->devs: every device the thread runs */
+	bool adopted;                /* on b->devs */
+	struct akz_conn conn;        /* the connection's state machine */
+	struct akz_ev_io io;         /* the connection's socket in the loop */
+	struct akz_ev_timer timer;   /* the first of the device's deadlines (dev_next_due) */
+	struct akz_window win;       /* uplinks waiting for their PUBACK */
 	struct akz_key *key;
 	struct akz_mint *mint;       /* its next token, minted on the key thread (a key in a TPM) */
-	struct mosquitto *mosq;
-	enum dev_state state;
-	int fd;                      /* the socket registered in epoll, or -1 */
+	struct mosquitto *mosq;      /* NULL until the first connect */
 	int zombie_fd;               /* a socket given up on that libmosquitto has yet to close */
 	bool disconnect_seen;        /* on_disconnect ran during the last libmosquitto call */
-	uint32_t events;
-	int64_t due_ms;              /* next connect attempt, or token refresh when connected */
-	int64_t connect_deadline_ms;
-	int64_t drain_deadline_ms;
-	int64_t waiting_ack_since_ms;
-	int64_t minted_wall_offset;  /* wall minus monotonic clock when the token was minted */
-	bool refreshing;
-	unsigned sweep_phase;        /* swept while connected when b->sweep_turn % SWEEP_SPREAD is this */
-	bool handshaking;            /* counted in b->handshakes */
-	bool in_reread;              /* on b->reread */
-	struct dev *reread_next;
-	bool in_flush;               /* on b->flush */
 	bool out_blocked;            /* the socket did not take all of the write buffer */
-	struct dev *flush_next;
-	int64_t flush_due_us;        /* on b->flush: when flush_outputs takes it (0: this turn) */
-	int64_t hold_until_us;       /* when held uplinks go at the latest (0: none held) */
-	int64_t last_flush_us;       /* when the write buffer last went out */
-	bool urgent;                 /* a read wrote something (a PUBACK): no holding this turn */
-	bool reconnect_now;
-	bool ever_connected;
-	bool news;                   /* the last state change was logged at the normal level */
-	int failures;
-	uint8_t failed_as;           /* ST_BACKOFF or ST_UNAUTHORIZED: the last failure's state */
-	int inflight;
-	uint64_t sent_upto;          /* seq of the last spooled uplink taken off pending */
-	uint64_t expired;            /* dropped by the TTL since the last log line */
-	struct inflight fl[WINDOW];
-	char last_log[200];          /* libmosquitto's last error, e.g. the TLS failure */
+	bool in_flush, in_reread, in_slot_queue, in_deferred;
+	struct dev *flush_next;      /* on b->flush: wrote this turn, the buffer goes out at its end */
+	struct dev *reread_next;     /* on b->reread: OpenSSL holds input epoll cannot see */
+	struct dev *slot_next;       /* on b->slot_queue: waits for a connect slot */
+	struct dev *deferred_next;   /* on b->deferred: input not watched until the next loop turn */
+	int acked;                   /* PUBACKs taken by the last read, not yet counted */
+	int64_t out_ms;              /* when the connection last wrote (libmosquitto's keepalive) */
+	int64_t acked_ms;            /* the last PUBACK, or when the window last went from empty to not */
+	int64_t status_sent_ms;      /* when its status was last handed to the broker thread */
+	bool status_due;             /* a status change waits for status_interval_ms to pass */
+	uint64_t expired;            /* dropped by the TTL, not yet logged */
+	char last_log[200];          /* libmosquitto's last error (a TLS failure), until CONNACK */
 	char addr[AKZ_ADDR_MAX];     /* the upstream address of the last connect ("": none) */
-};
-
-struct log_line {
-	struct log_line *next;
-	int level;
-	char text[];
 };
 
 /* One per plugin instance: field order follows meaning, not padding. */
 struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
-	/* copied from the configuration */
+	/* const: copied from the configuration */
 	char *host;
 	char *username;
 	char *audience;              /* tokens' aud: https://<audience>/devices/<id> */
@@ -133,108 +108,62 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	int status_interval_ms;
 	SSL_CTX *ssl_ctx;
 	bool tlsio_ready;            /* akz_tlsio_init succeeded: cleanup is due */
-	struct akz_resolver *resolver;
-	struct akz_wakeup *wakeup;   /* NULL: downlinks wait for the broker's own TICK */
-
-	struct akz_spool *spool;     /* NULL: uplinks wait in memory only */
-
-	pthread_t thread;
-	bool thread_started;
-	int epfd;
-	int wakefd;
-	atomic_bool stop;
-
-	/* The log queue has a lock of its own, taken last and around nothing else: the spool logs
-	 * (through spool_log) while holding its lock, and the broker thread takes the spool's lock
-	 * while holding `lock` (publish_statuses); one lock for both was a lock-order inversion
-	 * (spool -> bridge, bridge -> spool) that ThreadSanitizer reported: the flusher logging an
-	 * I/O error during a TICK could deadlock the broker. */
-	pthread_mutex_t log_lock;
-	struct log_line *log_head, *log_tail;   /* guarded by log_lock */
-	size_t log_count, log_dropped;
+	struct akz_resolver *resolver;      /* thread-safe */
+	struct akz_wakeup *wakeup;   /* thread-safe; NULL: the broker's TICK comes in its own time */
+	struct akz_spool *spool;     /* thread-safe; NULL: uplinks wait in memory only */
+	struct akz_handoff *out;     /* thread-safe: to the broker thread */
+	struct akz_evloop *loop;     /* the bridge thread's (wake and stop: any thread) */
+	struct akz_thread thread;    /* broker */
 
 	pthread_mutex_t lock;
-	/* Guarded by lock. */
-	struct dev **buckets;
-	size_t nbuckets;
-	size_t ndevs;
-	struct dev *ready;
-	struct dev *dirty;
-	struct dev *incoming;
-	bool wake_pending;
-	int64_t load_start_us;       /* when the current count of uplinks relayed began */
-	int64_t load_count;          /* uplinks handed to libmosquitto since */
-	atomic_llong load_rate;      /* uplinks/s relayed over the last count's span (any thread reads) */
-	bool wake_at_tick;           /* broker thread only: uplinks arrived this loop turn */
-	int64_t last_tick_us;        /* broker thread only: when akz_bridge_tick last ran (0: never) */
-	bool woke_this_turn;         /* broker thread only: an uplink woke the bridge since that TICK */
-	int64_t started_ms;          /* broker thread only: when akz_bridge_start ran */
-	int64_t wall_off;            /* bridge thread only: wall_offset_s() at the last sweep */
-	bool wall_off_known;         /* bridge thread only */
-	bool no_tick_reported;       /* broker thread only */
-	size_t fds_told_devices;     /* broker thread only: the device count and open-file limit */
-	size_t fds_told_limit;       /*   a tight limit was last reported for (reserve_fds) */
-	bool changes;                /* some device has changed or removed set */
-	struct akz_msgq down;
-	struct akz_status_summary sum;
-	bool sum_dirty;
-	int64_t sum_published_ms;
-	struct akz_status_sent sum_sent;   /* broker thread only: the counters' topics */
+	struct akz_htab devices;     /* locked: every device of the registry, by id */
+	struct dev *inbox;           /* locked: devices with work for the bridge thread */
+	struct akz_status_summary sum;   /* locked */
+	bool sum_dirty;              /* locked */
 
-	/* Bridge thread only. */
-	struct dev *devs;
+	/* broker */
+	int64_t sum_published_ms;
+	struct akz_status_sent sum_sent;   /* what the counters' own topics last showed */
+	int64_t last_tick_ms;        /* when akz_bridge_tick last ran (0: never) */
+	int64_t started_ms;
+	bool no_tick_reported;
+	size_t fds_told_devices;     /* the device count and open-file limit a tight limit was */
+	size_t fds_told_limit;       /* last reported for (reserve_fds) */
+
+	/* bridge */
+	struct dev *devs;            /* every device it runs */
+	size_t nstate[AKZ_CONN_NSTATES];   /* devices in each state */
+	struct dev *flush;           /* devices that wrote this loop turn */
+	struct dev *reread;          /* devices with input left in OpenSSL */
+	struct dev *deferred;        /* devices whose input waits for the next loop turn */
+	struct akz_ev_timer ack_timer;      /* ends the wait for that turn */
+	struct dev *slot_queue, **slot_tail;   /* devices waiting for a connect slot, first come first */
+	bool slots_changed;          /* a slot may be free: look at slot_queue before sleeping */
+	struct akz_ev_timer slot_timer;     /* when the rate or the name lookup may let one through */
+	struct akz_ev_timer clock_timer;    /* looks for wall-clock steps every second */
+	struct akz_ev_timer outage_timer;   /* sums up the devices not connected once a minute */
+	struct akz_ev_timer trim_timer;     /* gives memory back after a connect storm */
+	struct akz_ev_timer repoke_timer;   /* repeats a broker wake-up the TICK did not take */
 	double bucket;               /* connect-rate token bucket */
 	int64_t bucket_ms;
-	int64_t next_sweep_ms;
-	unsigned sweep_turn;         /* sweeps so far (wraps) */
-	size_t adopted;              /* devices adopted so far: spreads their sweep phases */
-	int64_t last_connect_ms;     /* when the last connection attempt started */
-	int64_t outage_report_ms;    /* when the sweep last summed up the devices not connected */
-	size_t failed_since_report;  /* connection failures since then */
-	char last_failure[240];      /* the newest of them: "device 'X': reason" */
-	bool trim_due;               /* connects happened since memory was last given back */
-	int64_t pilot_until;         /* 0: no connect yet; else the end of the wait for a session */
 	int handshakes;              /* connections between connect and CONNACK */
-	struct dev *reread;          /* devices with input left in OpenSSL: read_socket */
-	struct dev *flush;           /* devices with records to write (tlsio.c) or uplinks held */
-	int64_t next_flush_us;       /* the earliest flush_due_us on b->flush */
-	int coalesce_us;             /* plugin_opt_uplink_coalesce_us */
-	int coalesce_rate;           /* plugin_opt_uplink_coalesce_rate */
-	bool direct;                 /* plugin_opt_uplink_direct */
-	bool connects_held;          /* a due device waits for a handshake slot */
+	int64_t pilot_until;         /* 0: no connect yet; else the end of the wait for a TLS session */
 	bool pilot_done;             /* a TLS session exists (or the wait is over) */
+	int64_t wall_off;            /* wall minus monotonic clock at the last look */
+	size_t failed_since_report;  /* connection failures since the last outage report */
+	char last_failure[240];      /* the newest of them: "device 'X': reason" */
 };
 
-/* ---- bridge.c: hand-offs to the broker thread -------------------------------------------- */
+/* ---- bridge.c ------------------------------------------------------------------------------ */
 
-/* Queues a log line for the broker thread: mosquitto_log_printf may publish to $SYS
- * (log_dest topic), which only the broker thread may do. Any thread; never fails; drops (and
- * counts) lines when the broker thread falls far behind. */
-void bridge_log(struct akz_bridge *b, int level, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+/* Copies the device's status for the broker thread's queue (out) with its queued count. Caller
+ * holds b->lock. */
+void bridge_status_copy_locked(const struct dev *d, struct akz_status_dev *out);
 
-/* Marks the device's status for publishing. Caller holds b->lock. */
-void bridge_mark_dirty_locked(struct akz_bridge *b, struct dev *d);
+/* ---- bridge_loop.c: the bridge thread ----------------------------------------------------------- */
 
-/* ---- bridge_loop.c: the bridge thread -------------------------------------------------- */
-
-/* The bridge thread: arg is the struct akz_bridge; returns NULL once b->stop is set. */
+/* The bridge thread: arg is the struct akz_bridge; returns NULL once the loop is stopped. */
 void *bridge_main(void *arg);
-
-/* Wakes the bridge thread out of epoll_wait. Any thread; never fails (a lost wake only means
- * the next sweep, within 100 ms, does the work). */
-void bridge_wake(struct akz_bridge *b);
-
-/* Writes the device's new uplink (the only one pending, pump_promised not set) from the calling
- * broker thread, if the device is idle: connected, its window open, nothing buffered or held,
- * and no write of its went out in the last two coalescing limits. Why: at a light load every
- * uplink handed to a sleeping bridge thread waits for a thread wake-up (tens of us in a VM),
- * the built-in bridge's lead in latency; a busy device's uplinks still go through the bridge
- * thread, where they share writes. Returns true when it was written (or the socket was full
- * and EPOLLOUT now watches it); false when the device was not idle, the bridge thread was
- * working on it, or the write failed: then the caller hands it over as usual (mark ready and
- * wake), and the bridge thread finds any error itself. Never blocks. */
-bool bridge_send_direct(struct dev *d);
 
 /* Frees a device the bridge thread no longer runs (or never adopted): its connection, keys,
  * and its queued uplinks, which go back to the spool. Bridge thread, or any thread once the

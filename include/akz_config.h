@@ -45,12 +45,6 @@ struct akz_config {
 	char *receipts_prefix;       /* plugin_opt_receipts_topic: prefix, the device id follows (default akenza/receipts/) */
 	char *downlink_wakeup;       /* plugin_opt_downlink_wakeup: signal (default) or tick */
 	int status_interval_ms;      /* plugin_opt_status_interval: min ms between status publishes (default 1000) */
-	int uplink_coalesce_us;      /* plugin_opt_uplink_coalesce_us: longest a busy device's packets wait for
-	                                more to share their write (default 20000, 0 = never) */
-	int uplink_coalesce_rate;    /* plugin_opt_uplink_coalesce_rate: uplinks/s through the edge from which
-	                                busy devices' uplinks are held (default 5000, 0 = always) */
-	bool uplink_direct;          /* plugin_opt_uplink_direct: the broker thread writes an idle device's
-	                                uplink itself (default true) */
 };
 
 struct mosquitto_opt;

@@ -1,4 +1,4 @@
-/* akz_queue.h - FIFO queues of messages waiting to cross between the broker and the bridge. */
+/* akz_queue.h - FIFO queues of messages: a device's pending uplinks, a spool backlog. */
 #ifndef AKZ_QUEUE_H
 #define AKZ_QUEUE_H
 
@@ -33,9 +33,6 @@ struct akz_msg *akz_msg_new(const char *topic, size_t topiclen, const void *payl
 
 void akz_msgq_push(struct akz_msgq *q, struct akz_msg *m);
 
-/* Puts m in front of the oldest message. */
-void akz_msgq_push_front(struct akz_msgq *q, struct akz_msg *m);
-
 /* The oldest message without removing it, NULL when empty. */
 static inline struct akz_msg *akz_msgq_peek(const struct akz_msgq *q) { return q->head; }
 
@@ -44,6 +41,9 @@ struct akz_msg *akz_msgq_pop(struct akz_msgq *q);
 
 /* Moves every message of src to the end of dst; src becomes empty. */
 void akz_msgq_take_all(struct akz_msgq *dst, struct akz_msgq *src);
+
+/* Moves the n oldest messages of src (all, if it holds fewer) to the end of dst. */
+void akz_msgq_take_head(struct akz_msgq *dst, struct akz_msgq *src, size_t n);
 
 /* Frees every message; returns how many there were. */
 size_t akz_msgq_clear(struct akz_msgq *q);

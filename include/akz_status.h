@@ -34,7 +34,6 @@ struct akz_status_summary {
 	uint64_t errors;
 	uint64_t connects;             /* upstream connections made (CONNACK accepted) */
 	uint64_t tls_resumed;          /* of those, on a resumed TLS session */
-	uint64_t uplinks_direct;       /* uplinks the broker thread wrote itself (plugin_opt_uplink_direct) */
 	struct akz_spool_stats spool;  /* all zero without a spool */
 };
 
@@ -55,8 +54,14 @@ void akz_status_publish_summary(const struct akz_status_summary *s, struct akz_s
 /* Clears the retained status of a device that left the registry. Broker thread. */
 void akz_status_clear_device(const char *id);
 
-/* The summary as a cJSON object (caller frees with cJSON_Delete), NULL when out of memory. */
 struct cJSON;
+
+/* Adds a device's status to o, the one rendering the status topic and the control API share
+ * (kid_field names the key id: "kid" on the topic, "upstream_kid" in getDevice, whose "kid" is
+ * the registry's). Returns false when out of memory (o may then hold some of the fields). */
+bool akz_status_device_fields(struct cJSON *o, const struct akz_status_dev *s, const char *kid_field);
+
+/* The summary as a cJSON object (caller frees with cJSON_Delete), NULL when out of memory. */
 struct cJSON *akz_status_summary_object(const struct akz_status_summary *s);
 
 /* Renders the summary as JSON; caller frees with free(). NULL when out of memory. */

@@ -7,13 +7,36 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Formats a one-line reason into err (size errlen); err NULL or errlen 0 is allowed (nothing is
- * written). Never fails; long reasons are cut. */
+/* The object of type that holds member at p. */
+#define akz_container_of(p, type, member) ((type *)(void *)((char *)(p) - offsetof(type, member)))
+
+/* Formats a one-line reason into err (size errlen): the one way errors are reported to a caller.
+ * err NULL or errlen 0 is allowed (nothing is written). Never fails; long reasons are cut. */
 void akz_set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
-/* Starts a thread with every signal blocked in it: the broker's signals (SIGHUP reload, SIGINT)
- * belong to the broker thread. Returns 0, or pthread_create's error number. */
-int akz_thread_start(pthread_t *thread, void *(*fn)(void *), void *arg);
+/* A thread of the plugin's (the bridge, the spool's flusher, the name lookups). */
+struct akz_thread {
+	pthread_t id;
+	bool running;                /* started and not yet stopped */
+};
+
+/* Starts fn(arg) on a new thread named "akz <what>" with every signal blocked in it: the
+ * broker's signals (SIGHUP reload, SIGINT) belong to the broker thread. Returns 0, or -1 with
+ * "cannot start the <what> thread: <reason>" in err. */
+int akz_thread_start(struct akz_thread *t, const char *what, void *(*fn)(void *), void *arg,
+		char *err, size_t errlen);
+
+/* If t runs: calls tell(ctx), which must make the thread's function return soon, and waits until
+ * it has. Never fails; a thread never started is left alone. */
+void akz_thread_stop(struct akz_thread *t, void (*tell)(void *ctx), void *ctx);
+
+/* akz_thread_stop for a thread that sleeps on cond under lock until *stop is true: sets it under
+ * the lock, signals cond, and waits for the thread to end. Never fails. */
+void akz_thread_stop_sleeper(struct akz_thread *t, pthread_mutex_t *lock, pthread_cond_t *cond, bool *stop);
+
+/* Initialises a condition variable whose timed waits run on the monotonic clock, which a
+ * wall-clock step does not move. Returns 0 or pthread's error number. */
+int akz_cond_init_monotonic(pthread_cond_t *cond);
 
 /* Milliseconds and microseconds on the monotonic clock, which wall-clock steps do not move.
  * Never fail. */

@@ -201,7 +201,7 @@ struct job {
 struct offload {
 	void (*complete)(const char *clientid, int result);   /* mosquitto_complete_basic_auth */
 	struct akz_wakeup *wakeup;
-	pthread_t thread;
+	struct akz_thread thread;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
 	struct job *todo, *todo_tail, *done;
@@ -238,7 +238,7 @@ static void *offload_main(void *arg)
 				pthread_cond_wait(&off->cond, &off->lock);
 			}else{
 				struct timespec ts;
-				clock_gettime(CLOCK_REALTIME, &ts);
+				clock_gettime(CLOCK_MONOTONIC, &ts);   /* akz_cond_init_monotonic */
 				ts.tv_nsec += (long)ms * 1000000L;
 				ts.tv_sec += ts.tv_nsec / 1000000000L;
 				ts.tv_nsec %= 1000000000L;
@@ -273,11 +273,15 @@ static struct offload *offload_start(void)
 	if(off == NULL) goto fail;
 	off->complete = complete;
 	pthread_mutex_init(&off->lock, NULL);
-	pthread_cond_init(&off->cond, NULL);
+	if(akz_cond_init_monotonic(&off->cond) != 0){
+		snprintf(err, sizeof(err), "cannot set up a condition variable");
+		pthread_mutex_destroy(&off->lock);
+		free(off);
+		off = NULL;
+		goto fail;
+	}
 	if(akz_wakeup_new(&off->wakeup, err, sizeof(err)) != 0) goto fail;
-	int rc = akz_thread_start(&off->thread, offload_main, off);
-	if(rc != 0){
-		snprintf(err, sizeof(err), "cannot start a thread: %s", strerror(rc));
+	if(akz_thread_start(&off->thread, "logins", offload_main, off, err, sizeof(err)) != 0){
 		akz_wakeup_free(off->wakeup);
 		goto fail;
 	}
@@ -298,11 +302,7 @@ fail:
 static void offload_stop(struct offload *off)
 {
 	if(off == NULL) return;
-	pthread_mutex_lock(&off->lock);
-	off->stop = true;
-	pthread_cond_signal(&off->cond);
-	pthread_mutex_unlock(&off->lock);
-	pthread_join(off->thread, NULL);
+	akz_thread_stop_sleeper(&off->thread, &off->lock, &off->cond, &off->stop);
 	akz_wakeup_free(off->wakeup);
 	for(struct job *lists[2] = {off->todo, off->done}, **l = lists; l < lists + 2; l++){
 		while(*l){

@@ -1,55 +1,53 @@
-/* bridge_loop.c - the bridge thread: one epoll loop drives every device's akenza connection. */
+/* bridge_loop.c - the bridge thread: every device's akenza connection on one event loop
+ * (evloop.c). It alone drives the libmosquitto clients; for each device it feeds the connection
+ * state machine (conn.c), carries out what it asks, and keeps the window of uplinks in flight
+ * (window.c). The threads and their rules: docs/DESIGN.md. */
 #include <errno.h>
-#include <malloc.h>
 #include <inttypes.h>
+#include <malloc.h>
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
-#include <unistd.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
-#include <mosquitto.h>
+#include "akz_mosquitto.h"
 #include "akz_bridge_int.h"
 #include "akz_fds.h"
 #include "akz_jwt.h"
 #include "akz_keythread.h"
-#include "akz_queue.h"
-#include "akz_resolver.h"
-#include "akz_spool.h"
 #include "akz_tls.h"
-#include "akz_topic.h"
-#include "akz_util.h"
-#include "akz_wakeup.h"
 #include "akz_tlsio.h"
+#include "akz_topic.h"
 
-#define SWEEP_MS 100              /* timer resolution of the bridge thread */
-#define SWEEP_SPREAD 10           /* a connected device's timers are looked at every this many sweeps */
-#define CONNECT_TIMEOUT_MS 30000  /* from TCP connect to CONNACK */
-#define REFRESH_DRAIN_MS 2000     /* wait for PUBACKs before a token refresh reconnects */
-#define BACKOFF_MIN_MS 1000
-#define BACKOFF_MAX_MS 120000
-#define UNAUTH_MIN_MS 60000       /* a refused key is not fixed in seconds: ask again in minutes */
-#define UNAUTH_MAX_MS 900000
-#define CLOCK_JUMP_S 30           /* a wall-clock step larger than this re-mints the token */
-#define DOWN_MAX 10000            /* downlinks waiting for the broker thread */
-#define READY_BATCH 4096          /* devices pumped per loop turn before sockets get a look */
+#define CLOCK_JUMP_S 30           /* a wall-clock step larger than this re-mints the tokens */
+#define CLOCK_CHECK_MS 1000       /* how often the wall clock is looked at for steps */
+#define OUTAGE_REPORT_MS 60000    /* devices not connected are summed up in the log this often */
 #define TRIM_AFTER_MS 5000        /* quiet time after connects before memory is given back */
 #define READ_ROUNDS 64            /* loop_read calls per device and turn while OpenSSL holds input */
-#define HELD_SWEEP_MS 10          /* sweep interval while connects wait for a handshake slot */
-#define COALESCE_MAX_BYTES 8192   /* held uplinks this large go at once */
-#define REFILL_MIN (WINDOW / 4)  /* free window slots worth a write of their own */
-#define HOLD_OVERHEAD 64          /* bytes an uplink adds to its payload: topic, MQTT, TLS */
-#define LOAD_WINDOW_US 10000      /* the edge's uplink rate is taken over this long at least */
+#define SLOT_RECHECK_MS 10        /* connects waiting for the first name lookup or the pilot */
 #define PILOT_MS 2000             /* longest wait for the first TLS session before the others */
+#define ACK_WAIT_MS 5             /* longest a device's input waits for the next loop turn */
+#define TOKEN_POLL_MS 100         /* how often a token signed on the key thread is looked for */
+#define REFILL_MIN (AKZ_WINDOW / 4)   /* a full window is refilled this many slots at a time */
 
-/* ---- time ---------------------------------------------------------------------------- */
+#define blog(b, ...) akz_handoff_log((b)->out, __VA_ARGS__)
+
+static void update_interest(struct dev *d);
+static void dev_arm(struct dev *d);
+
+/* A uniformly random 32-bit number (for the state machine's jitter). */
+static uint32_t random_u32(void)
+{
+	uint32_t r;
+	if(RAND_bytes((unsigned char *)&r, sizeof(r)) != 1) r = (uint32_t)rand();
+	return r;
+}
 
 /* Wall clock minus monotonic clock, in seconds: it moves only when the wall clock is stepped. */
 static int64_t wall_offset_s(void)
@@ -57,246 +55,83 @@ static int64_t wall_offset_s(void)
 	return (int64_t)time(NULL) - akz_mono_ms() / 1000;
 }
 
-/* A uniformly random integer in [lo, hi]. */
-static int64_t random_between(int64_t lo, int64_t hi)
+static int64_t keepalive_ms(const struct akz_bridge *b)
 {
-	uint32_t r;
-	if(hi <= lo) return lo;
-	if(RAND_bytes((unsigned char *)&r, sizeof(r)) != 1) r = (uint32_t)rand();
-	return lo + (int64_t)(r % (uint64_t)(hi - lo + 1));
+	return (int64_t)b->keepalive * 1000;
 }
 
-/* ---- state changes ------------------------------------------------------------------- */
+/* ---- counting and status ------------------------------------------------------------------ */
 
-/* The device's connection is no longer between connect and CONNACK. Never fails. */
-static void end_handshake(struct dev *d)
-{
-	if(d->handshaking){
-		d->handshaking = false;
-		d->b->handshakes--;
-	}
-}
-
-/* How loud a state change is. In an outage every device retries every minute or two: a line per
- * attempt made ~200 lines a second at 10,000 devices, gigabytes a day on a gateway's SD card.
- * So "connected" is a notice; the first failure of a run, and a change between backoff and
- * unauthorized, are info; "connecting" and further failures go to debug (their reasons may
- * alternate from one attempt to the next: a hang-up seen as EOF or as a TLS error); the sweep
- * sums up who is out, with the newest reason, once a minute (report_outage). Sets d->news. */
-static int state_log_level(struct dev *d, enum dev_state st)
-{
-	d->news = st != ST_CONNECTING;
-	if(st == ST_CONNECTED) return MOSQ_LOG_NOTICE;
-	if(st == ST_BACKOFF || st == ST_UNAUTHORIZED){
-		d->news = d->failures <= 1 || st != d->failed_as;
-		d->failed_as = (uint8_t)st;
-	}
-	return d->news ? MOSQ_LOG_INFO : MOSQ_LOG_DEBUG;
-}
-
-/* Changes the device's state, logs the change and marks its status for publishing. */
-static void set_state(struct dev *d, enum dev_state st, const char *error)
+/* Counts n of the device's uplinks as relayed (acknowledged by akenza, or written at QoS 0) and
+ * expired as dropped by the TTL, in one locked step. Never fails. */
+static void count_done(struct dev *d, size_t relayed, size_t expired)
 {
 	struct akz_bridge *b = d->b;
-	bool changed = d->state != st;
-
-	if(st != ST_CONNECTING) end_handshake(d);
-	d->state = st;
+	if(relayed + expired == 0) return;
 	pthread_mutex_lock(&b->lock);
-	if(changed){
-		if(d->removed){
-			/* counted out of the summary by the sync that removed it */
-		}else if(st == ST_CONNECTED){
-			b->sum.connected++;
-		}else if(d->status.state && strcmp(d->status.state, "connected") == 0){
-			b->sum.connected--;
-		}
-		d->status.state = bridge_state_names[st];
-		d->status.since = time(NULL);
-	}
-	if(error){
-		snprintf(d->status.last_error, sizeof(d->status.last_error), "%s", error);
-	}
-	bridge_mark_dirty_locked(b, d);
+	d->unacked -= relayed + expired;
+	if(!d->removed) b->sum.queued -= relayed + expired;   /* a removed one was counted out */
+	b->sum.uplinks += relayed;
+	b->sum.expired += expired;
+	b->sum_dirty = true;
 	pthread_mutex_unlock(&b->lock);
-	if(changed){
-		bridge_log(b, state_log_level(d, st), "akenza: device '%s': %s%s%s", d->id,
-				bridge_state_names[st], error ? ": " : "", error ? error : "");
-	}
 }
 
-/* ---- one device's connection (bridge thread) ------------------------------------------- */
-
-/* Only a connection being made or in use belongs in the epoll set. */
-static bool wants_io(const struct dev *d)
-{
-	return d->state == ST_CONNECTING || d->state == ST_CONNECTED;
-}
-
-/* Keeps epoll's interest in step with libmosquitto's socket, which changes on reconnects.
- * d->fd is always a socket that is open and registered, or -1: a socket libmosquitto closed
- * has left the epoll set by itself (see check_socket). */
-static void update_interest(struct dev *d)
+/* Hands a copy of the device's status to the broker thread, which publishes it. */
+static void send_status(struct dev *d, int64_t now)
 {
 	struct akz_bridge *b = d->b;
-	int fd = d->mosq && wants_io(d) ? mosquitto_socket(d->mosq) : -1;
-	uint32_t ev = EPOLLIN | EPOLLRDHUP;
+	struct akz_status_dev st;
 
-	if(fd == d->zombie_fd) fd = -1;
-	if(fd >= 0 && (mosquitto_want_write(d->mosq) || d->out_blocked)) ev |= EPOLLOUT;
-	if(fd != d->fd){
-		if(d->fd >= 0) epoll_ctl(b->epfd, EPOLL_CTL_DEL, d->fd, NULL);
-		d->fd = -1;
-		d->events = 0;
-		if(fd < 0) return;
-		struct epoll_event e = {.events = ev, .data.ptr = d};
-		if(epoll_ctl(b->epfd, EPOLL_CTL_ADD, fd, &e) == 0){
-			d->fd = fd;
-			d->events = ev;
-		}else{
-			bridge_log(b, MOSQ_LOG_ERR, "akenza: device '%s': epoll_ctl: %s", d->id, strerror(errno));
-		}
-	}else if(fd >= 0 && ev != d->events){
-		struct epoll_event e = {.events = ev, .data.ptr = d};
-		if(epoll_ctl(b->epfd, EPOLL_CTL_MOD, fd, &e) == 0) d->events = ev;
-	}
-}
-
-static void lost_connection(struct dev *d, int rc);
-
-/* Sends DISCONNECT. libmosquitto 2.1 shuts the socket down right after writing it (2.0 closed it
- * through SSL_shutdown, whose flush wrote the buffer out), so it must not wait in the write
- * buffer. Returns mosquitto_disconnect's result. */
-static int disconnect_upstream(struct dev *d)
-{
-	(void)akz_tlsio_unbuffer(mosquitto_ssl_get(d->mosq));   /* a failure shows in the write */
-	return mosquitto_disconnect(d->mosq);
-}
-
-/* Runs after every libmosquitto call that may close the socket. Some of its paths (a failed
- * TLS handshake) close it without calling on_disconnect: then the device would wait forever
- * for a connection that is gone, so the loss is handled here. */
-static void check_socket(struct dev *d, int rc)
-{
-	if(d->fd >= 0 && mosquitto_socket(d->mosq) != d->fd){
-		d->fd = -1;       /* closed, so already out of the epoll set */
-		d->events = 0;
-		if(!d->disconnect_seen && wants_io(d)) lost_connection(d, rc ? rc : MOSQ_ERR_CONN_LOST);
-	}
-	d->disconnect_seen = false;
-	update_interest(d);
-}
-
-/* Gives up on the current connection at once: used when the peer is unresponsive or the
- * handshake died, cases in which libmosquitto may never report anything. The socket is shut
- * down (the peer sees the end now) and left to libmosquitto, which closes it at the next
- * connect. */
-static void drop_connection(struct dev *d, const char *why, int rc)
-{
-	int fd = mosquitto_socket(d->mosq);
-	if(d->fd >= 0) epoll_ctl(d->b->epfd, EPOLL_CTL_DEL, d->fd, NULL);
-	d->fd = -1;
-	d->events = 0;
-	if(fd >= 0){
-		shutdown(fd, SHUT_RDWR);
-		d->zombie_fd = fd;
-	}
-	snprintf(d->last_log, sizeof(d->last_log), "%s", why);
-	lost_connection(d, rc);
-}
-
-static int64_t backoff_ms(int failures, int64_t lo, int64_t hi)
-{
-	int64_t cap = lo;
-	for(int i = 1; i < failures && cap < hi; i++) cap *= 2;
-	if(cap > hi) cap = hi;
-	/* "Equal jitter": never sooner than half the step, so a fleet spreads out but still backs off. */
-	return random_between(cap / 2, cap);
-}
-
-static void schedule_retry(struct dev *d, enum dev_state st, const char *error)
-{
-	d->failures++;
-	d->b->failed_since_report++;
-	snprintf(d->b->last_failure, sizeof(d->b->last_failure), "device '%s': %s", d->id, error);
-	int64_t wait = st == ST_UNAUTHORIZED ? backoff_ms(d->failures, UNAUTH_MIN_MS, UNAUTH_MAX_MS)
-			: backoff_ms(d->failures, BACKOFF_MIN_MS, BACKOFF_MAX_MS);
-	d->due_ms = akz_mono_ms() + wait;
-	set_state(d, st, error);
-}
-
-_Static_assert((WINDOW & (WINDOW - 1)) == 0, "WINDOW must be a power of two");
-
-/* The slot where the uplink with this mid is put, if free, and looked for first: libmosquitto
- * numbers a connection's packets in sequence, so the window's mids rarely collide there. */
-static int home_slot(int mid)
-{
-	return (int)((unsigned)mid & (WINDOW - 1));
-}
-
-/* Puts m, handed to libmosquitto as mid, in a free window slot. The caller has checked that
- * d->inflight < WINDOW, so there is one. Never fails. */
-static void put_inflight(struct dev *d, int mid, struct akz_msg *m)
-{
-	int i = home_slot(mid);
-	for(int n = 0; d->fl[i].m && n < WINDOW; n++) i = (i + 1) & (WINDOW - 1);
-	d->fl[i] = (struct inflight){.mid = mid, .m = m};
-	if(d->inflight++ == 0) d->waiting_ack_since_ms = akz_mono_ms();
-}
-
-/* Frees the window slot of mid. Returns its uplink (the caller owns it), or NULL if mid was not
- * one of ours (QoS 0 uplinks and the subscription also end up in on_publish). */
-static struct akz_msg *take_inflight(struct dev *d, int mid)
-{
-	for(int n = 0, i = home_slot(mid); n < WINDOW; n++, i = (i + 1) & (WINDOW - 1)){
-		if(d->fl[i].m && d->fl[i].mid == mid){
-			struct akz_msg *m = d->fl[i].m;
-			d->fl[i].m = NULL;
-			d->inflight--;
-			return m;
-		}
-	}
-	return NULL;
-}
-
-/* The spool seq up to which every uplink of the device is done with: those in the window are
- * not, nor is anything still pending (which comes after sent_upto). */
-static uint64_t done_upto(const struct dev *d)
-{
-	uint64_t upto = d->sent_upto;
-	for(int i = 0; i < WINDOW; i++){
-		const struct akz_msg *m = d->fl[i].m;
-		if(m && m->seq && m->seq <= upto) upto = m->seq - 1;
-	}
-	return upto;
-}
-
-/* Tells the spool that m (taken off pending or out of the window) is done with. */
-static void settle(struct dev *d, const struct akz_msg *m)
-{
-	if(m->spooled && d->sd) akz_spool_settle(d->b->spool, d->sd, m->spooled, 1, done_upto(d));
-}
-
-/* Hands m (may be NULL: out of memory) to the broker thread, which publishes it at its next TICK.
- * Returns false, with m freed and counted as an error, when m is NULL or the queue is full. */
-static bool queue_for_broker(struct akz_bridge *b, struct akz_msg *m)
-{
-	bool queued = false;
 	pthread_mutex_lock(&b->lock);
-	if(m && b->down.count < DOWN_MAX){
-		akz_msgq_push(&b->down, m);
-		queued = true;
+	bridge_status_copy_locked(d, &st);
+	bool removed = d->removed;
+	pthread_mutex_unlock(&b->lock);
+	d->status_sent_ms = now;
+	d->status_due = false;
+	if(!removed) (void)akz_handoff_status(b->out, d->id, &st, d->sd);
+}
+
+/* The device's status changed: it goes to the broker thread now, or, when the last one went
+ * less than status_interval_ms ago, then (a flapping device is not published at every flap). */
+static void status_changed(struct dev *d)
+{
+	struct akz_bridge *b = d->b;
+	int64_t now = akz_mono_ms();
+	if(now - d->status_sent_ms >= b->status_interval_ms){
+		send_status(d, now);
 	}else{
-		b->sum.errors++;
+		d->status_due = true;
+		akz_ev_timer_arm_by(b->loop, &d->timer, d->status_sent_ms + b->status_interval_ms);
 	}
-	pthread_mutex_unlock(&b->lock);
-	if(!queued) free(m);
-	else akz_wakeup_poke(b->wakeup);   /* the TICK that publishes it now, not in up to 100 ms */
-	return queued;
 }
 
-/* Queues the delivery receipt of m for the broker thread: on <prefix><id>, the uplink's
- * correlation data as property when it had some, and {"seq","topic","time"} as payload. */
+/* Wakes the broker thread for what was handed over (plugin_opt_downlink_wakeup signal), and
+ * makes sure the wake-up is sent again if the TICK does not take it (akz_wakeup_recheck). */
+static void poke_broker(struct akz_bridge *b)
+{
+	if(b->wakeup == NULL) return;
+	akz_wakeup_poke(b->wakeup);
+	akz_ev_timer_arm_by(b->loop, &b->repoke_timer, akz_mono_ms() + 1);
+}
+
+/* Hands m (may be NULL: out of memory) to the broker thread to publish. Returns false, with m
+ * freed and counted as an error, when m is NULL or the queue is full. */
+static bool publish_later(struct akz_bridge *b, struct akz_msg *m)
+{
+	if(akz_handoff_message(b->out, m)){
+		poke_broker(b);
+		return true;
+	}
+	pthread_mutex_lock(&b->lock);
+	b->sum.errors++;
+	b->sum_dirty = true;
+	pthread_mutex_unlock(&b->lock);
+	return false;
+}
+
+/* Queues the delivery receipt of m: on <prefix><id>, the uplink's correlation data as property
+ * when it had some, and {"seq","topic","time"} as payload. */
 static void queue_receipt(struct dev *d, const struct akz_msg *m)
 {
 	struct akz_bridge *b = d->b;
@@ -313,67 +148,409 @@ static void queue_receipt(struct dev *d, const struct akz_msg *m)
 	}
 	n += snprintf(body + n, sizeof(body) - (size_t)n, "\"}");
 	struct akz_msg *r = akz_msg_new(topic, strlen(topic), body, (uint32_t)n, 1, m->corr, m->corrlen);
-	if(!queue_for_broker(b, r)){
-		bridge_log(b, MOSQ_LOG_ERR, "akenza: device '%s': receipt for uplink %" PRIu64 " dropped: the "
+	if(!publish_later(b, r)){
+		blog(b, MOSQ_LOG_ERR, "akenza: device '%s': receipt for uplink %" PRIu64 " dropped: the "
 				"broker is not taking messages fast enough", d->id, m->seq);
 	}
 }
 
-/* Counts uplinks as delivered: acknowledged by akenza (QoS 1) or written (QoS 0). Caller
- * holds b->lock. */
-static void count_relayed_locked(struct dev *d, size_t n)
+/* ---- state changes -------------------------------------------------------------------------- */
+
+/* Between connect and CONNACK: counted in b->handshakes. */
+static bool handshaking(const struct akz_conn *c)
 {
-	d->unacked -= n;
-	d->b->sum.uplinks += n;
-	if(!d->removed) d->b->sum.queued -= n;
-	d->b->sum_dirty = true;
+	return c->state == AKZ_CONN_CONNECTING && c->linked;
 }
 
-/* count_relayed_locked, taking the lock. */
-static void count_relayed(struct dev *d, size_t n)
+/* Records a transition in the device's status, the summary and the log. In an outage every
+ * device retries every minute or two, so only news (akz_conn_out) is logged at the normal level;
+ * the outage report sums up the rest once a minute. */
+static void record_state(struct dev *d, enum akz_conn_state was, const char *error,
+		const struct akz_conn_out *out)
 {
+	struct akz_bridge *b = d->b;
+	enum akz_conn_state st = d->conn.state;
+
+	b->nstate[was]--;
+	b->nstate[st]++;
+	pthread_mutex_lock(&b->lock);
+	d->acks_will_pump = false;   /* no PUBACK may come now: new uplinks wake the thread */
+	if(out->changed){
+		if(!d->removed && st == AKZ_CONN_CONNECTED) b->sum.connected++;
+		if(!d->removed && was == AKZ_CONN_CONNECTED) b->sum.connected--;
+		b->sum_dirty = true;
+		d->status.state = akz_conn_state_names[st];
+		d->status.since = time(NULL);
+	}
+	if(error) snprintf(d->status.last_error, sizeof(d->status.last_error), "%s", error);
+	pthread_mutex_unlock(&b->lock);
+	status_changed(d);
+	if(out->changed){
+		int level = st == AKZ_CONN_CONNECTED ? MOSQ_LOG_NOTICE : out->news ? MOSQ_LOG_INFO : MOSQ_LOG_DEBUG;
+		blog(b, level, "akenza: device '%s': %s%s%s", d->id, akz_conn_state_names[st],
+				error ? ": " : "", error ? error : "");
+	}
+}
+
+static void queue_for_slot(struct dev *d);
+static void hang_up(struct dev *d);
+static void abort_connection(struct dev *d, const char *why);
+
+/* Feeds ev (with the CONNACK's rc, error: the reason of a failure (may be NULL), and waits:
+ * what a due token refresh waits for besides the uplinks in flight) to the device's state
+ * machine and carries out what it asks. Returns what it said. Never fails. */
+static struct akz_conn_out conn_step(struct dev *d, enum akz_conn_event ev, int rc, const char *error,
+		int waits)
+{
+	struct akz_bridge *b = d->b;
+	struct akz_conn_in in = {.now_ms = akz_mono_ms(), .rnd = random_u32(), .connack_rc = rc,
+			.inflight = d->win.count + waits};
+	enum akz_conn_state was = d->conn.state;
+	bool shook = handshaking(&d->conn);
+	struct akz_conn_out out;
+
+	akz_conn_step(&d->conn, ev, &in, &out);
+	if(shook != handshaking(&d->conn)){
+		b->handshakes += shook ? -1 : 1;
+		if(shook) b->slots_changed = true;   /* a handshake slot is free */
+	}
+	if(out.address_failed && d->addr[0]) akz_resolver_failed(b->resolver, d->addr);
+	const char *why = out.reason ? out.reason : error;
+	if(out.failed){
+		b->failed_since_report++;
+		snprintf(b->last_failure, sizeof(b->last_failure), "device '%s': %s", d->id, why ? why : "failed");
+	}
+	if(out.changed || (out.failed && why)) record_state(d, was, why, &out);
+	switch(out.action){
+	case AKZ_CONN_NONE: break;
+	case AKZ_CONN_WANT_SLOT: queue_for_slot(d); break;
+	case AKZ_CONN_HANG_UP: hang_up(d); break;
+	case AKZ_CONN_ABORT: abort_connection(d, why ? why : "closed"); break;
+	}
+	dev_arm(d);
+	return out;
+}
+
+/* conn_step with nothing to wait for but the uplinks in flight. */
+static struct akz_conn_out conn_event(struct dev *d, enum akz_conn_event ev, int rc, const char *error)
+{
+	return conn_step(d, ev, rc, error, 0);
+}
+
+/* The device's next token (akz_mint_poll): signed on the key thread for a key in a TPM, which
+ * may be slow or stop answering (neither may stall this thread); DONE at once for a key in
+ * memory, which start_connect signs itself. */
+static enum akz_mint_rc poll_token(struct dev *d, char *err, size_t errlen)
+{
+	return akz_mint_poll(&d->mint, d->key, d->b->audience, d->id, d->b->lifetime,
+			akz_keythread_timeout_ms(), err, errlen);
+}
+
+/* Whether a token refresh under way may hang up: every uplink in flight acknowledged and the
+ * next token ready. A failure to sign is not reported here: it shows again at the reconnect,
+ * which backs off then. */
+static bool refresh_ready(struct dev *d)
+{
+	char ignored[8];
+	return d->win.count == 0 && poll_token(d, ignored, sizeof(ignored)) != AKZ_MINT_PENDING;
+}
+
+/* The reason a connection ended, with what libmosquitto logged before (a TLS failure). */
+static const char *lost_reason(struct dev *d, int rc, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s%s%s", mosquitto_strerror(rc), d->last_log[0] ? ": " : "", d->last_log);
+	return buf;
+}
+
+/* ---- the connection's socket ---------------------------------------------------------------- */
+
+/* Keeps the loop's interest in step with libmosquitto's socket, which changes on reconnects.
+ * d->io.fd is a socket that is open and watched, or -1: one libmosquitto closed has left the
+ * epoll set by itself (check_socket). */
+static void update_interest(struct dev *d)
+{
+	struct akz_bridge *b = d->b;
+	bool wants = d->conn.state == AKZ_CONN_CONNECTED || handshaking(&d->conn);
+	int fd = d->mosq && wants ? mosquitto_socket(d->mosq) : -1;
+	uint32_t ev = (d->in_deferred ? 0 : EPOLLIN) | EPOLLRDHUP;
+
+	if(fd == d->zombie_fd) fd = -1;
+	if(fd >= 0 && (mosquitto_want_write(d->mosq) || d->out_blocked)) ev |= EPOLLOUT;
+	if(akz_ev_io_watch(b->loop, &d->io, fd, fd >= 0 ? ev : 0)){
+		blog(b, MOSQ_LOG_ERR, "akenza: device '%s': epoll_ctl: %s", d->id, strerror(errno));
+	}
+}
+
+/* Runs after every libmosquitto call that may close the socket. Some of its paths (a failed
+ * TLS handshake) close it without calling on_disconnect: the device would then wait forever
+ * for a connection that is gone, so the loss is reported here. */
+static void check_socket(struct dev *d, int rc)
+{
+	if(d->io.fd >= 0 && mosquitto_socket(d->mosq) != d->io.fd){
+		akz_ev_io_forget(&d->io);   /* closed, so already out of the epoll set */
+		if(!d->disconnect_seen){
+			char why[300];
+			conn_event(d, AKZ_CONN_LOST, 0, lost_reason(d, rc ? rc : MOSQ_ERR_CONN_LOST, why, sizeof(why)));
+		}
+	}
+	d->disconnect_seen = false;
+	update_interest(d);
+}
+
+/* Gives up on the connection at once, for a peer that is unresponsive or a handshake that
+ * died, where libmosquitto may never report anything. The socket is shut down (the peer sees
+ * the end now) and left to libmosquitto, which closes it at the next connect. The state machine
+ * has moved on already. */
+static void abort_connection(struct dev *d, const char *why)
+{
+	int fd = d->mosq ? mosquitto_socket(d->mosq) : -1;
+	akz_ev_io_watch(d->b->loop, &d->io, -1, 0);
+	if(fd >= 0 && fd != d->zombie_fd){
+		shutdown(fd, SHUT_RDWR);
+		d->zombie_fd = fd;
+	}
+	snprintf(d->last_log, sizeof(d->last_log), "%s", why);
+}
+
+/* The connection failed in a way libmosquitto does not see (a dead peer, a write error): drop
+ * it and tell the state machine. */
+static void fail_connection(struct dev *d, const char *why, int rc)
+{
+	char reason[300];
+	abort_connection(d, why);
+	conn_event(d, AKZ_CONN_LOST, 0, lost_reason(d, rc, reason, sizeof(reason)));
+}
+
+/* Ends the connection with a DISCONNECT (a token refresh, a restart): libmosquitto writes it,
+ * closes the socket and calls on_disconnect, which the state machine, having moved on, ignores.
+ * The write buffer is written out and switched off first: libmosquitto 2.1 shuts the socket
+ * down right after writing the DISCONNECT (2.0 closed it through SSL_shutdown, whose flush
+ * wrote the buffer out). Never from inside a libmosquitto callback, where the DISCONNECT would
+ * only be queued. */
+static void hang_up(struct dev *d)
+{
+	if(d->mosq == NULL) return;
+	(void)akz_tlsio_unbuffer(mosquitto_ssl_get(d->mosq));   /* a failure shows in the write */
+	check_socket(d, mosquitto_disconnect(d->mosq));
+	if(mosquitto_socket(d->mosq) >= 0) abort_connection(d, "disconnected");
+}
+
+/* ---- writing ---------------------------------------------------------------------------------- */
+
+/* Lists d for this turn's write if its write buffer holds records: a device's packets of one
+ * loop turn leave in one write(2) (tlsio.c). */
+static void note_output(struct dev *d)
+{
+	if(d->in_flush || d->mosq == NULL || akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) == 0) return;
+	d->in_flush = true;
+	d->flush_next = d->b->flush;
+	d->b->flush = d;
+}
+
+/* Writes out the device's write buffer. Returns false if the connection failed and was
+ * dropped. When the socket takes only part, EPOLLOUT is watched until it has taken all.
+ * alone: no other device wrote in this loop turn (a light load, see below). */
+static bool flush_output(struct dev *d, bool alone)
+{
+	if(d->mosq == NULL || d->io.fd < 0) return true;
+	SSL *ssl = mosquitto_ssl_get(d->mosq);
+	if(akz_tlsio_pending(ssl)) d->out_ms = akz_mono_ms();
+	int rc = akz_tlsio_flush(ssl);
+	if(rc < 0){
+		char why[160];
+		snprintf(why, sizeof(why), "write: %s", strerror(errno));
+		fail_connection(d, why, MOSQ_ERR_ERRNO);
+		return false;
+	}
+	bool blocked = rc == 0;
+	bool light = alone && d->win.count > 0 && d->win.count < REFILL_MIN;
+	if(light && !blocked && d->conn.state == AKZ_CONN_CONNECTED && !d->in_deferred){
+		/* At a light load (one device wrote in this turn, with a few uplinks in flight),
+		 * akenza's PUBACKs for what just went out are read at the start of the next loop turn,
+		 * at most ACK_WAIT_MS away, not by a wake-up of their own: the next uplink's wake-up
+		 * reads them. Under load the turns come anyway, watching and unwatching sockets would
+		 * only cost syscalls, and a busy device's window must reopen as its PUBACKs come. */
+		d->in_deferred = true;
+		d->deferred_next = d->b->deferred;
+		d->b->deferred = d;
+		akz_ev_timer_arm_by(d->b->loop, &d->b->ack_timer, akz_mono_ms() + ACK_WAIT_MS);
+		update_interest(d);
+	}
+	if(blocked != d->out_blocked){
+		d->out_blocked = blocked;
+		update_interest(d);
+	}
+	return true;
+}
+
+/* Writes out every device that wrote this loop turn. */
+static void flush_outputs(struct akz_bridge *b)
+{
+	bool alone = b->flush && b->flush->flush_next == NULL;
+	while(b->flush){
+		struct dev *d = b->flush;
+		b->flush = d->flush_next;
+		d->in_flush = false;
+		flush_output(d, alone);
+	}
+}
+
+/* ---- uplinks ----------------------------------------------------------------------------------- */
+
+/* Logs what the TTL dropped since the last line. */
+static void report_expired(struct dev *d)
+{
+	if(d->expired == 0) return;
+	blog(d->b, MOSQ_LOG_WARNING, "akenza: device '%s': %" PRIu64 " uplinks older than "
+			"plugin_opt_spool_ttl (%" PRId64 " s) dropped undelivered", d->id, d->expired, d->b->ttl);
+	d->expired = 0;
+}
+
+/* Drops pending uplinks older than the TTL, oldest first (they are in arrival order). For a
+ * device not connected; a connected one drops them as it hands them over. */
+static void expire_pending(struct dev *d)
+{
+	struct akz_bridge *b = d->b;
+	struct akz_msgq old = {0};
+	int64_t wall = (int64_t)time(NULL);
+
+	if(b->ttl == 0) return;
+	pthread_mutex_lock(&b->lock);
+	while(d->pending.head && wall - d->pending.head->time > b->ttl) akz_msgq_take_head(&old, &d->pending, 1);
+	pthread_mutex_unlock(&b->lock);
+	if(old.count == 0) return;
+	size_t n = old.count;
+	for(struct akz_msg *m; (m = akz_msgq_pop(&old)) != NULL; free(m)){
+		akz_window_taken(&d->win, m);
+		akz_window_settle(&d->win, b->spool, d->sd, m);
+	}
+	count_done(d, 0, n);
+	d->expired += n;
+	report_expired(d);
+	status_changed(d);
+}
+
+/* Puts m and the rest of its batch back at the head of pending, in order (a failed publish). */
+static void put_back(struct dev *d, struct akz_msg *m, struct akz_msgq *rest)
+{
+	struct akz_msgq q = {0};
+	akz_msgq_push(&q, m);
+	akz_msgq_take_all(&q, rest);
 	pthread_mutex_lock(&d->b->lock);
-	count_relayed_locked(d, n);
+	akz_msgq_take_all(&q, &d->pending);
+	d->pending = q;
 	pthread_mutex_unlock(&d->b->lock);
 }
 
-/* PUBACK of a QoS 1 uplink (QoS 0 ones also land here, untracked, when written). */
+/* Hands one uplink to libmosquitto: QoS 1 waits in the window for its PUBACK, QoS 0 is done.
+ * Returns false when libmosquitto refused it (m is untouched then). */
+static bool hand_over(struct dev *d, struct akz_msg *m, size_t *written)
+{
+	int mid = 0;
+	int qos = m->qos > 1 ? 1 : m->qos;   /* akenza takes QoS 0 and 1; 2 goes as 1 */
+	int rc = mosquitto_publish(d->mosq, &mid, m->topic, (int)m->payloadlen, m->payload, qos, false);
+	if(rc != MOSQ_ERR_SUCCESS){
+		snprintf(d->last_log, sizeof(d->last_log), "publish: %s", mosquitto_strerror(rc));
+		ERR_clear_error();   /* OpenSSL's error queue is per thread: leave none behind */
+		return false;
+	}
+	akz_window_taken(&d->win, m);
+	if(qos == 1){
+		if(d->win.count == 0) d->acked_ms = akz_mono_ms();   /* the PUBACK wait starts */
+		akz_window_put(&d->win, mid, m);
+	}else{
+		akz_window_settle(&d->win, d->b->spool, d->sd, m);
+		free(m);
+		(*written)++;
+	}
+	return true;
+}
+
+/* Hands a connected device's pending uplinks to libmosquitto while its window has room and the
+ * socket takes them. The batching rule: a loop turn's uplinks of a device leave in one write, up
+ * to the free window, and a full window is refilled a quarter at a time (REFILL_MIN): PUBACKs
+ * free a slot or two at a time, and refilling each at once would send an uplink per write, each
+ * a write(2), a TLS record and a TCP segment. Uplinks past the TTL are dropped instead. Never
+ * fails: a refused publish leaves the uplink at the head of the queue for the next connection. */
+static void pump_uplinks(struct dev *d)
+{
+	struct akz_bridge *b = d->b;
+	size_t written = 0, expired = 0;
+
+	if(d->conn.state != AKZ_CONN_CONNECTED || d->conn.refreshing || d->mosq == NULL || d->io.fd < 0) return;
+	int64_t wall = b->ttl ? (int64_t)time(NULL) : 0;
+	while(d->win.count < AKZ_WINDOW && !mosquitto_want_write(d->mosq)){
+		struct akz_msgq batch = {0};
+		size_t room = (size_t)(AKZ_WINDOW - d->win.count);
+		pthread_mutex_lock(&b->lock);
+		/* The window would be full again: wait for a quarter of it. The next PUBACK's read
+		 * looks again, so the broker thread need not wake this thread for more (acks_will_pump). */
+		bool wait = room < REFILL_MIN && d->pending.count >= room;
+		d->acks_will_pump = wait;
+		if(!wait) akz_msgq_take_head(&batch, &d->pending, room);
+		pthread_mutex_unlock(&b->lock);
+		if(wait) break;
+		bool last = batch.count < room;   /* pending is empty now */
+		for(struct akz_msg *m; (m = akz_msgq_pop(&batch)) != NULL;){
+			if(b->ttl && wall - m->time > b->ttl){
+				akz_window_taken(&d->win, m);
+				akz_window_settle(&d->win, b->spool, d->sd, m);
+				free(m);
+				expired++;
+			}else if(!hand_over(d, m, &written)){
+				put_back(d, m, &batch);
+				goto done;
+			}
+		}
+		if(last) break;
+	}
+done:
+	count_done(d, written, expired);
+	if(expired){
+		d->expired += expired;
+		report_expired(d);
+		status_changed(d);
+	}
+	note_output(d);
+}
+
+/* ---- libmosquitto's callbacks (inside loop_read and friends) ------------------------------------ */
+
+/* PUBACK of a QoS 1 uplink (QoS 0 ones also land here, untracked, once written). The counts
+ * are taken after the read, in one locked step (after_read). */
 static void on_publish(struct mosquitto *mosq, void *obj, int mid)
 {
 	struct dev *d = obj;
 	(void)mosq;
 
-	struct akz_msg *m = take_inflight(d, mid);
+	struct akz_msg *m = akz_window_take(&d->win, mid);
 	if(m == NULL) return;
-	d->waiting_ack_since_ms = akz_mono_ms();
-	settle(d, m);
+	d->acked_ms = akz_mono_ms();
+	akz_window_settle(&d->win, d->b->spool, d->sd, m);
 	if(d->b->receipts) queue_receipt(d, m);
 	free(m);
-	count_relayed(d, 1);
+	d->acked++;
 }
 
 static void on_connect(struct mosquitto *mosq, void *obj, int rc)
 {
 	struct dev *d = obj;
 	struct akz_bridge *b = d->b;
-	char topic[512];
 
 	if(rc == 4 || rc == 5){
 		char msg[160];
 		snprintf(msg, sizeof(msg), "akenza refused the credentials (%s)", mosquitto_connack_string(rc));
-		schedule_retry(d, ST_UNAUTHORIZED, msg);
-		bridge_log(b, d->news ? MOSQ_LOG_WARNING : MOSQ_LOG_DEBUG, "akenza: device '%s': %s: the public "
+		struct akz_conn_out out = conn_event(d, AKZ_CONN_CONNACK, rc, msg);
+		blog(b, out.news ? MOSQ_LOG_WARNING : MOSQ_LOG_DEBUG, "akenza: device '%s': %s: the public "
 				"key with kid %s is probably not registered in akenza for this device (or this "
 				"box's clock is off, which makes its tokens look expired or future-dated); "
 				"retrying in minutes", d->id, msg, akz_key_kid(d->key));
 		return;
 	}
 	if(rc != 0){
-		schedule_retry(d, ST_BACKOFF, mosquitto_connack_string(rc));
+		conn_event(d, AKZ_CONN_CONNACK, rc, mosquitto_connack_string(rc));
 		return;
 	}
-	d->failures = 0;
-	d->ever_connected = true;
 	SSL *ssl = mosquitto_ssl_get(mosq);
 	/* Without the buffer (out of memory) every packet is its own write(2): slower, not wrong. */
 	(void)akz_tlsio_attach(ssl);
@@ -382,57 +559,32 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc)
 	b->sum.connects++;
 	if(resumed) b->sum.tls_resumed++;
 	pthread_mutex_unlock(&b->lock);
-	d->waiting_ack_since_ms = akz_mono_ms();
+	d->acked_ms = d->out_ms = akz_mono_ms();
+	char topic[512];
 	snprintf(topic, sizeof(topic), AKZ_DOWN_PREFIX "%s/#", d->id);
 	int src = mosquitto_subscribe(mosq, NULL, topic, 1);
 	if(src != MOSQ_ERR_SUCCESS){
-		bridge_log(b, MOSQ_LOG_ERR, "akenza: device '%s': cannot subscribe to downlinks: %s",
-				d->id, mosquitto_strerror(src));
+		blog(b, MOSQ_LOG_ERR, "akenza: device '%s': cannot subscribe to downlinks: %s", d->id,
+				mosquitto_strerror(src));
 	}
-	/* Refresh at a random point late in the token's life, so that a fleet that connected in
-	 * the same second does not refresh in the same second. */
-	int64_t life_ms = b->lifetime * 1000;
-	d->due_ms = akz_mono_ms() + random_between(life_ms * 70 / 100, life_ms * 90 / 100);
 	d->last_log[0] = '\0';
 	/* libmosquitto formats a log line into a fresh malloc for every packet it sends or gets,
 	 * whatever its level, as long as a log callback is set: two per relayed uplink. What we
 	 * keep from it (the reason a TLS handshake or connect failed) comes before CONNACK, so the
 	 * callback goes now and comes back with the next connect. */
 	mosquitto_log_callback_set(mosq, NULL);
-	set_state(d, ST_CONNECTED, NULL);
-}
-
-/* The connection is gone (reported by libmosquitto or found by us): reconnect now (token
- * refresh) or after a backoff. QoS 1 uplinks in flight stay in libmosquitto's session and are
- * sent again after the reconnect; their window slots stay taken until their PUBACKs. */
-static void lost_connection(struct dev *d, int rc)
-{
-	/* Failed before CONNACK (refused credentials end in another state): maybe this address. */
-	if(d->state == ST_CONNECTING && d->addr[0]) akz_resolver_failed(d->b->resolver, d->addr);
-	end_handshake(d);
-	d->refreshing = false;
-	if(d->state == ST_UNAUTHORIZED || d->state == ST_DISABLED || d->state == ST_BACKOFF) return;
-	if(d->reconnect_now){
-		d->reconnect_now = false;
-		d->due_ms = akz_mono_ms();
-		set_state(d, ST_CONNECTING, NULL);
-		return;
-	}
-	char why[240];
-	snprintf(why, sizeof(why), "%s%s%s", mosquitto_strerror(rc),
-			d->last_log[0] ? ": " : "", d->last_log);
-	schedule_retry(d, ST_BACKOFF, why);
+	conn_event(d, AKZ_CONN_CONNACK, 0, NULL);
 }
 
 static void on_disconnect(struct mosquitto *mosq, void *obj, int rc)
 {
 	struct dev *d = obj;
+	char why[300];
 	(void)mosq;
 
 	d->disconnect_seen = true;
-	d->fd = -1;         /* libmosquitto closed it: it left the epoll set */
-	d->events = 0;
-	lost_connection(d, rc);
+	akz_ev_io_forget(&d->io);   /* libmosquitto closed it: it left the epoll set */
+	conn_event(d, AKZ_CONN_LOST, 0, lost_reason(d, rc, why, sizeof(why)));
 }
 
 static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto_message *msg)
@@ -444,14 +596,14 @@ static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto
 	/* Only this device's downlinks are relayed: a broker bug or a shared session must not let
 	 * one device's messages reach another. */
 	if(!akz_topic_is_for(msg->topic, AKZ_TOPIC_DOWN, d->id)){
-		bridge_log(b, MOSQ_LOG_WARNING, "akenza: device '%s': ignoring upstream message on foreign topic '%s'",
+		blog(b, MOSQ_LOG_WARNING, "akenza: device '%s': ignoring upstream message on foreign topic '%s'",
 				d->id, msg->topic);
 		return;
 	}
 	struct akz_msg *m = akz_msg_new(msg->topic, strlen(msg->topic), msg->payload,
 			(uint32_t)msg->payloadlen, (uint8_t)msg->qos, NULL, 0);
-	if(!queue_for_broker(b, m)){
-		bridge_log(b, MOSQ_LOG_ERR, "akenza: device '%s': downlink on '%s' dropped: the broker is not "
+	if(!publish_later(b, m)){
+		blog(b, MOSQ_LOG_ERR, "akenza: device '%s': downlink on '%s' dropped: the broker is not "
 				"taking downlinks fast enough", d->id, msg->topic);
 	}
 }
@@ -463,17 +615,16 @@ static void on_log(struct mosquitto *mosq, void *obj, int level, const char *str
 	if(level == MOSQ_LOG_ERR) snprintf(d->last_log, sizeof(d->last_log), "%s", str);
 }
 
-/* Creates the device's libmosquitto client. Returns 0, or -1 with the device in backoff. */
+/* ---- connecting ---------------------------------------------------------------------------------- */
+
+/* Creates the device's libmosquitto client. Returns 0, or -1 when out of memory. */
 static int create_client(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
 
 	/* clean_session false: akenza keeps QoS 1 downlinks for the device while the link is down. */
 	d->mosq = mosquitto_new(d->id, false, d);
-	if(d->mosq == NULL){
-		schedule_retry(d, ST_BACKOFF, "out of memory creating the upstream client");
-		return -1;
-	}
+	if(d->mosq == NULL) return -1;
 	akz_fds_close_pair(d->mosq);
 	/* libmosquitto 2.0 defaults to applying its own settings on top of a given context, and
 	 * then refuses to connect without a cafile: the context is complete, so switch that off. */
@@ -481,7 +632,7 @@ static int create_client(struct dev *d)
 	mosquitto_void_option(d->mosq, MOSQ_OPT_SSL_CTX, b->ssl_ctx);
 	mosquitto_int_option(d->mosq, MOSQ_OPT_TCP_NODELAY, 1);
 	mosquitto_int_option(d->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
-	mosquitto_max_inflight_messages_set(d->mosq, WINDOW);
+	mosquitto_max_inflight_messages_set(d->mosq, AKZ_WINDOW);
 	mosquitto_connect_callback_set(d->mosq, on_connect);
 	mosquitto_disconnect_callback_set(d->mosq, on_disconnect);
 	mosquitto_publish_callback_set(d->mosq, on_publish);
@@ -489,58 +640,37 @@ static int create_client(struct dev *d)
 	return 0;
 }
 
-/* The device's next token (akz_mint_poll): signed on the key thread for a key in a TPM, which
- * may be slow or stop answering (neither may stall this thread); DONE at once for a key in
- * memory, which start_connect signs itself. */
-static enum akz_mint_rc poll_token(struct dev *d, char *err, size_t errlen)
-{
-	return akz_mint_poll(&d->mint, d->key, d->b->audience, d->id, d->b->lifetime, akz_keythread_timeout_ms(),
-			err, errlen);
-}
-
-/* True while the device's token is being signed, or after that failed (the device is then in
- * backoff): its connect waits, without taking a connect permit. */
-static bool token_pending(struct dev *d)
-{
-	char err[512];
-	switch(poll_token(d, err, sizeof(err))){
-	case AKZ_MINT_DONE: return false;
-	case AKZ_MINT_PENDING: return true;
-	case AKZ_MINT_FAILED: break;
-	}
-	schedule_retry(d, ST_BACKOFF, err);
-	return true;
-}
-
-/* Mints a fresh token (or takes the one token_pending had made) and starts connecting to the
- * next upstream address. Never blocks on the network: the name was looked up beforehand
- * (resolver.c). */
+/* Mints a fresh token (or takes the one the key thread signed, dev_timer) and starts connecting
+ * to the next upstream address; tells the state machine whether the connection is under way.
+ * Never blocks on the network: the name was looked up beforehand (resolver.c). */
 static void start_connect(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
 	char err[256];
 
-	if(d->mosq == NULL && create_client(d)) return;
+	if(d->mosq == NULL && create_client(d)){
+		conn_event(d, AKZ_CONN_START_FAILED, 0, "out of memory creating the upstream client");
+		return;
+	}
 	if(akz_resolver_pick(b->resolver, d->addr, err, sizeof(err)) != AKZ_RESOLVE_OK){
 		d->addr[0] = '\0';
-		schedule_retry(d, ST_BACKOFF, err);   /* PENDING does not get here: see sweep_device */
+		conn_event(d, AKZ_CONN_START_FAILED, 0, err);   /* PENDING does not get here: grant_slots */
 		return;
 	}
 	time_t iat;
 	char *token = akz_mint_take(&d->mint, d->key, b->audience, d->id, time(NULL), b->lifetime, &iat,
 			err, sizeof(err));
 	if(token == NULL){
-		schedule_retry(d, ST_BACKOFF, err);
+		conn_event(d, AKZ_CONN_START_FAILED, 0, err);
 		return;
 	}
 	int rc = mosquitto_username_pw_set(d->mosq, b->username, token);
 	OPENSSL_cleanse(token, strlen(token));
 	free(token);
 	if(rc != MOSQ_ERR_SUCCESS){
-		schedule_retry(d, ST_BACKOFF, mosquitto_strerror(rc));
+		conn_event(d, AKZ_CONN_START_FAILED, 0, mosquitto_strerror(rc));
 		return;
 	}
-	d->minted_wall_offset = wall_offset_s();
 	pthread_mutex_lock(&b->lock);
 	d->status.token_expires = iat + b->lifetime;
 	pthread_mutex_unlock(&b->lock);
@@ -548,8 +678,7 @@ static void start_connect(struct dev *d)
 	mosquitto_log_callback_set(d->mosq, on_log);   /* until CONNACK: see on_connect */
 	/* The connect closes any old socket (a zombie included) and opens a new one, which may
 	 * get the same number: take the old one out of the epoll set first. */
-	if(d->fd >= 0) epoll_ctl(b->epfd, EPOLL_CTL_DEL, d->fd, NULL);
-	d->fd = -1;
+	akz_ev_io_watch(b->loop, &d->io, -1, 0);
 	d->zombie_fd = -1;
 	d->out_blocked = false;   /* the old connection's buffer goes with its SSL object */
 	rc = mosquitto_connect_async(d->mosq, d->addr, b->port, b->keepalive);
@@ -561,434 +690,35 @@ static void start_connect(struct dev *d)
 				rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc),
 				d->last_log[0] ? ": " : "", d->last_log);
 		akz_resolver_failed(b->resolver, d->addr);
-		schedule_retry(d, ST_BACKOFF, why);
+		conn_event(d, AKZ_CONN_START_FAILED, 0, why);
 		update_interest(d);
 		return;
 	}
-	d->connect_deadline_ms = akz_mono_ms() + CONNECT_TIMEOUT_MS;
-	b->last_connect_ms = akz_mono_ms();
-	b->trim_due = true;
-	d->handshaking = true;
-	b->handshakes++;
-	set_state(d, ST_CONNECTING, NULL);
+	akz_ev_timer_arm(b->loop, &b->trim_timer, akz_mono_ms() + TRIM_AFTER_MS);
+	conn_event(d, AKZ_CONN_STARTED, 0, NULL);
 	update_interest(d);
 }
 
-/* Takes the oldest pending uplink off the queue. Bridge thread. */
-static struct akz_msg *pop_pending(struct dev *d)
-{
-	pthread_mutex_lock(&d->b->lock);
-	struct akz_msg *m = akz_msgq_pop(&d->pending);
-	pthread_mutex_unlock(&d->b->lock);
-	if(m && m->seq) d->sent_upto = m->seq;
-	return m;
-}
-
-/* Drops pending uplinks older than the TTL, oldest first (they are in arrival order), counting
- * them; one log line per device and sweep says how many went. Bridge thread. */
-static void expire_pending(struct dev *d, int64_t wall_now)
+/* Puts d at the end of the queue for a connect slot. */
+static void queue_for_slot(struct dev *d)
 {
 	struct akz_bridge *b = d->b;
-	size_t n = 0;
-
-	if(b->ttl == 0) return;
-	for(;;){
-		pthread_mutex_lock(&b->lock);
-		struct akz_msg *m = akz_msgq_peek(&d->pending);
-		bool old = m && wall_now - m->time > b->ttl;
-		pthread_mutex_unlock(&b->lock);
-		if(!old) break;
-		m = pop_pending(d);
-		settle(d, m);
-		free(m);
-		n++;
-	}
-	if(n == 0) return;
-	pthread_mutex_lock(&b->lock);
-	d->unacked -= n;
-	if(!d->removed) b->sum.queued -= n;
-	b->sum.expired += n;
-	b->sum_dirty = true;
-	bridge_mark_dirty_locked(b, d);
-	pthread_mutex_unlock(&b->lock);
-	d->expired += n;
+	if(d->in_slot_queue) return;
+	d->in_slot_queue = true;
+	d->slot_next = NULL;
+	*b->slot_tail = d;
+	b->slot_tail = &d->slot_next;
+	b->slots_changed = true;
 }
 
-/* Lists d on b->flush, to have its write buffer written out by flush_outputs at due_us (0: at
- * the end of this loop turn), or earlier if something else makes it due. Never fails. */
-static void schedule_flush(struct dev *d, int64_t due_us)
+/* Takes the first device off the slot queue. */
+static struct dev *pop_slot(struct akz_bridge *b)
 {
-	struct akz_bridge *b = d->b;
-	if(!d->in_flush || due_us < d->flush_due_us) d->flush_due_us = due_us;
-	/* bridge_main's wait ends by the first due device (one due this turn: at once) */
-	if(d->flush_due_us < b->next_flush_us) b->next_flush_us = d->flush_due_us;
-	if(d->in_flush) return;
-	d->in_flush = true;
-	d->flush_next = b->flush;
-	b->flush = d;
-}
-
-/* Lists d for this turn's flush if its write buffer holds records: a device's packets of one
- * loop turn leave in one write(2). */
-static void note_output(struct dev *d)
-{
-	if(d->mosq && akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) > 0) schedule_flush(d, 0);
-}
-
-/* Adds n uplinks handed to libmosquitto to the edge's uplink rate (b->load_rate), which is
- * taken anew once LOAD_WINDOW_US have passed. Relayed, not accepted, uplinks are counted: a
- * backlog drained after an outage is load too. A rate taken over a quiet spell is low: the
- * spell is in the span. Caller holds b->lock; never fails. */
-static void count_load_locked(struct akz_bridge *b, size_t n, int64_t now)
-{
-	b->load_count += (int64_t)n;
-	int64_t span = now - b->load_start_us;
-	if(span >= LOAD_WINDOW_US){
-		atomic_store_explicit(&b->load_rate, b->load_count * 1000000 / span, memory_order_relaxed);
-		b->load_start_us = now;
-		b->load_count = 0;
-	}
-}
-
-/* Whether busy devices' uplinks are held now: holding saves the edge CPU (writes, TLS records,
- * TCP segments) when it is loaded, and costs latency always, up to the limit: at the default
- * limit one device sending 1,000 uplinks a second waited 10.6 ms at the median, on an edge
- * that had the time to send each at once. Any thread. */
-static bool coalescing(const struct akz_bridge *b)
-{
-	return b->coalesce_us && (b->coalesce_rate == 0 ||
-			atomic_load_explicit(&b->load_rate, memory_order_relaxed) >= b->coalesce_rate);
-}
-
-/* Whether the device's last write went out less than two coalescing limits ago while the edge
- * holds uplinks: a device that sends this often is busy, and its next uplinks may have company
- * worth waiting for. */
-static bool wrote_lately(const struct dev *d, int64_t now)
-{
-	return coalescing(d->b) && now - d->last_flush_us < 2 * (int64_t)d->b->coalesce_us;
-}
-
-/* Whether a busy device's pending uplinks wait for more, up to coalesce_us, rather than go to
- * libmosquitto now; starts the wait if so. Why: akenza wants a connection per device, so at a
- * few hundred uplinks a second per device almost every uplink would be a TLS record, a write(2)
- * and a TCP segment of its own, each costing the edge (and akenza) more than the uplink itself.
- * They wait here, ahead of libmosquitto, so that they take no window slot: held in the TLS
- * buffer instead, they filled a busy device's window, and libmosquitto walks its whole list of
- * messages in flight on every PUBACK. Not held: a device that sends seldom (its last write
- * went two limits ago or more: nothing would join), uplinks enough to fill the window's free
- * slots (waiting would only leave it idle: an earlier variant that held a full window
- * throttled one device to 5,300 msg/s), COALESCE_MAX_BYTES of them, and uplinks of a device
- * whose read wrote something (d->urgent: a downlink's PUBACK), which ride along with it.
- * Caller holds b->lock. */
-static bool hold_pending_locked(struct dev *d, int64_t now)
-{
-	struct akz_bridge *b = d->b;
-	const struct akz_msgq *q = &d->pending;
-
-	if(b->coalesce_us == 0 || d->urgent || q->count == 0) return false;
-	if(d->hold_until_us == 0 && !wrote_lately(d, now)) return false;
-	if(d->hold_until_us != 0 && now >= d->hold_until_us) return false;
-	/* What could go now: as many as the window has room for */
-	size_t room = (size_t)(WINDOW - d->inflight), n = q->count < room ? q->count : room;
-	if(n == 0) return false;   /* a full window: the next PUBACK's read pumps */
-	if((q->bytes / q->count + HOLD_OVERHEAD) * n >= COALESCE_MAX_BYTES) return false;
-	/* A full window reopens a PUBACK or two at a time: refilling it each time would send an
-	 * uplink or two per write again, so the refill waits for a quarter of the window. */
-	if(q->count >= room && room >= REFILL_MIN) return false;
-	if(d->hold_until_us == 0) d->hold_until_us = now + b->coalesce_us;
-	return true;
-}
-
-/* Tells the broker thread whether it must wake this thread for the device's next uplinks
- * (pump_promised in akz_bridge_int.h). */
-static void set_promise(struct dev *d, bool promised)
-{
-	pthread_mutex_lock(&d->b->lock);
-	d->pump_promised = promised;
-	pthread_mutex_unlock(&d->b->lock);
-}
-
-/* Decides, for a connected device, whether its pending uplinks wait (hold_pending_locked); if
- * they do, the flush at the hold's end takes them and the broker thread need not wake this
- * thread for more (the promise is made in the same locked step as the look at pending). */
-static bool hold_uplinks(struct dev *d)
-{
-	struct akz_bridge *b = d->b;
-	int64_t now = akz_mono_us();
-
-	pthread_mutex_lock(&b->lock);
-	bool hold = hold_pending_locked(d, now);
-	if(hold) d->pump_promised = true;
-	pthread_mutex_unlock(&b->lock);
-	if(hold) schedule_flush(d, d->hold_until_us);
-	return hold;
-}
-
-/* Hands a connected device's pending uplinks to libmosquitto while the window has room and the
- * socket takes them: QoS 1 ones wait in the window for their PUBACK, QoS 0 ones count as
- * relayed once handed over. Stopping while libmosquitto still has bytes to write keeps its
- * queue, and our memory, small. Returns how many went, counted (as relayed for QoS 0, as load,
- * and as direct when the broker thread hands them over: direct) in one locked step, since
- * the broker thread does this per uplink; *emptied says whether the last look found the
- * queue empty. Bridge thread, or broker thread holding io_lock; never fails (a failed
- * publish leaves the uplink at the head of the queue). */
-static size_t hand_over_uplinks(struct dev *d, bool direct, bool *emptied)
-{
-	struct akz_bridge *b = d->b;
-	size_t qos0 = 0, n = 0;
-
-	*emptied = false;
-	for(;;){
-		bool full = d->inflight >= WINDOW || mosquitto_want_write(d->mosq);
-		pthread_mutex_lock(&b->lock);
-		struct akz_msg *m = akz_msgq_peek(&d->pending);
-		/* The promise goes with this look, in one locked step: an uplink queued after an empty
-		 * look wakes us; after a full window, the next PUBACK's read pumps. */
-		bool done = m == NULL || full;
-		if(done) d->pump_promised = m != NULL;
-		pthread_mutex_unlock(&b->lock);
-		*emptied = m == NULL;
-		if(done) break;
-		if(b->ttl && (int64_t)time(NULL) - m->time > b->ttl){
-			expire_pending(d, (int64_t)time(NULL));
-			continue;
-		}
-		int mid = 0;
-		int qos = m->qos > 1 ? 1 : m->qos;   /* akenza takes QoS 0 and 1; 2 goes as 1 */
-		int rc = mosquitto_publish(d->mosq, &mid, m->topic, (int)m->payloadlen, m->payload, qos, false);
-		if(rc != MOSQ_ERR_SUCCESS){
-			/* Left at the head of the queue: it goes with the next connection. */
-			snprintf(d->last_log, sizeof(d->last_log), "publish: %s", mosquitto_strerror(rc));
-			set_promise(d, false);   /* the next uplink tries again, as the next event does */
-			ERR_clear_error();       /* OpenSSL's queue is per thread: leave none behind */
-			break;
-		}
-		m = pop_pending(d);
-		n++;
-		if(qos == 1){
-			put_inflight(d, mid, m);
-		}else{
-			settle(d, m);
-			free(m);
-			qos0++;
-		}
-	}
-	if(n == 0) return 0;
-	int64_t now = akz_mono_us();
-	pthread_mutex_lock(&b->lock);
-	if(qos0) count_relayed_locked(d, qos0);
-	count_load_locked(b, n, now);
-	if(direct) b->sum.uplinks_direct += n;
-	pthread_mutex_unlock(&b->lock);
-	return n;
-}
-
-/* Hands pending uplinks to libmosquitto (hand_over_uplinks), unless they are held, and lists
- * the device for this turn's write. release: the hold is over (flush_outputs); otherwise a
- * busy device's uplinks may wait. Bridge thread, with io_lock held. */
-static void pump_uplinks(struct dev *d, bool release)
-{
-	struct akz_bridge *b = d->b;
-	bool up = d->state == ST_CONNECTED && !d->refreshing, emptied;
-
-	if(up && !release && b->coalesce_us && hold_uplinks(d)) return;
-	d->hold_until_us = 0;
-	if(up) (void)hand_over_uplinks(d, false, &emptied);
-	else set_promise(d, true);   /* the CONNACK's read pumps */
-	d->urgent = false;
-	note_output(d);
-	update_interest(d);
-}
-
-/* Writes out one device's write buffer. Returns 1 when all went, 0 when the socket took only
- * part (it then has EPOLLOUT interest until it has taken all), -1 on a write error (errno set;
- * the connection is left as it is). Bridge thread, or broker thread holding io_lock. */
-static int write_output(struct dev *d)
-{
-	if(d->mosq == NULL || d->fd < 0) return 1;
-	if(d->b->coalesce_us) d->last_flush_us = akz_mono_us();
-	int rc = akz_tlsio_flush(mosquitto_ssl_get(d->mosq));
-	if(rc < 0) return -1;
-	bool blocked = rc == 0;
-	if(blocked != d->out_blocked){
-		d->out_blocked = blocked;
-		update_interest(d);
-	}
-	return rc;
-}
-
-/* Writes out one device's write buffer (write_output). Returns false if the connection failed
- * and was dropped. Bridge thread. */
-static bool flush_output(struct dev *d)
-{
-	if(write_output(d) >= 0) return true;
-	char why[160];
-	snprintf(why, sizeof(why), "write: %s", strerror(errno));
-	drop_connection(d, why, MOSQ_ERR_ERRNO);
-	return false;
-}
-
-/* Whether the broker thread may write the device's new uplink itself (bridge_send_direct):
- * connected and idle, with nothing this thread has planned for it. Caller holds io_lock. */
-static bool idle_for_direct(const struct dev *d)
-{
-	return d->mosq && d->state == ST_CONNECTED && !d->refreshing && d->fd >= 0
-		&& !d->in_flush && !d->out_blocked && d->hold_until_us == 0 && d->inflight < WINDOW
-		&& !mosquitto_want_write(d->mosq) && !wrote_lately(d, akz_mono_us());
-}
-
-/* Contract in akz_bridge_int.h. */
-bool bridge_send_direct(struct dev *d)
-{
-	bool sent = false, emptied = false;
-
-	if(pthread_mutex_trylock(&d->io_lock)) return false;   /* the bridge thread is on it */
-	if(idle_for_direct(d)){
-		(void)hand_over_uplinks(d, true, &emptied);
-		/* A socket libmosquitto closed meanwhile is for the bridge thread to find (check_socket). */
-		sent = emptied && write_output(d) >= 0 && mosquitto_socket(d->mosq) == d->fd;
-	}
-	pthread_mutex_unlock(&d->io_lock);
-	return sent;
-}
-
-/* Writes out the listed devices that are due: those whose buffer this turn filled, and those
- * whose held uplinks' wait is over, which are handed to libmosquitto first. The others stay
- * on b->flush, and b->next_flush_us says when the first of them is due. */
-static void flush_outputs(struct akz_bridge *b)
-{
-	struct dev *held = NULL;
-	int64_t now = b->flush && b->coalesce_us ? akz_mono_us() : INT64_MAX, next = INT64_MAX;
-
-	while(b->flush){
-		struct dev *d = b->flush;
-		b->flush = d->flush_next;
-		if(d->flush_due_us > now){
-			d->flush_next = held;
-			held = d;
-			if(d->flush_due_us < next) next = d->flush_due_us;
-			continue;
-		}
-		/* Held uplinks, and those queued meanwhile without a wake (pump_promised), go now,
-		 * also when something else (a ping) made the flush due. d is on no list but still
-		 * in_flush, so note_output leaves it there. */
-		d->flush_due_us = 0;
-		pthread_mutex_lock(&d->io_lock);
-		if(d->mosq) pump_uplinks(d, true);
-		d->in_flush = false;
-		flush_output(d);
-		pthread_mutex_unlock(&d->io_lock);
-	}
-	b->flush = held;
-	b->next_flush_us = next;
-}
-
-/* Applies what a registry sync changed for this device: enabled flag and key. */
-static void apply_change(struct dev *d)
-{
-	struct akz_bridge *b = d->b;
-	/* A reconnect asked for through the control API: connected devices reconnect as for a key
-	 * change, waiting ones try again now with a fresh backoff. */
-	pthread_mutex_lock(&b->lock);
-	bool reconnect = d->reconnect_requested;
-	d->reconnect_requested = false;
-	pthread_mutex_unlock(&b->lock);
-	if(reconnect && d->state == ST_CONNECTED){
-		d->reconnect_now = true;
-		check_socket(d, disconnect_upstream(d));
-		if(d->state == ST_CONNECTED) drop_connection(d, "reconnect requested", MOSQ_ERR_SUCCESS);
-	}else if(reconnect && (d->state == ST_BACKOFF || d->state == ST_UNAUTHORIZED)){
-		d->failures = 0;
-		d->due_ms = akz_mono_ms();
-	}
-
-	pthread_mutex_lock(&b->lock);
-	bool enabled = d->enabled;
-	struct akz_key *nk = d->next_key;
-	d->next_key = NULL;
-	d->changed = false;
-	pthread_mutex_unlock(&b->lock);
-
-	if(nk){
-		akz_key_unref(d->key);
-		d->key = nk;
-		bridge_log(b, MOSQ_LOG_NOTICE, "akenza: device '%s': key changed (kid %s): reconnecting",
-				d->id, akz_key_kid(nk));
-	}
-	if(!enabled){
-		if(d->state != ST_DISABLED){
-			/* First the state, so that lost_connection leaves the device alone. */
-			set_state(d, ST_DISABLED, NULL);
-			if(d->mosq && mosquitto_socket(d->mosq) >= 0) drop_connection(d, "device disabled", MOSQ_ERR_SUCCESS);
-		}
-	}else if(d->state == ST_DISABLED || (nk && d->state != ST_CONNECTED)){
-		d->failures = 0;
-		d->due_ms = akz_mono_ms();
-		set_state(d, ST_CONNECTING, NULL);
-	}else if(nk && d->state == ST_CONNECTED){
-		d->reconnect_now = true;
-		check_socket(d, disconnect_upstream(d));
-		if(d->state == ST_CONNECTED) drop_connection(d, "key changed", MOSQ_ERR_SUCCESS);
-	}
-	if(d->mosq) update_interest(d);
-}
-
-static int cmp_msg_seq(const void *a, const void *b)
-{
-	uint64_t x = (*(struct akz_msg *const *)a)->seq, y = (*(struct akz_msg *const *)b)->seq;
-	return x < y ? -1 : x > y;
-}
-
-/* Hands a leaving device's undelivered spooled uplinks back to the spool, window first (in seq
- * order) then pending, so that they are sent in order if the device comes back. The rest is freed. */
-static void give_back(struct dev *d)
-{
-	struct akz_msg *win[WINDOW] = {0};
-	struct akz_msgq q = {0};
-	size_t n = 0;
-
-	for(int i = 0; i < WINDOW; i++){
-		if(d->fl[i].m) win[n++] = d->fl[i].m;
-		d->fl[i].m = NULL;
-	}
-	qsort(win, n, sizeof(struct akz_msg *), cmp_msg_seq);
-	for(size_t i = 0; i < n; i++){
-		if(win[i]->seq && d->sd) akz_msgq_push(&q, win[i]);
-		else free(win[i]);
-	}
-	for(struct akz_msg *m; (m = akz_msgq_pop(&d->pending)) != NULL;){
-		if(m->seq && d->sd) akz_msgq_push(&q, m);
-		else free(m);
-	}
-	if(q.count) akz_spool_give_back(d->b->spool, d->sd, &q);
-}
-
-/* Contract in akz_bridge_int.h. */
-void bridge_destroy_dev(struct dev *d)
-{
-	end_handshake(d);
-	for(struct dev **pp = &d->b->reread; d->in_reread && *pp; pp = &(*pp)->reread_next){
-		if(*pp == d){
-			*pp = d->reread_next;
-			break;
-		}
-	}
-	for(struct dev **pp = &d->b->flush; d->in_flush && *pp; pp = &(*pp)->flush_next){
-		if(*pp == d){
-			*pp = d->flush_next;
-			break;
-		}
-	}
-	if(d->mosq){
-		mosquitto_destroy(d->mosq);  /* closes the socket, which leaves the epoll set */
-	}
-	akz_mint_cancel(&d->mint);
-	akz_key_unref(d->key);
-	akz_key_unref(d->next_key);
-	give_back(d);
-	pthread_mutex_destroy(&d->io_lock);
-	free(d->id);
-	free(d);
+	struct dev *d = b->slot_queue;
+	b->slot_queue = d->slot_next;
+	if(b->slot_queue == NULL) b->slot_tail = &b->slot_queue;
+	d->in_slot_queue = false;
+	return d;
 }
 
 /* A fleet starting together would make every device do a full TLS handshake, since none has a
@@ -1005,238 +735,54 @@ static bool pilot_holds(struct akz_bridge *b, int64_t now)
 	return true;
 }
 
-/* Takes one connect permit from the token bucket; false when the rate is used up. */
-static bool take_connect_permit(struct akz_bridge *b, int64_t now)
+/* Takes one connect permit from the token bucket (connect_rate a second). Returns 0, or the ms
+ * until the next permit. */
+static int64_t take_connect_permit(struct akz_bridge *b, int64_t now)
 {
 	b->bucket += (double)(now - b->bucket_ms) * b->connect_rate / 1000.0;
 	b->bucket_ms = now;
 	if(b->bucket > b->connect_rate) b->bucket = b->connect_rate;
-	if(b->bucket < 1.0) return false;
+	if(b->bucket < 1.0) return (int64_t)((1.0 - b->bucket) * 1000.0 / b->connect_rate) + 1;
 	b->bucket -= 1.0;
-	return true;
+	return 0;
 }
 
-/* The periodic pass over a connected device: keepalive, token refresh, liveness. */
-static void check_connected(struct dev *d, int64_t now, int64_t wall_off)
+/* Starts the connections of the devices waiting for a slot, first come first, as far as the
+ * connect rate, the cap on handshakes at once (each holds tens of KB of TLS buffers, and
+ * hundreds at once scatter the devices' long-lived objects over the heap), the first name
+ * lookup and the pilot connection allow. */
+static void grant_slots(struct akz_bridge *b)
 {
-	struct akz_bridge *b = d->b;
+	int64_t now = akz_mono_ms();
 
-	check_socket(d, mosquitto_loop_misc(d->mosq));
-	if(d->state != ST_CONNECTED) return;   /* loop_misc may have found it dead */
-	if(!d->refreshing){
-		int64_t jump = wall_off - d->minted_wall_offset;
-		if(jump > CLOCK_JUMP_S || jump < -CLOCK_JUMP_S){
-			bridge_log(b, MOSQ_LOG_WARNING, "akenza: device '%s': wall clock stepped by %" PRId64
-					" s since its token was minted: refreshing the token now", d->id, jump);
-			d->due_ms = now;
+	b->slots_changed = false;
+	while(b->slot_queue){
+		if(!b->slot_queue->conn.waiting_slot){   /* disabled or restarted meanwhile */
+			pop_slot(b);
+			continue;
 		}
-		if(now >= d->due_ms){
-			d->refreshing = true;
-			d->drain_deadline_ms = now + REFRESH_DRAIN_MS;
+		if(b->handshakes >= b->max_handshakes) return;   /* a handshake's end calls again */
+		if(akz_resolver_state(b->resolver) == AKZ_RESOLVE_PENDING || pilot_holds(b, now)){
+			akz_ev_timer_arm_by(b->loop, &b->slot_timer, now + SLOT_RECHECK_MS);
+			return;
 		}
-	}
-	/* A key in a TPM signs the next token while the uplinks in flight drain: the connection
-	 * goes when both are done, or at the drain's deadline. A failure is not reported here: it
-	 * shows again at the reconnect, which backs off then. */
-	char ignored[8];
-	if(d->refreshing && ((d->inflight == 0 && poll_token(d, ignored, sizeof(ignored)) != AKZ_MINT_PENDING)
-				|| now >= d->drain_deadline_ms)){
-		d->reconnect_now = true;
-		check_socket(d, disconnect_upstream(d));
-		if(d->state == ST_CONNECTED) drop_connection(d, "token refresh", MOSQ_ERR_SUCCESS);
-		return;
-	}
-	/* Alive means acknowledged: a socket that takes uplinks and answers nothing is dead. */
-	if(d->inflight > 0 && now - d->waiting_ack_since_ms > (int64_t)b->keepalive * 1000){
-		bridge_log(b, MOSQ_LOG_WARNING, "akenza: device '%s': no PUBACK for %d s: reconnecting",
-				d->id, b->keepalive);
-		drop_connection(d, "no PUBACK from akenza", MOSQ_ERR_KEEPALIVE);
+		int64_t wait = take_connect_permit(b, now);
+		if(wait){
+			akz_ev_timer_arm_by(b->loop, &b->slot_timer, now + wait);
+			return;
+		}
+		if(b->pilot_until == 0) b->pilot_until = now + PILOT_MS;
+		start_connect(pop_slot(b));
 	}
 }
 
-static void sweep_device(struct dev *d, int64_t now, int64_t wall_off)
+static void on_slot_timer(struct akz_ev_timer *t, int64_t now)
 {
-	if(d->state != ST_CONNECTED) expire_pending(d, (int64_t)time(NULL));
-	if(d->expired){
-		bridge_log(d->b, MOSQ_LOG_WARNING, "akenza: device '%s': %" PRIu64 " uplinks older than "
-				"plugin_opt_spool_ttl (%" PRId64 " s) dropped undelivered", d->id, d->expired, d->b->ttl);
-		d->expired = 0;
-	}
-	switch(d->state){
-	case ST_DISABLED:
-		break;
-	case ST_CONNECTED:
-		check_connected(d, now, wall_off);
-		break;
-	case ST_CONNECTING:
-		if(d->fd >= 0){
-			if(now >= d->connect_deadline_ms) drop_connection(d, "no CONNACK within 30 s", MOSQ_ERR_TIMEOUT);
-			break;
-		}
-		/* fall through: waiting for the first attempt or a refresh reconnect */
-		/* FALLTHROUGH */
-	case ST_BACKOFF:
-	case ST_UNAUTHORIZED:
-		if(now < d->due_ms || pilot_holds(d->b, now) || token_pending(d)) break;
-		/* Handshakes in flight are capped as well as started ones: each holds tens of KB of
-		 * TLS buffers, and hundreds at once scatter the devices' long-lived objects over
-		 * the heap, which keeps ~6 KB per device resident after the storm (measured: 22 KB
-		 * per idle device uncapped, 16 KB with 64), at no cost in ramp time on a fast link. */
-		if(d->b->handshakes >= d->b->max_handshakes){
-			d->b->connects_held = true;
-			break;
-		}
-		/* The first lookup of the upstream's name is under way: wait without using up a
-		 * connect permit (the sweep comes back every 10 ms while connects are held). */
-		if(akz_resolver_state(d->b->resolver) == AKZ_RESOLVE_PENDING){
-			d->b->connects_held = true;
-			break;
-		}
-		if(take_connect_permit(d->b, now)){
-			if(d->b->pilot_until == 0) d->b->pilot_until = now + PILOT_MS;
-			start_connect(d);
-		}
-		break;
-	}
-	if(d->mosq){
-		note_output(d);
-		update_interest(d);
-	}
+	(void)now;
+	grant_slots(akz_container_of(t, struct akz_bridge, slot_timer));
 }
 
-/* Whether this sweep looks at the device. A connected device's timers (keepalive, token refresh,
- * PUBACK liveness) are seconds long, so it is looked at every SWEEP_SPREAD sweeps, a tenth of
- * the devices each time: at every sweep, 1,000 devices cost 0.7% of a core at rest and each
- * sweep held a core for ~2 us a device, a stall that uplinks in flight met. A device connecting,
- * refreshing its token or waiting to retry is looked at every sweep. */
-static bool sweep_due(const struct dev *d, bool stepped)
-{
-	return d->state != ST_CONNECTED || d->refreshing || stepped
-		|| d->b->sweep_turn % SWEEP_SPREAD == d->sweep_phase;
-}
-
-/* Tells whether the wall clock was stepped since the last sweep (NTP correcting a box that
- * booted without a real-time clock, say), and says so in the log. A wrong clock makes tokens
- * look expired or future-dated to akenza and certificates not yet valid to us, and the
- * devices it kept out wait minutes to retry: after the step they retry at once (at the
- * connect rate). Connected devices re-mint on their own (check_connected). Bridge thread. */
-static bool clock_stepped(struct akz_bridge *b, int64_t wall_off)
-{
-	int64_t step = wall_off - b->wall_off;
-	bool known = b->wall_off_known;
-	b->wall_off = wall_off;
-	b->wall_off_known = true;
-	if(!known || (step <= CLOCK_JUMP_S && step >= -CLOCK_JUMP_S)) return false;
-	bridge_log(b, MOSQ_LOG_NOTICE, "akenza: the wall clock stepped by %" PRId64 " s: devices waiting to "
-			"retry connect now", step);
-	return true;
-}
-
-/* Once a minute while connections fail, one line on how many devices are out and why they are
- * waiting, since each device's repeated failures go to debug level (state_log_level). */
-static void report_outage(struct akz_bridge *b, int64_t now)
-{
-	enum { REPORT_MS = 60000 };
-	if(now - b->outage_report_ms < REPORT_MS) return;
-	b->outage_report_ms = now;
-	if(b->failed_since_report == 0) return;
-	size_t n[ST_UNAUTHORIZED + 1] = {0}, all = 0;
-	for(struct dev *d = b->devs; d; d = d->next, all++) n[d->state]++;
-	bridge_log(b, MOSQ_LOG_NOTICE, "akenza: %zu of %zu devices not connected (%zu in backoff, %zu "
-			"unauthorized, %zu connecting, %zu disabled); %zu failed attempts in the last minute, "
-			"the newest: %s (a device's repeated failures are logged at debug level)",
-			all - n[ST_CONNECTED], all, n[ST_BACKOFF], n[ST_UNAUTHORIZED], n[ST_CONNECTING],
-			n[ST_DISABLED], b->failed_since_report, b->last_failure);
-	b->failed_since_report = 0;
-}
-
-/* Adopts new devices, applies changes, destroys removed ones, runs timers. */
-static void sweep(struct akz_bridge *b, int64_t now)
-{
-	pthread_mutex_lock(&b->lock);
-	struct dev *in = b->incoming;
-	b->incoming = NULL;
-	bool changes = b->changes;
-	b->changes = false;
-	pthread_mutex_unlock(&b->lock);
-
-	while(in){
-		struct dev *next = in->incoming_next;
-		in->next = b->devs;
-		in->sweep_phase = (unsigned)(b->adopted++ % SWEEP_SPREAD);
-		b->devs = in;
-		in = next;
-	}
-	b->sweep_turn++;
-	int64_t wall_off = wall_offset_s();
-	bool stepped = clock_stepped(b, wall_off);
-	b->connects_held = false;
-	for(struct dev **pp = &b->devs; *pp;){
-		struct dev *d = *pp;
-		if(stepped && (d->state == ST_BACKOFF || d->state == ST_UNAUTHORIZED)) d->due_ms = now;
-		if(changes){
-			pthread_mutex_lock(&b->lock);
-			bool removed = d->removed, changed = d->changed, busy = d->in_ready || d->in_dirty;
-			pthread_mutex_unlock(&b->lock);
-			if(removed){
-				if(busy){
-					/* still on a hand-off list: try again next sweep */
-					pthread_mutex_lock(&b->lock);
-					b->changes = true;
-					pthread_mutex_unlock(&b->lock);
-					pp = &d->next;
-					continue;
-				}
-				*pp = d->next;
-				bridge_log(b, MOSQ_LOG_NOTICE, "akenza: device '%s' left the bridge", d->id);
-				bridge_destroy_dev(d);
-				continue;
-			}
-			if(changed){
-				pthread_mutex_lock(&d->io_lock);
-				apply_change(d);
-				pthread_mutex_unlock(&d->io_lock);
-			}
-		}
-		if(sweep_due(d, stepped)){
-			pthread_mutex_lock(&d->io_lock);
-			sweep_device(d, now, wall_off);
-			pthread_mutex_unlock(&d->io_lock);
-		}
-		pp = &d->next;
-	}
-	report_outage(b, now);
-	/* A connect storm leaves tens of KB per handshake in this thread's malloc arena, which
-	 * glibc keeps: give it back once the storm is over, for edge boxes with little memory. */
-	if(b->trim_due && now - b->last_connect_ms > TRIM_AFTER_MS){
-		b->trim_due = false;
-		malloc_trim(0);
-	}
-}
-
-/* Hands new uplinks of the devices that got some to libmosquitto. Devices are taken off the
- * ready list one at a time under the lock: the broker thread may put a device back on it (and
- * rewrite its ready_next) the moment it is off, so the list is never walked unlocked. */
-static void pump_ready(struct akz_bridge *b)
-{
-	pthread_mutex_lock(&b->lock);
-	b->wake_pending = false;
-	for(size_t n = 0; b->ready && n < READY_BATCH; n++){
-		struct dev *d = b->ready;
-		b->ready = d->ready_next;
-		d->in_ready = false;
-		pthread_mutex_unlock(&b->lock);
-		/* No device on the list is freed before the next sweep, which this thread runs. */
-		pthread_mutex_lock(&d->io_lock);
-		if(d->mosq) pump_uplinks(d, false);
-		pthread_mutex_unlock(&d->io_lock);
-		pthread_mutex_lock(&b->lock);
-	}
-	bool more = b->ready != NULL;   /* more next turn: do not starve the sockets */
-	if(more) b->wake_pending = true;
-	pthread_mutex_unlock(&b->lock);
-	if(more) bridge_wake(b);
-}
+/* ---- reading ------------------------------------------------------------------------------------ */
 
 /* True if OpenSSL holds input of the device that libmosquitto has not taken yet. */
 static bool tls_holds_input(struct dev *d)
@@ -1245,54 +791,67 @@ static bool tls_holds_input(struct dev *d)
 	return ssl && SSL_has_pending(ssl) == 1;
 }
 
-/* Puts d on b->reread, to be read next loop turn whatever its socket says. */
-static void queue_reread(struct dev *d)
-{
-	if(d->in_reread) return;
-	d->in_reread = true;
-	d->reread_next = d->b->reread;
-	d->b->reread = d;
-}
-
 /* Reads what the device's socket and OpenSSL hold. With read-ahead (tls.c) OpenSSL keeps whole
  * records that libmosquitto has not asked for yet (it reads a packet count, not to the end),
  * and epoll cannot see them: reading goes on until none is left, or, after READ_ROUNDS calls
  * (a peer that keeps the link full), the device is read again next turn. */
 static void read_socket(struct dev *d)
 {
-	check_socket(d, mosquitto_loop_read(d->mosq, WINDOW));
-	for(int i = 0; d->fd >= 0 && tls_holds_input(d); i++){
+	check_socket(d, mosquitto_loop_read(d->mosq, AKZ_WINDOW));
+	for(int i = 0; d->io.fd >= 0 && tls_holds_input(d); i++){
 		if(i == READ_ROUNDS){
-			queue_reread(d);
+			if(!d->in_reread){
+				d->in_reread = true;
+				d->reread_next = d->b->reread;
+				d->b->reread = d;
+			}
 			return;
 		}
-		check_socket(d, mosquitto_loop_read(d->mosq, WINDOW));
+		check_socket(d, mosquitto_loop_read(d->mosq, AKZ_WINDOW));
 	}
+}
+
+/* What follows a read or a write: the PUBACKs it took are counted, a token refresh that waited
+ * for them goes on, and the window's free slots are refilled. */
+static void after_io(struct dev *d)
+{
+	if(d->acked){
+		count_done(d, (size_t)d->acked, 0);
+		d->acked = 0;
+		if(d->conn.refreshing && refresh_ready(d)) conn_event(d, AKZ_CONN_DRAINED, 0, NULL);
+	}
+	pump_uplinks(d);
+	note_output(d);
+	update_interest(d);
 }
 
 static void handle_io(struct dev *d, uint32_t events)
 {
-	if(d->mosq == NULL || d->fd < 0) return;
+	if(d->mosq == NULL || d->io.fd < 0) return;
 	/* libmosquitto advances a TLS handshake only in loop_read, also when the handshake waits to
 	 * write (loop_write does nothing then): while connecting, a writable socket is read too. */
-	if(d->state == ST_CONNECTING) events |= EPOLLIN;
+	if(handshaking(&d->conn)) events |= EPOLLIN;
 	if(events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)){
-		size_t before = akz_tlsio_pending(mosquitto_ssl_get(d->mosq));
 		read_socket(d);
-		/* What reading wrote (a downlink's PUBACK, a TLS alert) goes this turn, and takes held
-		 * uplinks along: see hold_pending_locked */
-		if(d->mosq && akz_tlsio_pending(mosquitto_ssl_get(d->mosq)) > before) d->urgent = true;
 		/* During the TLS handshake libmosquitto takes a closed connection for "try again":
 		 * with a level-triggered epoll that would spin, so the end is taken as final here. */
-		if(d->fd >= 0 && d->state == ST_CONNECTING && (events & (EPOLLERR | EPOLLHUP | EPOLLRDHUP))){
-			drop_connection(d, "connection closed during the handshake", MOSQ_ERR_CONN_LOST);
+		if(d->io.fd >= 0 && handshaking(&d->conn) && (events & (EPOLLERR | EPOLLHUP | EPOLLRDHUP))){
+			fail_connection(d, "connection closed during the handshake", MOSQ_ERR_CONN_LOST);
 		}
 	}
-	if((events & EPOLLOUT) && d->fd >= 0 && (!d->out_blocked || flush_output(d))){
-		check_socket(d, mosquitto_loop_write(d->mosq, WINDOW));
+	if((events & EPOLLOUT) && d->io.fd >= 0 && (!d->out_blocked || flush_output(d, false))){
+		check_socket(d, mosquitto_loop_write(d->mosq, AKZ_WINDOW));
 	}
-	/* PUBACKs free window slots: refill them, now or when enough are free (hold_pending_locked). */
-	pump_uplinks(d, false);
+	after_io(d);
+}
+
+static void on_io(struct akz_ev_io *io, uint32_t events)
+{
+	struct dev *d = akz_container_of(io, struct dev, io);
+	if(d->mosq && (events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP))){
+		akz_tlsio_readable(mosquitto_ssl_get(d->mosq));
+	}
+	handle_io(d, events);
 }
 
 /* Reads the devices that were left with input in OpenSSL last turn. */
@@ -1303,69 +862,348 @@ static void reread_devices(struct akz_bridge *b)
 	while(d){
 		struct dev *next = d->reread_next;
 		d->in_reread = false;
-		pthread_mutex_lock(&d->io_lock);
 		handle_io(d, EPOLLIN);
-		pthread_mutex_unlock(&d->io_lock);
 		d = next;
 	}
+}
+
+/* ---- the device's timer ---------------------------------------------------------------------------- */
+
+/* When the device next needs the thread's attention without an event: its state machine's
+ * deadline, libmosquitto's keepalive (a PINGREQ is due once nothing was written for keepalive
+ * seconds: libmosquitto counts in whole seconds, hence the second added), the PUBACK the window
+ * waits for, a status held back, the TTL of the oldest uplink waiting for a connection. */
+static int64_t dev_next_due(struct dev *d)
+{
+	struct akz_bridge *b = d->b;
+	int64_t due = d->conn.waiting_slot ? INT64_MAX : d->conn.due_ms;
+	int64_t now = akz_mono_ms();
+
+	/* A token signed on the key thread is looked for every TOKEN_POLL_MS while it is awaited. */
+	if(d->mint && due <= now) due = now + TOKEN_POLL_MS;
+#define SOONER(t) do{ int64_t t_ = (t); if(t_ < due) due = t_; }while(0)
+	if(d->conn.state == AKZ_CONN_CONNECTED){
+		if(d->conn.refreshing && d->mint) SOONER(now + TOKEN_POLL_MS);
+		SOONER(d->out_ms + keepalive_ms(b) + 1000);
+		if(d->win.count) SOONER(d->acked_ms + keepalive_ms(b) + 1);
+	}else if(b->ttl){
+		pthread_mutex_lock(&b->lock);
+		int64_t oldest = d->pending.head ? d->pending.head->time : INT64_MAX;
+		pthread_mutex_unlock(&b->lock);
+		if(oldest != INT64_MAX) SOONER(now + (oldest + b->ttl + 1 - (int64_t)time(NULL)) * 1000);
+	}
+	if(d->status_due) SOONER(d->status_sent_ms + b->status_interval_ms);
+#undef SOONER
+	return due;
+}
+
+/* Arms the device's timer for its next deadline, unless it fires sooner already: a timer that
+ * fires early finds nothing due and is armed again (dev_timer), which is cheaper than moving
+ * it at every write or PUBACK. */
+static void dev_arm(struct dev *d)
+{
+	if(!d->adopted) return;
+	int64_t due = dev_next_due(d);
+	if(due != INT64_MAX) akz_ev_timer_arm_by(d->b->loop, &d->timer, due);
+}
+
+/* A connected device's periodic checks: libmosquitto's keepalive (it sends PINGREQ, or closes a
+ * connection whose PINGRESP did not come) and liveness: alive means acknowledged, so a socket
+ * that takes uplinks and answers nothing is dead. */
+static void check_connected(struct dev *d, int64_t now)
+{
+	struct akz_bridge *b = d->b;
+	if(d->mosq == NULL || d->io.fd < 0) return;
+	if(now >= d->out_ms + keepalive_ms(b) + 1000){
+		d->out_ms = now;
+		check_socket(d, mosquitto_loop_misc(d->mosq));
+		note_output(d);
+		if(d->conn.state != AKZ_CONN_CONNECTED) return;
+	}
+	if(d->win.count > 0 && now - d->acked_ms > keepalive_ms(b)){
+		blog(b, MOSQ_LOG_WARNING, "akenza: device '%s': no PUBACK for %d s: reconnecting", d->id, b->keepalive);
+		fail_connection(d, "no PUBACK from akenza", MOSQ_ERR_KEEPALIVE);
+	}
+}
+
+/* The state machine's deadline has come. A connect, and a token refresh, wait for the next token
+ * when the key thread signs it (a key in a TPM): a waiting device asks for a connect slot only
+ * once it is ready, and one that cannot get it backs off. */
+static void conn_due(struct dev *d)
+{
+	char err[512];
+	bool connected = d->conn.state == AKZ_CONN_CONNECTED;
+	/* A connection under way, and a drain under way, have their token already. */
+	bool wants_token = connected ? !d->conn.refreshing : !d->conn.linked;
+	enum akz_mint_rc rc = wants_token ? poll_token(d, err, sizeof(err)) : AKZ_MINT_DONE;
+
+	if(!connected && rc == AKZ_MINT_FAILED) conn_event(d, AKZ_CONN_START_FAILED, 0, err);
+	else if(connected || rc == AKZ_MINT_DONE) conn_step(d, AKZ_CONN_TIMER, 0, NULL, rc == AKZ_MINT_PENDING);
+	/* else still being signed: dev_arm looks again in TOKEN_POLL_MS */
+}
+
+static void dev_timer(struct akz_ev_timer *t, int64_t now)
+{
+	struct dev *d = akz_container_of(t, struct dev, timer);
+
+	if(!d->conn.waiting_slot && now >= d->conn.due_ms) conn_due(d);
+	else if(d->conn.refreshing && refresh_ready(d)) conn_event(d, AKZ_CONN_DRAINED, 0, NULL);
+	if(d->conn.state == AKZ_CONN_CONNECTED){
+		check_connected(d, now);
+	}else{
+		expire_pending(d);
+	}
+	if(d->status_due && now - d->status_sent_ms >= d->b->status_interval_ms) send_status(d, now);
+	dev_arm(d);
+}
+
+/* ---- what the broker thread hands over ---------------------------------------------------------- */
+
+/* Starts running a new device. */
+static void adopt(struct dev *d, bool enabled)
+{
+	struct akz_bridge *b = d->b;
+	d->adopted = true;
+	d->prev = NULL;
+	d->next = b->devs;
+	if(b->devs) b->devs->prev = d;
+	b->devs = d;
+	d->io.fn = on_io;
+	d->timer.fn = dev_timer;
+	akz_conn_init(&d->conn, enabled, (int64_t)b->lifetime * 1000, akz_mono_ms());
+	b->nstate[d->conn.state]++;
+	status_changed(d);
+	dev_arm(d);
+}
+
+/* Stops running a device that left the registry, and frees it. */
+static void remove_dev(struct dev *d)
+{
+	struct akz_bridge *b = d->b;
+	if(d->adopted){
+		if(d->prev) d->prev->next = d->next;
+		else b->devs = d->next;
+		if(d->next) d->next->prev = d->prev;
+		b->nstate[d->conn.state]--;
+	}
+	blog(b, MOSQ_LOG_NOTICE, "akenza: device '%s' left the bridge", d->id);
+	bridge_destroy_dev(d);
+}
+
+/* Applies a registry change (enabled, a new key) or a reconnect asked for through the control
+ * API: connected devices reconnect, waiting ones try again now with a fresh backoff. */
+static void apply_change(struct dev *d, bool enabled, struct akz_key *nk, bool reconnect)
+{
+	if(nk){
+		akz_key_unref(d->key);
+		d->key = nk;
+		blog(d->b, MOSQ_LOG_NOTICE, "akenza: device '%s': key changed (kid %s): reconnecting",
+				d->id, akz_key_kid(nk));
+	}
+	if(!enabled) conn_event(d, AKZ_CONN_DISABLE, 0, NULL);
+	else if(d->conn.state == AKZ_CONN_DISABLED) conn_event(d, AKZ_CONN_ENABLE, 0, NULL);
+	else if(nk || reconnect) conn_event(d, AKZ_CONN_RESTART, 0, NULL);
+	update_interest(d);
+}
+
+/* Takes the devices the broker thread gave work, and does it. A device on the inbox stays
+ * there (work != 0) until its work is taken, so the broker thread never rewrites inbox_next
+ * of a device on the list taken here. */
+static bool take_inbox(void *ctx)
+{
+	struct akz_bridge *b = ctx;
+
+	pthread_mutex_lock(&b->lock);
+	struct dev *list = b->inbox;
+	b->inbox = NULL;
+	pthread_mutex_unlock(&b->lock);
+	bool took = list != NULL;
+	while(list){
+		struct dev *d = list;
+		pthread_mutex_lock(&b->lock);
+		list = d->inbox_next;
+		unsigned work = d->work;
+		d->work = 0;
+		bool enabled = d->enabled;
+		struct akz_key *nk = d->next_key;
+		d->next_key = NULL;
+		pthread_mutex_unlock(&b->lock);
+		if(work & WORK_REMOVE){
+			akz_key_unref(nk);
+			remove_dev(d);
+			continue;
+		}
+		if(work & WORK_ADOPT) adopt(d, enabled);
+		if(work & (WORK_CHANGED | WORK_RECONNECT)) apply_change(d, enabled, nk, work & WORK_RECONNECT);
+		else akz_key_unref(nk);
+		if(work & WORK_UPLINKS){
+			if(d->conn.state == AKZ_CONN_CONNECTED) pump_uplinks(d);
+			else dev_arm(d);   /* the TTL of the oldest may be the next deadline */
+		}
+	}
+	return took;
+}
+
+/* ---- the bridge's own timers ------------------------------------------------------------------- */
+
+/* Looks for a wall-clock step (NTP correcting a box that booted without a real-time clock, say)
+ * and says so in the log. A wrong clock makes tokens look expired or future-dated to akenza and
+ * certificates not yet valid to us: after the step, devices waiting to retry try at once (at
+ * the connect rate) and connected devices refresh their tokens. */
+static void clock_timer(struct akz_ev_timer *t, int64_t now)
+{
+	struct akz_bridge *b = akz_container_of(t, struct akz_bridge, clock_timer);
+	int64_t off = wall_offset_s(), step = off - b->wall_off;
+
+	b->wall_off = off;
+	akz_ev_timer_arm(b->loop, t, now + CLOCK_CHECK_MS);
+	if(step <= CLOCK_JUMP_S && step >= -CLOCK_JUMP_S) return;
+	blog(b, MOSQ_LOG_NOTICE, "akenza: the wall clock stepped by %" PRId64 " s: devices waiting to "
+			"retry connect now, connected devices refresh their tokens", step);
+	for(struct dev *d = b->devs; d; d = d->next) conn_event(d, AKZ_CONN_CLOCK_STEP, 0, NULL);
+}
+
+/* Once a minute while connections fail, one line on how many devices are out and why they are
+ * waiting, since each device's repeated failures go to debug level (akz_conn_out.news). */
+static void outage_timer(struct akz_ev_timer *t, int64_t now)
+{
+	struct akz_bridge *b = akz_container_of(t, struct akz_bridge, outage_timer);
+	const size_t *n = b->nstate;
+	size_t all = 0;
+
+	akz_ev_timer_arm(b->loop, t, now + OUTAGE_REPORT_MS);
+	if(b->failed_since_report == 0) return;
+	for(int i = 0; i < AKZ_CONN_NSTATES; i++) all += n[i];
+	blog(b, MOSQ_LOG_NOTICE, "akenza: %zu of %zu devices not connected (%zu in backoff, %zu "
+			"unauthorized, %zu connecting, %zu disabled); %zu failed attempts in the last minute, "
+			"the newest: %s (a device's repeated failures are logged at debug level)",
+			all - n[AKZ_CONN_CONNECTED], all, n[AKZ_CONN_BACKOFF], n[AKZ_CONN_UNAUTHORIZED],
+			n[AKZ_CONN_CONNECTING], n[AKZ_CONN_DISABLED], b->failed_since_report, b->last_failure);
+	b->failed_since_report = 0;
+}
+
+/* A connect storm leaves tens of KB per handshake in this thread's malloc arena, which glibc
+ * keeps: give it back once the storm is over, for edge boxes with little memory. */
+static void trim_timer(struct akz_ev_timer *t, int64_t now)
+{
+	(void)t;
+	(void)now;
+	malloc_trim(0);
+}
+
+static void repoke_timer(struct akz_ev_timer *t, int64_t now)
+{
+	struct akz_bridge *b = akz_container_of(t, struct akz_bridge, repoke_timer);
+	int ms = akz_wakeup_recheck(b->wakeup);
+	if(ms >= 0) akz_ev_timer_arm(b->loop, t, now + ms);
+}
+
+/* ---- the loop ---------------------------------------------------------------------------------- */
+
+/* The start of a loop turn: the devices whose input waited since their last write are read,
+ * and watched again. */
+static void after_sleep(void *ctx)
+{
+	struct akz_bridge *b = ctx;
+	struct dev *d = b->deferred;
+	b->deferred = NULL;
+	while(d){
+		struct dev *next = d->deferred_next;
+		d->in_deferred = false;
+		if(d->mosq) akz_tlsio_readable(mosquitto_ssl_get(d->mosq));
+		handle_io(d, EPOLLIN);
+		update_interest(d);
+		d = next;
+	}
+}
+
+/* Ends the sleep of a loop whose devices' input waits (after_sleep reads it). */
+static void ack_timer(struct akz_ev_timer *t, int64_t now)
+{
+	(void)t;
+	(void)now;
+}
+
+/* The end of a loop turn: input OpenSSL still holds is read, devices get connect slots, and
+ * every write buffer filled this turn goes out. */
+static bool before_sleep(void *ctx)
+{
+	struct akz_bridge *b = ctx;
+	reread_devices(b);
+	if(b->slots_changed) grant_slots(b);
+	flush_outputs(b);
+	return b->reread != NULL;
+}
+
+static void report_loop_error(void *ctx, const char *what, int errnum)
+{
+	struct akz_bridge *b = ctx;
+	blog(b, MOSQ_LOG_ERR, "akenza: bridge: %s: %s", what, strerror(errnum));
 }
 
 /* Contract in akz_bridge_int.h. */
 void *bridge_main(void *arg)
 {
 	struct akz_bridge *b = arg;
-	struct epoll_event evs[256];
+	int64_t now = akz_mono_ms();
 
-	b->bucket_ms = akz_mono_ms();
-	b->next_sweep_ms = 0;
-	while(!atomic_load(&b->stop)){
-		int64_t now = akz_mono_ms();
-		if(now >= b->next_sweep_ms){
-			sweep(b, now);
-			b->next_sweep_ms = now + (b->connects_held ? HELD_SWEEP_MS : SWEEP_MS);
-		}
-		int timeout = (int)(b->next_sweep_ms - now);
-		if(b->flush){   /* listed devices: wake when the first is due (ms, rounded up) */
-			int64_t wait_ms = (b->next_flush_us - akz_mono_us() + 999) / 1000;
-			if(wait_ms < timeout) timeout = (int)(wait_ms < 0 ? 0 : wait_ms);
-		}
-		int repoke = akz_wakeup_recheck(b->wakeup);
-		if(repoke >= 0 && repoke < timeout) timeout = repoke;
-		if(timeout < 0 || b->reread) timeout = 0;
-		int n = epoll_wait(b->epfd, evs, (int)(sizeof(evs)/sizeof(evs[0])), timeout);
-		if(n < 0 && errno != EINTR){
-			bridge_log(b, MOSQ_LOG_ERR, "akenza: bridge: epoll_wait: %s", strerror(errno));
-			usleep(100000);
-			continue;
-		}
-		for(int i = 0; i < n; i++){
-			if(evs[i].data.ptr == NULL){
-				uint64_t v;
-				if(read(b->wakefd, &v, sizeof(v)) < 0 && errno != EAGAIN){
-					bridge_log(b, MOSQ_LOG_ERR, "akenza: bridge: eventfd: %s", strerror(errno));
-				}
-				continue;
-			}
-			struct dev *d = evs[i].data.ptr;
-			pthread_mutex_lock(&d->io_lock);
-			if(d->mosq && (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP))){
-				akz_tlsio_readable(mosquitto_ssl_get(d->mosq));
-			}
-			handle_io(d, evs[i].events);
-			pthread_mutex_unlock(&d->io_lock);
-		}
-		reread_devices(b);
-		pump_ready(b);
-		flush_outputs(b);
-	}
+	b->bucket_ms = now;
+	b->slot_tail = &b->slot_queue;
+	b->wall_off = wall_offset_s();
+	b->slot_timer.fn = on_slot_timer;
+	b->clock_timer.fn = clock_timer;
+	b->outage_timer.fn = outage_timer;
+	b->trim_timer.fn = trim_timer;
+	b->repoke_timer.fn = repoke_timer;
+	b->ack_timer.fn = ack_timer;
+	akz_ev_timer_arm(b->loop, &b->clock_timer, now + CLOCK_CHECK_MS);
+	akz_ev_timer_arm(b->loop, &b->outage_timer, now + OUTAGE_REPORT_MS);
+	struct akz_ev_hooks hooks = {.on_wake = take_inbox, .before_sleep = before_sleep,
+			.after_sleep = after_sleep, .ctx = b};
+	akz_evloop_run(b->loop, &hooks, report_loop_error);
 	return NULL;
 }
 
 /* Contract in akz_bridge_int.h. */
-void bridge_wake(struct akz_bridge *b)
+void bridge_destroy_dev(struct dev *d)
 {
-	uint64_t one = 1;
-	if(write(b->wakefd, &one, sizeof(one)) < 0 && errno != EAGAIN){
-		/* The bridge still runs its sweep every 100 ms: nothing waits for long. */
+	struct akz_bridge *b = d->b;
+
+	if(handshaking(&d->conn)) b->handshakes--;
+	for(struct dev **pp = &b->reread; d->in_reread && *pp; pp = &(*pp)->reread_next){
+		if(*pp == d){
+			*pp = d->reread_next;
+			break;
+		}
 	}
+	for(struct dev **pp = &b->flush; d->in_flush && *pp; pp = &(*pp)->flush_next){
+		if(*pp == d){
+			*pp = d->flush_next;
+			break;
+		}
+	}
+	for(struct dev **pp = &b->deferred; d->in_deferred && *pp; pp = &(*pp)->deferred_next){
+		if(*pp == d){
+			*pp = d->deferred_next;
+			break;
+		}
+	}
+	for(struct dev **pp = &b->slot_queue; d->in_slot_queue && *pp; pp = &(*pp)->slot_next){
+		if(*pp == d){
+			*pp = d->slot_next;
+			if(*pp == NULL) b->slot_tail = pp;
+			break;
+		}
+	}
+	if(b->loop) akz_ev_timer_cancel(b->loop, &d->timer);
+	if(d->mosq) mosquitto_destroy(d->mosq);   /* closes the socket, which leaves the epoll set */
+	akz_mint_cancel(&d->mint);
+	akz_key_unref(d->key);
+	akz_key_unref(d->next_key);
+	struct akz_msgq back = {0};
+	akz_window_give_back(&d->win, &d->pending, &back);
+	if(d->sd && back.count) akz_spool_give_back(b->spool, d->sd, &back);
+	else akz_msgq_clear(&back);
+	free(d->id);
+	free(d);
 }

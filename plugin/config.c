@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,9 +60,6 @@ static const struct opt_spec specs[] = {
 	{"receipts_topic", OPT_STRING, OFF(receipts_prefix), "akenza/receipts/", 0, 0},
 	{"downlink_wakeup", OPT_STRING, OFF(downlink_wakeup), "signal", 0, 0},
 	{"status_interval", OPT_INT, OFF(status_interval_ms), "1000", 0, 3600000},
-	{"uplink_coalesce_us", OPT_INT, OFF(uplink_coalesce_us), "20000", 0, 100000},
-	{"uplink_direct", OPT_BOOL, OFF(uplink_direct), "true", 0, 0},
-	{"uplink_coalesce_rate", OPT_INT, OFF(uplink_coalesce_rate), "5000", 0, 100000000},
 };
 #undef OFF
 
@@ -77,6 +75,20 @@ static void reportf(report_fn report, void *ctx, const char *fmt, ...)
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
 	if(report) report(ctx, msg);
+}
+
+/* Options of earlier versions that no longer do anything: a configuration that still sets them
+ * starts, with a line saying so (a gateway that upgrades must not stay down for a tuning knob). */
+static const char *const retired[] = {
+	"uplink_direct", "uplink_coalesce_us", "uplink_coalesce_rate",
+};
+
+static bool is_retired(const char *name)
+{
+	for(size_t i = 0; i < sizeof(retired)/sizeof(retired[0]); i++){
+		if(strcmp(retired[i], name) == 0) return true;
+	}
+	return false;
 }
 
 static const struct opt_spec *find_spec(const char *name)
@@ -162,6 +174,10 @@ int akz_config_parse(struct akz_config *cfg, const struct mosquitto_opt *opts, i
 	}
 	for(int i = 0; i < count; i++){
 		const struct opt_spec *spec = find_spec(opts[i].key);
+		if(spec == NULL && is_retired(opts[i].key)){
+			reportf(report, ctx, "plugin_opt_%s: no longer used, ignored: remove the line", opts[i].key);
+			continue;
+		}
 		if(spec == NULL){
 			reportf(report, ctx, "plugin_opt_%s: unknown option", opts[i].key);
 			bad++;

@@ -560,14 +560,8 @@ static cJSON *describe_device(const struct akz_plugin *p, const struct akz_devic
 		}else if(akz_bridge_device_status(p->bridge, d->id, &st) != 0){
 			ok = cJSON_AddStringToObject(o, "state", "unknown") != NULL;
 		}else{
-			ok = cJSON_AddStringToObject(o, "state", st.state ? st.state : "unknown")
-					&& cJSON_AddNumberToObject(o, "since", (double)st.since)
-					&& cJSON_AddNumberToObject(o, "token_expires", (double)st.token_expires)
-					&& cJSON_AddNumberToObject(o, "queued", (double)st.queued)
-					&& cJSON_AddNumberToObject(o, "spool_bytes", (double)st.spool_bytes)
-					&& cJSON_AddNumberToObject(o, "spool_msgs", (double)st.spool_msgs)
-					&& cJSON_AddStringToObject(o, "upstream_kid", st.kid)
-					&& cJSON_AddStringToObject(o, "last_error", st.last_error);
+			/* "kid" is the registry's key here: the one the connection uses is upstream_kid */
+			ok = akz_status_device_fields(o, &st, "upstream_kid");
 		}
 	}
 	if(!ok){

@@ -30,7 +30,7 @@ static pthread_cond_t queued;    /* a job was queued, or stop was asked */
 static pthread_cond_t finished;  /* a job finished */
 static pthread_once_t conds_once = PTHREAD_ONCE_INIT;
 static struct akz_kjob *head, *tail;
-static pthread_t thread;
+static struct akz_thread thread;
 static bool running;
 static uintptr_t generation;     /* guarded by lock: a thread serves while its number is current */
 static _Thread_local bool on_key_thread;
@@ -108,7 +108,7 @@ static int ensure_thread_locked(void)
 	if(running) return 0;
 	/* The thread gets its generation as its argument: read later, a stop could have moved it. */
 	void *gen = (void *)generation;   /* NOLINT(performance-no-int-to-ptr): a number, not an address */
-	if(akz_thread_start(&thread, key_thread_main, gen) != 0) return -1;
+	if(akz_thread_start(&thread, "key", key_thread_main, gen, NULL, 0) != 0) return -1;
 	live_threads++;
 	running = true;
 	return 0;
@@ -235,8 +235,9 @@ void akz_keythread_stop(int wait_ms)
 	struct timespec until;
 	clock_gettime(CLOCK_REALTIME, &until);   /* pthread_timedjoin_np takes the wall clock */
 	until.tv_sec += wait_ms / 1000 + 1;
-	if(pthread_timedjoin_np(thread, NULL, &until) != 0){
-		pthread_detach(thread);
+	thread.running = false;   /* joined or detached here, not by akz_thread_stop */
+	if(pthread_timedjoin_np(thread.id, NULL, &until) != 0){
+		pthread_detach(thread.id);
 		/* left behind: it ends when its call returns (key_thread_main) */
 	}
 }

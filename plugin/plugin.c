@@ -128,7 +128,7 @@ static int on_message(int event, void *event_data, void *userdata)
 	}
 	/* Full: an MQTT v5 client gets a failure reason code in its PUBACK and knows the message
 	 * was not taken; a 3.1.1 client is disconnected without a PUBACK and sends the message again
-	 * when it reconnects (akz_refuse_publish, DESIGN.md). */
+	 * when it reconnects (akz_refuse_publish, docs/DESIGN.md). */
 	const char *cid = mosquitto_client_id(ev->client);
 	char idbuf[256];
 	snprintf(idbuf, sizeof(idbuf), "%.*s", (int)idlen, id);

@@ -1,4 +1,4 @@
-/* queue.c - FIFO message queues used for uplink and downlink hand-offs. */
+/* queue.c - FIFO queues of messages: a device's pending uplinks, a spool backlog. */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -38,15 +38,6 @@ void akz_msgq_push(struct akz_msgq *q, struct akz_msg *m)
 	q->bytes += m->payloadlen;
 }
 
-void akz_msgq_push_front(struct akz_msgq *q, struct akz_msg *m)
-{
-	m->next = q->head;
-	q->head = m;
-	if(q->tail == NULL) q->tail = m;
-	q->count++;
-	q->bytes += m->payloadlen;
-}
-
 struct akz_msg *akz_msgq_pop(struct akz_msgq *q)
 {
 	struct akz_msg *m = q->head;
@@ -68,6 +59,11 @@ void akz_msgq_take_all(struct akz_msgq *dst, struct akz_msgq *src)
 	dst->count += src->count;
 	dst->bytes += src->bytes;
 	memset(src, 0, sizeof(*src));
+}
+
+void akz_msgq_take_head(struct akz_msgq *dst, struct akz_msgq *src, size_t n)
+{
+	for(struct akz_msg *m; n > 0 && (m = akz_msgq_pop(src)) != NULL; n--) akz_msgq_push(dst, m);
 }
 
 size_t akz_msgq_clear(struct akz_msgq *q)

@@ -24,8 +24,7 @@
 struct akz_resolver {
 	char *host;
 	bool numeric;                /* host is an address: nothing to look up, no thread */
-	pthread_t thread;
-	bool started;
+	struct akz_thread thread;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
 	/* under lock: */
@@ -128,20 +127,13 @@ int akz_resolver_new(const char *host, int refresh_s, struct akz_resolver **out,
 	r->refresh_ms = (int64_t)refresh_s * 1000;
 	pthread_mutex_init(&r->lock, NULL);
 	/* The lookup timer runs on the monotonic clock: a wall-clock step must not stop it. */
-	pthread_condattr_t ca;
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&r->cond, &ca);
-	pthread_condattr_destroy(&ca);
+	akz_cond_init_monotonic(&r->cond);
 	if(!r->numeric){
 		r->wanted = true;
-		int rc = akz_thread_start(&r->thread, resolver_main, r);
-		if(rc){
-			akz_set_err(err, errlen, "cannot start the name lookup thread: %s", strerror(rc));
+		if(akz_thread_start(&r->thread, "lookup", resolver_main, r, err, errlen)){
 			akz_resolver_free(r);
 			return -1;
 		}
-		r->started = true;
 	}
 	*out = r;
 	return 0;
@@ -204,13 +196,7 @@ void akz_resolver_failed(struct akz_resolver *r, const char *addr)
 void akz_resolver_free(struct akz_resolver *r)
 {
 	if(r == NULL) return;
-	if(r->started){
-		pthread_mutex_lock(&r->lock);
-		r->stop = true;
-		pthread_cond_signal(&r->cond);
-		pthread_mutex_unlock(&r->lock);
-		pthread_join(r->thread, NULL);
-	}
+	akz_thread_stop_sleeper(&r->thread, &r->lock, &r->cond, &r->stop);
 	pthread_mutex_destroy(&r->lock);
 	pthread_cond_destroy(&r->cond);
 	free(r->host);

@@ -33,6 +33,7 @@
 #include <unistd.h>
 #include <zlib.h>
 #include <mosquitto.h>
+#include "akz_htab.h"
 #include "akz_spool.h"
 #include "akz_util.h"
 
@@ -60,7 +61,7 @@ struct segment {
 };
 
 struct akz_spool_dev {
-	struct akz_spool_dev *hnext;
+	struct akz_htab_node node;   /* in s->devices, keyed by id */
 	struct akz_spool_dev *marker_next;   /* on s->marker_due */
 	char *id;
 	size_t idlen;
@@ -88,8 +89,7 @@ struct akz_spool { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	struct segment *oldest, *active;
 	int *retired;                /* closed segments' fds, for the flusher to sync and close */
 	size_t nretired, capretired;
-	struct akz_spool_dev **buckets;
-	size_t nbuckets, ndevs;
+	struct akz_htab devices;      /* struct akz_spool_dev, by id */
 	struct akz_spool_dev *marker_due;
 	int64_t marker_due_ms;       /* when the first marker on marker_due was queued */
 	bool dirty;                  /* appended since the last sync */
@@ -98,8 +98,7 @@ struct akz_spool { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	bool io_failed;              /* a write failed since the active segment was last recycled */
 	struct akz_spool_stats st;
 
-	pthread_t flusher;
-	bool flusher_started;
+	struct akz_thread flusher;
 };
 
 /* ---- small helpers ----------------------------------------------------------------------- */
@@ -165,52 +164,26 @@ static void io_failed_locked(struct akz_spool *s, const char *what, int err)
 
 /* ---- devices ---------------------------------------------------------------------------- */
 
-static size_t hash_id(const char *id, size_t len)
+/* The device share of node n. */
+static struct akz_spool_dev *dev_of(struct akz_htab_node *n)
 {
-	size_t h = 1469598103934665603ULL;
-	for(size_t i = 0; i < len; i++){
-		h ^= (unsigned char)id[i];
-		h *= 1099511628211ULL;
-	}
-	return h;
+	return akz_container_of(n, struct akz_spool_dev, node);
 }
 
 /* Finds or creates a device share. Locked. NULL when out of memory. */
 static struct akz_spool_dev *device_locked(struct akz_spool *s, const char *id, size_t idlen)
 {
-	if(s->nbuckets){
-		for(struct akz_spool_dev *d = s->buckets[hash_id(id, idlen) & (s->nbuckets - 1)]; d; d = d->hnext){
-			if(d->idlen == idlen && memcmp(d->id, id, idlen) == 0) return d;
-		}
-	}
-	if(s->ndevs + 1 > s->nbuckets / 2){
-		size_t n = s->nbuckets ? s->nbuckets * 2 : 64;
-		struct akz_spool_dev **nb = calloc(n, sizeof(struct akz_spool_dev *));
-		if(nb == NULL) return NULL;
-		for(size_t i = 0; i < s->nbuckets; i++){
-			for(struct akz_spool_dev *d = s->buckets[i], *next; d; d = next){
-				next = d->hnext;
-				size_t h = hash_id(d->id, d->idlen) & (n - 1);
-				d->hnext = nb[h];
-				nb[h] = d;
-			}
-		}
-		free(s->buckets);
-		s->buckets = nb;
-		s->nbuckets = n;
-	}
+	struct akz_htab_node *n = akz_htab_find(&s->devices, id, idlen);
+	if(n) return dev_of(n);
 	struct akz_spool_dev *d = calloc(1, sizeof(*d));
 	if(d == NULL) return NULL;
 	d->id = strndup(id, idlen);
-	if(d->id == NULL){
+	if(d->id == NULL || akz_htab_insert(&s->devices, &d->node, d->id, idlen)){
+		free(d->id);
 		free(d);
 		return NULL;
 	}
 	d->idlen = idlen;
-	size_t h = hash_id(id, idlen) & (s->nbuckets - 1);
-	d->hnext = s->buckets[h];
-	s->buckets[h] = d;
-	s->ndevs++;
 	return d;
 }
 
@@ -775,7 +748,7 @@ static int recover_segment(struct akz_spool *s, struct segment *seg, char *err, 
 	seg_path(s, seg->id, "", path, sizeof(path));
 	unsigned char *buf = read_all(path, &size);
 	if(buf == NULL){
-		snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
+		akz_set_err(err, errlen, "cannot read %s: %s", path, strerror(errno));
 		return -1;
 	}
 	seg->size = size;
@@ -829,7 +802,7 @@ static int recover_segment(struct akz_spool *s, struct segment *seg, char *err, 
 			size_t n = REC_HDR + get32(h + 4);
 			struct iovec iov = {(void *)h, n};
 			if(append_locked(s, &iov, 1, n)){
-				snprintf(err, errlen, "cannot save the readable records of corrupt %s: %s", path,
+				akz_set_err(err, errlen, "cannot save the readable records of corrupt %s: %s", path,
 						strerror(errno));
 				free(buf);
 				return -1;
@@ -844,7 +817,7 @@ static int recover_segment(struct akz_spool *s, struct segment *seg, char *err, 
 		char aside[4300];
 		seg_path(s, seg->id, ".corrupt", aside, sizeof(aside));
 		if(rename(path, aside) != 0){
-			snprintf(err, errlen, "cannot set corrupt %s aside: %s", path, strerror(errno));
+			akz_set_err(err, errlen, "cannot set corrupt %s aside: %s", path, strerror(errno));
 			free(buf);
 			return -1;
 		}
@@ -856,7 +829,7 @@ static int recover_segment(struct akz_spool *s, struct segment *seg, char *err, 
 	return 0;
 nomem:
 	free(buf);
-	snprintf(err, errlen, "out of memory recovering %s", path);
+	akz_set_err(err, errlen, "out of memory recovering %s", path);
 	return -1;
 }
 
@@ -872,7 +845,7 @@ static long list_segments(const char *dir, uint64_t **ids, char *err, size_t err
 {
 	DIR *d = opendir(dir);
 	if(d == NULL){
-		snprintf(err, errlen, "cannot open spool directory %s: %s", dir, strerror(errno));
+		akz_set_err(err, errlen, "cannot open spool directory %s: %s", dir, strerror(errno));
 		return -1;
 	}
 	size_t n = 0, cap = 0;
@@ -888,7 +861,7 @@ static long list_segments(const char *dir, uint64_t **ids, char *err, size_t err
 			if(nv == NULL){
 				free(v);
 				closedir(d);
-				snprintf(err, errlen, "out of memory listing %s", dir);
+				akz_set_err(err, errlen, "out of memory listing %s", dir);
 				return -1;
 			}
 			v = nv;
@@ -913,7 +886,7 @@ static int recover_all(struct akz_spool *s, char *err, size_t errlen)
 	for(long i = 0; i < n; i++){
 		struct segment *seg = calloc(1, sizeof(*seg));
 		if(seg == NULL){
-			snprintf(err, errlen, "out of memory");
+			akz_set_err(err, errlen, "out of memory");
 			goto fail;
 		}
 		seg->id = ids[i];
@@ -922,7 +895,7 @@ static int recover_all(struct akz_spool *s, char *err, size_t errlen)
 		s->active = seg;   /* the new active segment comes after the last */
 	}
 	if(rotate_locked(s)){
-		snprintf(err, errlen, "cannot create a segment in %s: %s", s->dir, strerror(errno));
+		akz_set_err(err, errlen, "cannot create a segment in %s: %s", s->dir, strerror(errno));
 		goto fail;
 	}
 	s->st.segments = 1;
@@ -944,12 +917,10 @@ static int recover_all(struct akz_spool *s, char *err, size_t errlen)
 		s->st.disk_bytes += seg->size;
 		pp = &seg->next;
 	}
-	for(size_t i = 0; i < s->nbuckets; i++){
-		for(struct akz_spool_dev *sd = s->buckets[i]; sd; sd = sd->hnext){
-			if(order_backlog(s, sd)){
-				snprintf(err, errlen, "out of memory ordering the recovered uplinks");
-				return -1;
-			}
+	for(struct akz_htab_node *e = akz_htab_first(&s->devices); e; e = akz_htab_next(&s->devices, e)){
+		if(order_backlog(s, dev_of(e))){
+			akz_set_err(err, errlen, "out of memory ordering the recovered uplinks");
+			return -1;
 		}
 	}
 	return 0;
@@ -967,15 +938,14 @@ static void free_spool(struct akz_spool *s)
 		s->oldest = seg->next;
 		free_segment(seg);
 	}
-	for(size_t i = 0; i < s->nbuckets; i++){
-		for(struct akz_spool_dev *d = s->buckets[i], *next; d; d = next){
-			next = d->hnext;
-			akz_msgq_clear(&d->backlog);
-			free(d->id);
-			free(d);
-		}
+	for(struct akz_htab_node *n = akz_htab_first(&s->devices), *next; n; n = next){
+		next = akz_htab_next(&s->devices, n);
+		struct akz_spool_dev *d = dev_of(n);
+		akz_msgq_clear(&d->backlog);
+		free(d->id);
+		free(d);
 	}
-	free(s->buckets);
+	akz_htab_free(&s->devices);
 	for(size_t i = 0; i < s->nretired; i++) close(s->retired[i]);
 	free(s->retired);
 	if(s->fd >= 0) close(s->fd);
@@ -992,7 +962,7 @@ int akz_spool_open(const struct akz_spool_opts *opts, akz_spool_log_fn log, void
 	*out = NULL;
 	struct akz_spool *s = calloc(1, sizeof(*s));
 	if(s == NULL){
-		snprintf(err, errlen, "out of memory");
+		akz_set_err(err, errlen, "out of memory");
 		return -1;
 	}
 	s->o = *opts;
@@ -1000,23 +970,19 @@ int akz_spool_open(const struct akz_spool_opts *opts, akz_spool_log_fn log, void
 	s->log_ctx = log_ctx;
 	s->fd = s->dirfd = -1;
 	pthread_mutex_init(&s->lock, NULL);
-	pthread_condattr_t ca;
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);   /* a wall-clock step must not stall syncs */
-	pthread_cond_init(&s->cond, &ca);
-	pthread_condattr_destroy(&ca);
+	akz_cond_init_monotonic(&s->cond);   /* a wall-clock step must not stall syncs */
 	s->dir = strdup(opts->dir);
 	if(s->dir == NULL){
-		snprintf(err, errlen, "out of memory");
+		akz_set_err(err, errlen, "out of memory");
 		goto fail;
 	}
 	if(mkdir(s->dir, 0700) != 0 && errno != EEXIST){
-		snprintf(err, errlen, "cannot create spool directory %s: %s", s->dir, strerror(errno));
+		akz_set_err(err, errlen, "cannot create spool directory %s: %s", s->dir, strerror(errno));
 		goto fail;
 	}
 	s->dirfd = open(s->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if(s->dirfd < 0){
-		snprintf(err, errlen, "cannot open spool directory %s: %s", s->dir, strerror(errno));
+		akz_set_err(err, errlen, "cannot open spool directory %s: %s", s->dir, strerror(errno));
 		goto fail;
 	}
 	/* The segments hold every sensor's uplinks (0600 each); a directory that others may list or
@@ -1028,7 +994,7 @@ int akz_spool_open(const struct akz_spool_opts *opts, akz_spool_log_fn log, void
 				"access it; chmod 700 it", s->dir, (unsigned)(dsb.st_mode & 07777));
 	}
 	if(access(s->dir, W_OK) != 0){
-		snprintf(err, errlen, "spool directory %s is not writable by this user: %s", s->dir,
+		akz_set_err(err, errlen, "spool directory %s is not writable by this user: %s", s->dir,
 				strerror(errno));
 		goto fail;
 	}
@@ -1037,12 +1003,7 @@ int akz_spool_open(const struct akz_spool_opts *opts, akz_spool_log_fn log, void
 	if(rc == 0) reclaim_locked(s);
 	pthread_mutex_unlock(&s->lock);
 	if(rc) goto fail;
-	int prc = akz_thread_start(&s->flusher, flusher_main, s);
-	if(prc != 0){
-		snprintf(err, errlen, "cannot start the spool flusher thread: %s", strerror(prc));
-		goto fail;
-	}
-	s->flusher_started = true;
+	if(akz_thread_start(&s->flusher, "spool", flusher_main, s, err, errlen)) goto fail;
 	*out = s;
 	return 0;
 fail:
@@ -1053,13 +1014,7 @@ fail:
 void akz_spool_close(struct akz_spool *s)
 {
 	if(s == NULL) return;
-	if(s->flusher_started){
-		pthread_mutex_lock(&s->lock);
-		s->stop = true;
-		pthread_cond_signal(&s->cond);
-		pthread_mutex_unlock(&s->lock);
-		pthread_join(s->flusher, NULL);
-	}
+	akz_thread_stop_sleeper(&s->flusher, &s->lock, &s->cond, &s->stop);
 	pthread_mutex_lock(&s->lock);
 	write_markers_locked(s);
 	reclaim_locked(s);
@@ -1108,10 +1063,9 @@ void akz_spool_each_backlog(struct akz_spool *s,
 		void (*fn)(void *ctx, const char *id, uint64_t bytes, uint64_t msgs), void *ctx)
 {
 	pthread_mutex_lock(&s->lock);
-	for(size_t i = 0; i < s->nbuckets; i++){
-		for(struct akz_spool_dev *sd = s->buckets[i]; sd; sd = sd->hnext){
-			if(sd->msgs) fn(ctx, sd->id, sd->bytes, sd->msgs);
-		}
+	for(struct akz_htab_node *n = akz_htab_first(&s->devices); n; n = akz_htab_next(&s->devices, n)){
+		const struct akz_spool_dev *sd = dev_of(n);
+		if(sd->msgs) fn(ctx, sd->id, sd->bytes, sd->msgs);
 	}
 	pthread_mutex_unlock(&s->lock);
 }

@@ -9,20 +9,22 @@
 #include "akz_status.h"
 #include "akz_util.h"
 
-char *akz_status_device_json(const struct akz_status_dev *s)
+bool akz_status_device_fields(cJSON *o, const struct akz_status_dev *s, const char *kid_field)
 {
-	cJSON *o = cJSON_CreateObject();
-	if(o == NULL) return NULL;
-	char *out = NULL;
-	if(cJSON_AddStringToObject(o, "state", s->state) && cJSON_AddNumberToObject(o, "since", (double)s->since)
+	return cJSON_AddStringToObject(o, "state", s->state ? s->state : "unknown")
+			&& cJSON_AddNumberToObject(o, "since", (double)s->since)
 			&& cJSON_AddNumberToObject(o, "token_expires", (double)s->token_expires)
 			&& cJSON_AddNumberToObject(o, "queued", (double)s->queued)
 			&& cJSON_AddNumberToObject(o, "spool_bytes", (double)s->spool_bytes)
 			&& cJSON_AddNumberToObject(o, "spool_msgs", (double)s->spool_msgs)
-			&& cJSON_AddStringToObject(o, "kid", s->kid)
-			&& cJSON_AddStringToObject(o, "last_error", s->last_error)){
-		out = cJSON_PrintUnformatted(o);
-	}
+			&& cJSON_AddStringToObject(o, kid_field, s->kid)
+			&& cJSON_AddStringToObject(o, "last_error", s->last_error);
+}
+
+char *akz_status_device_json(const struct akz_status_dev *s)
+{
+	cJSON *o = cJSON_CreateObject();
+	char *out = o && akz_status_device_fields(o, s, "kid") ? cJSON_PrintUnformatted(o) : NULL;
 	cJSON_Delete(o);
 	return out;
 }
@@ -68,7 +70,6 @@ static const struct counter {
 	{"errors", "errors", SUM(errors)},
 	{"connects", "upstream/connects", SUM(connects)},
 	{"tls_resumed", "upstream/tls_resumed", SUM(tls_resumed)},
-	{"uplinks_direct", "uplinks/direct", SUM(uplinks_direct)},
 	{"spool_bytes", "spool/bytes", SUM(spool.bytes)},
 	{"spool_msgs", "spool/messages", SUM(spool.msgs)},
 	{"spool_disk_bytes", "spool/disk_bytes", SUM(spool.disk_bytes)},

@@ -15,12 +15,12 @@ static void set_ssl_error(char *err, size_t errlen, const char *what)
 	unsigned long e = ERR_get_error();
 
 	ERR_error_string_n(e, reason, sizeof(reason));
-	snprintf(err, errlen, "%s: %s", what, e ? reason : "unknown error");
+	akz_set_err(err, errlen, "%s: %s", what, e ? reason : "unknown error");
 	ERR_clear_error();
 }
 
 /* Pins the server identity on the context: libmosquitto installs no host-name check of its
- * own on a context it is given (DESIGN.md), so without this any certificate from a trusted CA
+ * own on a context it is given (docs/DESIGN.md), so without this any certificate from a trusted CA
  * would do. */
 static int pin_host(SSL_CTX *ctx, const char *host, char *err, size_t errlen)
 {
@@ -104,14 +104,14 @@ static void start_handshake(const SSL *cssl, int where, int ret)
 static int prepare_handshakes(SSL_CTX *ctx, const char *host, char *err, size_t errlen)
 {
 	if(pthread_once(&newest_once, make_newest_idx) != 0 || newest_idx < 0 || name_idx < 0){
-		snprintf(err, errlen, "cannot set up TLS session resumption");
+		akz_set_err(err, errlen, "cannot set up TLS session resumption");
 		return -1;
 	}
 	if(!akz_is_ip_literal(host)){
 		char *name = strdup(host);
 		if(name == NULL || SSL_CTX_set_ex_data(ctx, name_idx, name) != 1){
 			free(name);
-			snprintf(err, errlen, "out of memory");
+			akz_set_err(err, errlen, "out of memory");
 			return -1;
 		}
 	}

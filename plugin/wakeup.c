@@ -79,12 +79,12 @@ static int install_handler(int sig, char *err, size_t errlen)
 {
 	struct sigaction old, sa;
 	if(sigaction(sig, NULL, &old) != 0){
-		snprintf(err, errlen, "signal %d: %s", sig, strerror(errno));
+		akz_set_err(err, errlen, "signal %d: %s", sig, strerror(errno));
 		return -1;
 	}
 	/* Only called with no instance installed (installs == 0), so any handler is someone else's. */
 	if((old.sa_flags & SA_SIGINFO) || (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN)){
-		snprintf(err, errlen, "signal SIGRTMIN+%d already has a handler in this process",
+		akz_set_err(err, errlen, "signal SIGRTMIN+%d already has a handler in this process",
 				WAKE_SIGNAL_OFFSET);
 		return -1;
 	}
@@ -93,7 +93,7 @@ static int install_handler(int sig, char *err, size_t errlen)
 	sa.sa_flags = SA_RESTART;
 	sigemptyset(&sa.sa_mask);
 	if(sigaction(sig, &sa, NULL) != 0){
-		snprintf(err, errlen, "signal %d: %s", sig, strerror(errno));
+		akz_set_err(err, errlen, "signal %d: %s", sig, strerror(errno));
 		return -1;
 	}
 	return 0;
@@ -127,12 +127,12 @@ int akz_wakeup_new(struct akz_wakeup **out, char *err, size_t errlen)
 	*out = NULL;
 	int sig = SIGRTMIN + WAKE_SIGNAL_OFFSET;
 	if(sig > SIGRTMAX){
-		snprintf(err, errlen, "no real-time signal free");
+		akz_set_err(err, errlen, "no real-time signal free");
 		return -1;
 	}
 	struct akz_wakeup *w = calloc(1, sizeof(*w));
 	if(w == NULL){
-		snprintf(err, errlen, "out of memory");
+		akz_set_err(err, errlen, "out of memory");
 		return -1;
 	}
 	pthread_mutex_lock(&install_lock);

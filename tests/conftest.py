@@ -220,6 +220,10 @@ class Broker:
         return wait_for(lambda: needle in self.log(), timeout, what=f"'{needle}' in {self.name} log")
 
     def sighup(self):
+        # The listener opens before the broker sets up its SIGHUP handler, and a SIGHUP in
+        # between ends the broker: wait for the line it logs once the handler is there.
+        wait_for(lambda: re.search(r"mosquitto version \S+ running", self.log()), 10,
+                 what=f"{self.name} running")
         self.proc.send_signal(signal.SIGHUP)
 
     def kill(self):

@@ -18,7 +18,6 @@ COUNTERS = {
     "broker_akenza_upstream_connects": "connects",
     "broker_akenza_upstream_tls_resumed": "tls_resumed",
     "broker_akenza_uplinks_relayed": "uplinks",
-    "broker_akenza_uplinks_direct": "uplinks_direct",
     "broker_akenza_uplinks_queued": "queued",
     "broker_akenza_uplinks_refused": "refused",
     "broker_akenza_uplinks_expired": "expired",

@@ -66,9 +66,6 @@ static void test_config_defaults(void **state)
 	assert_string_equal(cfg.upstream_username, "unused");
 	assert_int_equal(cfg.token_lifetime, 1200);
 	assert_int_equal(cfg.upstream_dns_refresh, 60);
-	assert_int_equal(cfg.uplink_coalesce_us, 20000);
-	assert_true(cfg.uplink_direct);
-	assert_int_equal(cfg.uplink_coalesce_rate, 5000);
 	assert_true(cfg.bridge_enabled);
 	assert_false(cfg.allow_readable_keys);
 	assert_null(cfg.upstream_cafile);
@@ -104,9 +101,11 @@ static void test_config_refusals(void **state)
 	assert_int_equal(parse(&cfg, &p, range, 2), -1);
 	assert_non_null(strstr(p.last, "plugin_opt_token_lifetime: 59 is outside 60..86400"));
 
-	const char *hold[] = {"devices", "d.json", "uplink_coalesce_us", "100001"};
-	assert_int_equal(parse(&cfg, &p, hold, 2), -1);
-	assert_non_null(strstr(p.last, "plugin_opt_uplink_coalesce_us: 100001 is outside 0..100000"));
+	/* An option of an earlier version is ignored with a line, not refused. */
+	const char *retired[] = {"devices", "d.json", "uplink_direct", "true"};
+	assert_int_equal(parse(&cfg, &p, retired, 2), 0);
+	assert_non_null(strstr(p.last, "plugin_opt_uplink_direct: no longer used, ignored"));
+	akz_config_free(&cfg);
 
 	const char *nan[] = {"devices", "d.json", "upstream_port", "88x"};
 	assert_int_equal(parse(&cfg, &p, nan, 2), -1);
