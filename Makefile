@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 # mosquitto-akenza: build, test, run.
 #   make            build/mosquitto_akenza.so and build/akenzactl
 #   make test       install what is missing, build, unit tests (plain and ASan+UBSan), integration tests,

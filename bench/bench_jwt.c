@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* bench_jwt.c - tokens per second from akz_jwt_mint and from libjwt 1.x, same key, same claims, one
  * core; and key files loaded per second by akz_key_load and by OpenSSL's generic loaders. */
 #include <jwt.h>

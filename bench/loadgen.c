@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* loadgen.c - MQTT load generator and sink for the benchmarks: pub and sub speak MQTT 3.1.1 on one thread. */
 /* Client ids and user names come from printf formats given on the command line (a bench tool). */
 #pragma GCC diagnostic ignored "-Wformat-nonliteral"

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """make bench: each figure beside a peer measured in the same run, printed as a ratio.
 
 Sections (run all, or name some: bench/run.py jwt connect bridge remote memory):

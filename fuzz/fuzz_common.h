@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* fuzz_common.h - helpers shared by the fuzz targets: a private temporary directory per process. */
 #ifndef FUZZ_COMMON_H
 #define FUZZ_COMMON_H

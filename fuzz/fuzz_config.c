@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* fuzz_config.c - libFuzzer target: plugin_opt_* values through akz_config_parse.
  * Input: lines "<key> <value>" (or "<key>=<value>"); a line without a separator is an option
  * without a value (NULL), as the broker could hand over. At most 64 options per input. */

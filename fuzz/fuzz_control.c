@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* fuzz_control.c - libFuzzer target: $CONTROL/akenza/v1 requests (akz_control_callback).
  * control.c runs inside the broker, so the few broker functions it calls are stubbed here: the
  * answer it publishes must be one JSON object with a "responses" array (the oracle), log lines

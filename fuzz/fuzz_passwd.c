@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* fuzz_passwd.c - libFuzzer target: the password-hash parser and verifier (passwd.c).
  * Input: <hash text>[\n<password>]. Every parsed hash is verified against the password, so the
  * parser's iteration bound is what keeps a run fast: a hash the parser accepts is one the broker

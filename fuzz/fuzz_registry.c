@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* fuzz_registry.c - libFuzzer target: the device registry parser (akz_registry_load).
  * The input is written as devices.json into a private temporary directory whose key store holds
  * one valid EC key (dev1.pem), so that a device "dev1" resolves and loads its key and others fail

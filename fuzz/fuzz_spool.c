@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* fuzz_spool.c - libFuzzer target: spool recovery (akz_spool_open on damaged segment files).
  * Each input is tried three times, each time in a fresh temporary directory: written as it is as
  * the only segment file; behind a valid segment header (so that the fuzzer reaches the records

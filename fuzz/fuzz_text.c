@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* fuzz_text.c - libFuzzer target: the text checks every module shares (akz_text_bad_reason,
  * akz_utf8_seq_len, akz_escape, akz_json_has_nul) and the key-reference rule (akz_keyref_parse).
  * Checks their contracts on every input, so a wrong answer is a finding too: an escaped log line

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* fuzz_topic.c - libFuzzer target: akenza topic parsing (akz_topic_device, akz_topic_is_for).
  * Input: <topic>[\0<id>]. Checks the contract of akz_topic.h on every input, so a wrong answer
  * (not only a crash) is a finding: the ACL and the bridge route on these results. */

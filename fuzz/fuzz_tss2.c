@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* fuzz_tss2.c - libFuzzer target: the public half of a TPM key blob (akz_tss2_public), read from
  * files an attacker with write access to the key store could shape. Input: the blob's DER, which
  * the target wraps into a "TSS2 PRIVATE KEY" PEM block. A key returned must be one akenza takes

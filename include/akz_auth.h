@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_auth.h - local authentication (BASIC_AUTH) and per-device ACLs (ACL_CHECK). */
 #ifndef AKZ_AUTH_H
 #define AKZ_AUTH_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_bridge.h - the upstream side: one akenza connection per device, driven by one thread. */
 #ifndef AKZ_BRIDGE_H
 #define AKZ_BRIDGE_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_bridge_int.h - what bridge.c (the broker thread's side) and bridge_loop.c (the bridge
  * thread) share: the device and the bridge. Private to those two files. Threads, ownership and
  * the lock order: docs/DESIGN.md. Each field says who may touch it:

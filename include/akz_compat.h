@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_compat.h - what the plugin does differently inside a Mosquitto 2.1 broker, decided at run time. */
 #ifndef AKZ_COMPAT_H
 #define AKZ_COMPAT_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_config.h - the plugin's options (plugin_opt_* in mosquitto.conf), parsed and checked. */
 #ifndef AKZ_CONFIG_H
 #define AKZ_CONFIG_H

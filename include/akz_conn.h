@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_conn.h - the state machine of one device's akenza connection: one transition function and
  * no I/O, so that what happens in which state can be read in one place and tested without a
  * network (tests/unit/test_conn.c). The bridge thread (bridge_loop.c) feeds it events and

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_control.h - the $CONTROL/akenza/v1 API: manage devices and gateways of a running broker. */
 #ifndef AKZ_CONTROL_H
 #define AKZ_CONTROL_H

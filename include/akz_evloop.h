@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_evloop.h - an event loop: sockets (epoll), timers (a heap) and a wake-up from other
  * threads. Mechanism only: what the events mean belongs to the caller (bridge_loop.c). */
 #ifndef AKZ_EVLOOP_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_fds.h - the file descriptors the bridge needs: libmosquitto's unused socket pairs, and the
  * process's open-file limit. */
 #ifndef AKZ_FDS_H

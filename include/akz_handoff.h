@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_handoff.h - the one queue from the bridge's threads to the broker thread, which alone may
  * publish and log through Mosquitto: downlinks and delivery receipts, device statuses, log lines. */
 #ifndef AKZ_HANDOFF_H

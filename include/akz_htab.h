@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_htab.h - a hash table of string keys whose nodes are embedded in the caller's objects
  * (akz_container_of finds the object): devices in the bridge and in the spool. Not thread-safe:
  * the owner's lock guards it. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_jwt.h - minting akenza device JWTs (RS256 / ES256). */
 #ifndef AKZ_JWT_H
 #define AKZ_JWT_H

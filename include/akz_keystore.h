@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_keystore.h - device private keys: loading, checking, fingerprints (kid), generation. */
 #ifndef AKZ_KEYSTORE_H
 #define AKZ_KEYSTORE_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_keystore_int.h - what jwt.c needs of a key beyond the public key-store interface. */
 #ifndef AKZ_KEYSTORE_INT_H
 #define AKZ_KEYSTORE_INT_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_keythread.h - the one thread that works with keys held in a provider (a TPM). */
 #ifndef AKZ_KEYTHREAD_H
 #define AKZ_KEYTHREAD_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_mint.h - device tokens minted without blocking the caller: keys in a TPM sign on the key thread. */
 #ifndef AKZ_MINT_H
 #define AKZ_MINT_H

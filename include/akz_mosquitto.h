@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_mosquitto.h - Mosquitto's headers as 2.0 and 2.1 lay them out: include this, not theirs. */
 #ifndef AKZ_MOSQUITTO_H
 #define AKZ_MOSQUITTO_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_passwd.h - local password hashes in mosquitto_passwd's formats ($6$ and $7$, 2.0 and 2.1). */
 #ifndef AKZ_PASSWD_H
 #define AKZ_PASSWD_H

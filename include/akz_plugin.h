@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_plugin.h - the plugin instance: what the broker callbacks share. */
 #ifndef AKZ_PLUGIN_H
 #define AKZ_PLUGIN_H

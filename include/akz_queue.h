@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_queue.h - FIFO queues of messages: a device's pending uplinks, a spool backlog. */
 #ifndef AKZ_QUEUE_H
 #define AKZ_QUEUE_H

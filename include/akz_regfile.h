@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_regfile.h - the registry file as a JSON tree: read it, and replace it atomically. */
 #ifndef AKZ_REGFILE_H
 #define AKZ_REGFILE_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_registry.h - the device registry (devices.json): devices, gateways, their keys. */
 #ifndef AKZ_REGISTRY_H
 #define AKZ_REGISTRY_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_resolver.h - the upstream host's addresses, looked up off the bridge thread and kept. */
 #ifndef AKZ_RESOLVER_H
 #define AKZ_RESOLVER_H

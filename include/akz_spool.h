@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_spool.h - the durable uplink spool: what the edge acknowledged is on disk until akenza has it. */
 #ifndef AKZ_SPOOL_H
 #define AKZ_SPOOL_H

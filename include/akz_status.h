@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_status.h - the bridge's state, retained under $SYS/broker/akenza/. */
 #ifndef AKZ_STATUS_H
 #define AKZ_STATUS_H

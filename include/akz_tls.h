@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_tls.h - the one TLS client context every upstream connection shares. */
 #ifndef AKZ_TLS_H
 #define AKZ_TLS_H

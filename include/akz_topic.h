@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_topic.h - akenza topic names: /up/device/id/<id>[/...] and /down/device/id/<id>/... */
 #ifndef AKZ_TOPIC_H
 #define AKZ_TOPIC_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_tss2.h - the public half of a TPM key blob ("TSS2 PRIVATE KEY" PEM), read without the TPM. */
 #ifndef AKZ_TSS2_H
 #define AKZ_TSS2_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_util.h - small helpers every module shares. */
 #ifndef AKZ_UTIL_H
 #define AKZ_UTIL_H

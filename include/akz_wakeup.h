@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_wakeup.h - waking the broker thread out of its event-loop sleep, so that its TICK runs now. */
 #ifndef AKZ_WAKEUP_H
 #define AKZ_WAKEUP_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_window.h - one connection's uplinks handed to libmosquitto and waiting for akenza's PUBACK,
  * and what of a device's spooled uplinks the spool may forget. Bridge thread only. */
 #ifndef AKZ_WINDOW_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akz_x509.h - self-signed X.509 certificates of device keys (akenza's *_X509_PEM credentials). */
 #ifndef AKZ_X509_H
 #define AKZ_X509_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* acl.c - per-device topic rules: a device speaks only for itself, a gateway for its devices. */
 #include <string.h>
 #include "akz_mosquitto.h"

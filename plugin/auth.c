@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* auth.c - local username/password checks for registry users: a cache, brute-force brakes, a
  * budget for failed checks, equal timing whatever the username, client ids bound to identities. */
 #include <dlfcn.h>

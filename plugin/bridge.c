@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* bridge.c - the upstream side, as the broker thread sees it: uplinks in; downlinks, receipts,
  * statuses and log lines out; registry syncs; start and stop. The bridge thread, which owns
  * every upstream connection, is bridge_loop.c; the threads and their rules: docs/DESIGN.md. */

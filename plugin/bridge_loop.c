@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* bridge_loop.c - the bridge thread: every device's akenza connection on one event loop
  * (evloop.c). It alone drives the libmosquitto clients; for each device it feeds the connection
  * state machine (conn.c), carries out what it asks, and keeps the window of uplinks in flight

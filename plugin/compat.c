@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* compat.c - what the plugin does differently inside a Mosquitto 2.1 broker, decided at run time. */
 #include <dlfcn.h>
 #include <stdbool.h>

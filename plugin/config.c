@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* config.c - parsing and checking plugin_opt_* options. */
 #include <errno.h>
 #include <limits.h>

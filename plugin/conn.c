@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* conn.c - the state machine of one device's akenza connection (see akz_conn.h). */
 #include <stdint.h>
 #include <string.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* control.c - the $CONTROL/akenza/v1 API: device and gateway commands, applied live and saved
  * to the registry file atomically.
  *

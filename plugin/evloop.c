@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* evloop.c - an event loop: sockets (epoll), timers (a pairing heap) and a wake-up from other
  * threads. Mechanism only, in the manner of Redis's ae.c: the bridge's meaning is in its callers. */
 #include <errno.h>

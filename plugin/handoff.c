@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* handoff.c - the one queue from the bridge's threads to the broker thread. */
 #include <pthread.h>
 #include <stdarg.h>

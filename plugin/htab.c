@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* htab.c - a hash table of string keys with nodes embedded in the caller's objects. */
 #include <stdlib.h>
 #include <string.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* jwt.c - minting akenza device JWTs: header and claims as PyJWT writes them, RS256 or ES256. */
 #include <pthread.h>
 #include <stdarg.h>

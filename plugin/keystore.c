@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* keystore.c - device private keys: loading through OSSL_STORE, checks, kid, generation. */
 #include <errno.h>
 #include <fcntl.h>

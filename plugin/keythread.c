@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* keythread.c - the one thread that works with keys held in a provider (a TPM). */
 #include <errno.h>
 #include <pthread.h>

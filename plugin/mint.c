@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* mint.c - device tokens minted without blocking the caller: keys in a TPM sign on the key thread. */
 #include <stdbool.h>
 #include <stdlib.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* passwd.c - verifying and making password hashes in mosquitto_passwd's $6$ and $7$ formats. */
 #include <stdarg.h>
 #include <stdint.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* plugin.c - mosquitto_akenza entry points: options, callback wiring, reload. */
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* queue.c - FIFO queues of messages: a device's pending uplinks, a spool backlog. */
 #include <stdlib.h>
 #include <string.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* regfile.c - reading the registry as a JSON tree and replacing the file atomically. */
 #include <errno.h>
 #include <fcntl.h>

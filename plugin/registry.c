@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* registry.c - reading and checking the device registry (devices.json) and loading its keys. */
 #include <errno.h>
 #include <limits.h>

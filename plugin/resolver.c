@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* resolver.c - the upstream host's addresses, looked up off the bridge thread and kept. */
 #include <errno.h>
 #include <netdb.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* spool.c - the durable uplink spool: an append-only log of segment files with checksummed records.
  *
  * Layout: <dir>/<16 hex digits>.seg, oldest first. A segment starts with a 16-byte header

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* status.c - retained $SYS/broker/akenza/ status topics: JSON (cJSON) and one number per counter. */
 #include <inttypes.h>
 #include <stddef.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* tls.c - the shared, verifying TLS client context for upstream connections. */
 #include <pthread.h>
 #include <stdio.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* tlsio.c - the socket side of an upstream TLS connection: a loop turn's records leave in one
  * write(2), and a socket known to be empty is not read again until epoll says otherwise. */
 #include <errno.h>

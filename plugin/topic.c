@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* topic.c - recognising akenza device topics. */
 #include <string.h>
 #include "akz_topic.h"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* tss2.c - the public half of a TPM key blob ("TSS2 PRIVATE KEY" PEM), read without the TPM. */
 #include <stdint.h>
 #include <string.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* util.c - small helpers every module shares. */
 #include <arpa/inet.h>
 #include <signal.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* wakeup.c - waking the broker thread out of its event-loop sleep, so that its TICK runs now. */
 #include <errno.h>
 #include <pthread.h>

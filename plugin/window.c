@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* window.c - one connection's uplinks waiting for akenza's PUBACK, and the spool's bookkeeping. */
 #include <stdlib.h>
 #include "akz_window.h"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* x509.c - self-signed X.509 certificates of device keys, the credential form akenza calls
  * RSA256_X509_PEM / EC256_X509_PEM. */
 #include <stdio.h>

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """The akenza REST stand-in: the part of akenza's REST API that onboarding uses, as akenza's Java
 client (akenza-io/akenza-java-client) calls it, over HTTPS with the test's CA.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """The akenza stand-in: a real Mosquitto with a TLS listener and the JWT-verifying plugin
 (tests/standin/standin_auth.c), plus an observer client that sees what arrives upstream."""
 import shutil

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """Shared fixtures: free ports, a test PKI made with openssl, real Mosquitto brokers."""
 import functools
 import os

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """The container lane's engine and base image: a Docker engine to talk to (one that answers, else
 Debian's dockerd started here with its own data root, sockets and no networks of its own), and a
 debian:12-slim base image made with debootstrap and `docker import` when the engine has none (no

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """Test harness for the edge side: devices with real keys, a registry, an edge broker with the plugin,
 and paho clients for sensors. Used by the bridge tests, the demo and the benchmarks."""
 import json

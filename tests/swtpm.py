@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """A software TPM 2.0 (swtpm, the real TPM command set over a socket) for the tests and the benchmarks:
 its own state directory, free ports on 127.0.0.1, stopped by PID."""
 import os

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """The bridge end to end through real brokers: sensor -> edge (plugin) -> akenza stand-in and back."""
 import json
 import os

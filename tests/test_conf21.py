@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """conf/mosquitto-2.1.conf as shipped, in a Mosquitto 2.1 broker (AKZ_MOSQUITTO): devices through
 the plugin, every other local user through 2.1's password-file and acl-file plugins, no
 deprecated option, and the bridge to the akenza stand-in."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """The $CONTROL/akenza/v1 API against real brokers: every command, bad requests, concurrency,
 persistence, the broker's ACL as the gate, key rotation through the bridge, akenzactl, mosquitto_rr."""
 import hashlib

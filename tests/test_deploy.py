@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """Deployment files: the compose file validates, the Dockerfile copies only what exists, and the
 example configuration in conf/ starts a real broker as it is."""
 import re

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """The container image run as the README's "Docker and docker-compose" section tells a user, its
 commands taken from the README itself: built from docker/Dockerfile, configured from conf/, a key
 made by the image's akenzactl, config and keys owned by uid 1883, run with `docker run` and with

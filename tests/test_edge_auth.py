@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """The edge side against a real broker: registry, local passwords, per-device ACLs, reload, refusals."""
 import json
 import subprocess

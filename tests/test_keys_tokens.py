@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """Keys and tokens against independent verifiers: PyJWT, pycryptodome and akenza's reference client."""
 import base64
 import datetime

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """The summary counters as Prometheus sees them through sapcc/mosquitto-exporter: each counter on a
 $SYS topic of its own with a plain number, read with the exporter's own rule (main.go at
 e097dec: subscribe to $SYS/# at QoS 0; metric name = parseTopic(topic), value = parseValue(payload))."""

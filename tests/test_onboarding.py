@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """Onboarding a fleet: private-cloud audiences, self-signed certificates, and akenzactl akenza
 against the REST stand-in (tests/akenza_rest_standin.py), whose credentials the MQTT stand-in
 (tests/standin/) then trusts."""

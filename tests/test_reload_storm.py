@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """A reload storm: 100 SIGHUPs at ~20/s while 5 devices publish QoS 1 without pause, the stand-in
 up. Every uplink a sensor got a PUBACK for reaches akenza, in order per device; the broker stays
 up; and its resident memory after the storm is within a few MB of before (a reload that leaked a

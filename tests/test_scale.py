@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """Scale: 1,000 devices (AKZ_SCALE_DEVICES) bridged at once through a full token refresh cycle, the
 CI-sized version of the 10,000-device run (AKZ_SCALE_DEVICES=10000). Prints ramp, refresh spread,
 CPU, memory and file descriptors per device."""

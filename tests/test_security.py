@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """Claims of SECURITY.md that no other test proves: secrets never reach the broker log, devices
 cannot reach $CONTROL topics, the upstream TLS version is pinned (no fallback)."""
 import json

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """The durable spool through real brokers: outages, restarts, SIGKILL, full spools, torn and corrupt
 segments, TTL, receipts, and the size of the spool on disk under steady traffic."""
 import json

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """The akenza stand-in is faithful: akenza's reference client is accepted, every bad token refused."""
 import base64
 import html

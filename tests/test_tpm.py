@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """Device keys held in a TPM 2.0 (swtpm started by the tests, OpenSSL's tpm2 provider): kids and
 tokens that PyJWT and the akenza stand-in accept, generation inside the TPM (akenzactl and the
 control API), and the faults: TPM absent at start, gone, hanging, a key it no longer has."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """The plugin inside a real broker under valgrind memcheck (opt-in: AKZ_VALGRIND=1, which
 `make valgrind-integration` sets): start bridged to the stand-in with a spool, a few hundred
 uplinks and downlinks, a SIGHUP reload that adds, removes and disables devices, a clean SIGTERM

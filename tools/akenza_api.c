@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akenza_api.c - akenza's REST API over libcurl: one kept-alive connection, rate limits respected,
  * 429 and 5xx retried with bounded backoff, redirects followed only within the API's own origin. */
 #include <errno.h>

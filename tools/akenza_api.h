@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akenza_api.h - akenza's REST API (https://api.akenza.io) as akenzactl uses it: devices and their
  * credentials, over libcurl, with akenza's rate limits respected and throttled requests retried. */
 #ifndef AKENZA_API_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akenzactl.c - command-line tool for mosquitto-akenza: keys, tokens, passwords, registry checks,
  * the control API of a running broker, and akenza's REST API. */
 #include <stdarg.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akenzactl.h - the commands of akenzactl, one function each. */
 #ifndef AKENZACTL_H
 #define AKENZACTL_H

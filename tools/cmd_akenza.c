@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* cmd_akenza.c - akenzactl akenza register|prune|import: a fleet's keys onto akenza's REST API. */
 #include <errno.h>
 #include <fcntl.h>

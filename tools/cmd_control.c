@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* cmd_control.c - akenzactl device|gateway|status: the control API ($CONTROL/akenza/v1) of a
  * running broker, as mosquitto_ctrl dynsec is for dynamic-security. */
 #include <errno.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* cmd_import.c - akenzactl akenza import: a fleet from a CSV file (deviceId, username, password,
  * key type) into the registry file or a running broker, keys made, all rows or none. */
 #include <errno.h>

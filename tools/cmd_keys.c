@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* cmd_keys.c - akenzactl keygen, fingerprint and token. */
 #include <errno.h>
 #include <fcntl.h>

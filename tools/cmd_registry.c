@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* cmd_registry.c - akenzactl passwd and check-registry. */
 #include <errno.h>
 #include <getopt.h>

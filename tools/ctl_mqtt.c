@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* ctl_mqtt.c - akenzactl's request/response over MQTT: one control command, one answer. */
 #include <signal.h>
 #include <stdio.h>

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 """make run: the gateway's round trip on localhost, with real brokers, real TLS and a real key.
 
 A throwaway CA, a local akenza stand-in (Mosquitto with TLS and the JWT-verifying plugin from

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* fleet.h - devices and the keys akenza should hold for them, and registering them with akenza's
  * REST API (cmd_akenza.c); shared with the CSV import (cmd_import.c). */
 #ifndef FLEET_H

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 # fuzz.sh BUILD_DIR - for every libFuzzer target in BUILD_DIR: replays fuzz/regressions/<target>/*,
 # then fuzzes for FUZZ_SECONDS (default 12) from the seeds in fuzz/corpus/<target>/ plus what
 # earlier runs found (BUILD_DIR/corpus/<target>/). A crash, leak, timeout, out-of-memory or

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause
 # install-deps.sh - installs the Debian packages a part of the project needs, if missing.
 #   tools/install-deps.sh [GROUP...]   groups: build, unit, test, docker; none given: build unit test
 #   build   compile the plugin and akenzactl          unit    the cmocka unit tests

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* late_acks.c - LD_PRELOAD for the upstream broker of a benchmark: its acknowledgements arrive
  * as from a broker across a WAN, while the data path stays local.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* tcp_nodelay.c - LD_PRELOAD for a benchmark peer: TCP_NODELAY on every TCP socket it connects.
  *
  * Mosquitto 2.0's built-in bridge leaves Nagle's algorithm on (set_tcp_nodelay covers only the

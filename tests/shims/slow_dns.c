@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* slow_dns.c - an LD_PRELOAD shim for the tests: a slow or failing name server, in process.
  *
  * getaddrinfo() of a name (not of a numeric address, which needs no name server) sleeps

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* standin_auth.c - the akenza stand-in's auth plugin: checks device JWTs as akenza does (tests only). */
 #include <dirent.h>
 #include <stdbool.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* test_bridge_core.c - unit tests of the bridge's parts that need no network: the connection
  * state machine, the event loop's timers, sockets and wake-up, the uplink window, the hand-off
  * queue to the broker thread and the hash table. */

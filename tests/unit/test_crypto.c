@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* test_crypto.c - unit tests of the key store, JWT minting, password hashes and the registry. */
 #include <setjmp.h>
 #include <stdarg.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* test_keythread.c - unit tests of the key thread (jobs, timeouts, skipping, stopping) and of the
  * TSS2 blob reader (the public half of a TPM key without the TPM). */
 #include <pthread.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* test_plumbing.c - unit tests of the option parser, topic recognition, message queues, the
  * broker wake-up, the file-descriptor budget and the upstream socket filter. */
 #include <errno.h>

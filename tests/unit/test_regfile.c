@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* test_regfile.c - unit tests of the registry file edits the control API relies on: atomic
  * replacement, key store paths, id rules and pending keys (next_key). */
 #include <setjmp.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* test_spool.c - unit tests of the durable spool: append, settle, recovery, limits, reclaiming. */
 #include <dirent.h>
 #include <fcntl.h>
