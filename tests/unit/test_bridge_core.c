@@ -121,15 +121,19 @@ static void test_conn_refused_is_unauthorized(void **state)
 	assert_true(o.news);
 	assert_false(o.address_failed);          /* the address answered */
 	assert_in_range(c.due_ms - 100, AKZ_UNAUTH_MIN_MS / 2, AKZ_UNAUTH_MIN_MS);
-	/* refused again: no news; then a plain failure is news (backoff after unauthorized) */
-	step(&c, AKZ_CONN_TIMER, c.due_ms, 0, 0);
-	step(&c, AKZ_CONN_STARTED, c.due_ms, 0, 0);
-	o = step(&c, AKZ_CONN_CONNACK, c.due_ms, 4, 0);
+	/* refused again: no news; then a plain failure is news (backoff after unauthorized). The
+	 * TIMER parks due_ms at INT64_MAX while the slot is wanted: the attempt runs at t. */
+	int64_t t = c.due_ms;
+	step(&c, AKZ_CONN_TIMER, t, 0, 0);
+	assert_true(c.waiting_slot);
+	step(&c, AKZ_CONN_STARTED, t, 0, 0);
+	o = step(&c, AKZ_CONN_CONNACK, t, 4, 0);
 	assert_false(o.news);                    /* the same failure again */
 	assert_true(o.changed);                  /* CONNECTING -> UNAUTHORIZED */
-	step(&c, AKZ_CONN_TIMER, c.due_ms, 0, 0);
-	step(&c, AKZ_CONN_STARTED, c.due_ms, 0, 0);
-	o = step(&c, AKZ_CONN_CONNACK, c.due_ms, 3, 0);
+	t = c.due_ms;
+	step(&c, AKZ_CONN_TIMER, t, 0, 0);
+	step(&c, AKZ_CONN_STARTED, t, 0, 0);
+	o = step(&c, AKZ_CONN_CONNACK, t, 3, 0);
 	assert_int_equal(c.state, AKZ_CONN_BACKOFF);
 	assert_true(o.news);
 	/* a clock step lets it try at once */
@@ -229,9 +233,10 @@ static void test_conn_registry_changes(void **state)
 	step(&c, AKZ_CONN_TIMER, 30, 0, 0);
 	step(&c, AKZ_CONN_STARTED, 30, 0, 0);
 	step(&c, AKZ_CONN_LOST, 40, 0, 0);
-	step(&c, AKZ_CONN_TIMER, c.due_ms, 0, 0);
-	step(&c, AKZ_CONN_STARTED, c.due_ms, 0, 0);
-	step(&c, AKZ_CONN_LOST, c.due_ms, 0, 0);
+	int64_t t = c.due_ms;
+	step(&c, AKZ_CONN_TIMER, t, 0, 0);
+	step(&c, AKZ_CONN_STARTED, t, 0, 0);
+	step(&c, AKZ_CONN_LOST, t, 0, 0);
 	assert_int_equal(c.failures, 2);
 	o = step(&c, AKZ_CONN_RESTART, 50, 0, 0);
 	assert_true(o.changed);
