@@ -14,12 +14,12 @@
 #include "akz_mosquitto.h"
 #include "akz_auth.h"
 #include "akz_config.h"
+#include "akz_htab.h"
 #include "akz_passwd.h"
 #include "akz_registry.h"
 #include "akz_util.h"
 #include "akz_wakeup.h"
 
-#define NBUCKETS 4096
 #define MAX_ENTRIES 100000     /* bounds the memory an attacker can make us spend on names */
 #define FAIL_LIMIT 5           /* failures within FAIL_WINDOW_MS before a lockout */
 #define FAIL_WINDOW_MS 60000
@@ -59,9 +59,9 @@ struct bucket {
 };
 
 /* What is remembered about one username (K_USER), client address (K_ADDR) or bound client id
- * (K_CID), in one table keyed by (kind, name). */
+ * (K_CID), in the table of its kind keyed by name. */
 struct entry {
-	struct entry *next;
+	struct akz_htab_node node;
 	enum kind kind;
 	union {
 		struct {
@@ -85,7 +85,7 @@ struct entry {
 			struct entry *owner;             /* the K_USER entry of the identity */
 		} c;
 	};
-	char name[];
+	char *name;   /* its own allocation: the table keeps a pointer to it as the key */
 };
 
 /* Counts of the current report interval. */
@@ -101,8 +101,8 @@ struct offload;
 
 struct akz_auth {
 	unsigned char key[32];     /* random per process: a cached MAC is useless anywhere else */
-	struct entry *buckets[NBUCKETS];
-	size_t nentries;
+	struct akz_htab tab[K_CID + 1];   /* one per enum kind */
+	size_t nentries;           /* in all three */
 	struct bucket budget;
 	struct akz_pw dummy;       /* as costly as the registry's costliest hash; matches nothing */
 	int64_t check_us;          /* what a check takes here: a moving average of the last ones */
@@ -116,16 +116,6 @@ static int64_t burst_us(const struct akz_auth *a)
 {
 	int64_t b = BURST_CHECKS * a->check_us;
 	return b > BURST_MIN_US ? b : BURST_MIN_US;
-}
-
-static size_t bucket_of(enum kind kind, const char *s)
-{
-	size_t h = 1469598103934665603ULL ^ (size_t)kind;
-	while(*s){
-		h ^= (unsigned char)*s++;
-		h *= 1099511628211ULL;
-	}
-	return h % NBUCKETS;
 }
 
 static void refill(struct bucket *b, int64_t now_us, int64_t rate, int64_t burst)
@@ -335,20 +325,36 @@ struct akz_auth *akz_auth_new(void)
 
 static void free_entry(struct entry *e)
 {
+	if(e->name) OPENSSL_cleanse(e->name, strlen(e->name));
+	free(e->name);
 	OPENSSL_cleanse(e, sizeof(*e));
 	free(e);
 }
 
+/* The entry after e in its kind's table (or the first with e NULL), or NULL. */
+static struct entry *next_entry(const struct akz_auth *a, enum kind kind, const struct entry *e)
+{
+	const struct akz_htab *t = &a->tab[kind];
+	struct akz_htab_node *n = e ? akz_htab_next(t, &e->node) : akz_htab_first(t);
+	return n ? akz_container_of(n, struct entry, node) : NULL;
+}
+
+/* Unlinks e from its table and frees it. */
+static void remove_entry(struct akz_auth *a, struct entry *e)
+{
+	akz_htab_remove(&a->tab[e->kind], &e->node);
+	free_entry(e);
+	a->nentries--;
+}
+
 static void free_entries(struct akz_auth *a)
 {
-	for(size_t i = 0; i < NBUCKETS; i++){
-		struct entry *e = a->buckets[i];
-		while(e){
-			struct entry *next = e->next;
+	for(enum kind k = K_USER; k <= K_CID; k++){
+		for(struct entry *e = next_entry(a, k, NULL), *next; e; e = next){
+			next = next_entry(a, k, e);
 			free_entry(e);
-			e = next;
 		}
-		a->buckets[i] = NULL;
+		akz_htab_free(&a->tab[k]);
 	}
 	a->nentries = 0;
 }
@@ -360,19 +366,6 @@ void akz_auth_free(struct akz_auth *a)
 	free_entries(a);
 	OPENSSL_cleanse(a, sizeof(*a));
 	free(a);
-}
-
-/* Unlinks e from the table and frees it. */
-static void remove_entry(struct akz_auth *a, struct entry *e)
-{
-	for(struct entry **pp = &a->buckets[bucket_of(e->kind, e->name)]; *pp; pp = &(*pp)->next){
-		if(*pp == e){
-			*pp = e->next;
-			free_entry(e);
-			a->nentries--;
-			return;
-		}
-	}
 }
 
 /* Drops every client id the identity of user entry u holds. */
@@ -391,17 +384,14 @@ static bool is_registry_user(const struct akz_registry *reg, const char *usernam
 
 void akz_auth_sync(struct akz_auth *a, const struct akz_registry *reg)
 {
-	for(size_t i = 0; i < NBUCKETS; i++){
-		for(struct entry *e = a->buckets[i]; e; e = e->next){
-			if(e->kind != K_USER) continue;
-			/* A cached success stands: its MAC covers the stored hash, so a changed password
-			 * no longer matches it, and a disabled or removed user never reaches the cache.
-			 * A registry user's remembered refusals do not: its hash or state may have changed,
-			 * or the username is new to the registry. Other usernames keep theirs, so a change
-			 * does not make an admin's next login cost a check. */
-			if(is_registry_user(reg, e->name)) e->u.seen_until_ms = 0;
-			else release_cids(a, e);
-		}
+	for(struct entry *e = next_entry(a, K_USER, NULL); e; e = next_entry(a, K_USER, e)){
+		/* A cached success stands: its MAC covers the stored hash, so a changed password no
+		 * longer matches it, and a disabled or removed user never reaches the cache. A registry
+		 * user's remembered refusals do not: its hash or state may have changed, or the username
+		 * is new to the registry. Other usernames keep theirs, so a change does not make an
+		 * admin's next login cost a check. */
+		if(is_registry_user(reg, e->name)) e->u.seen_until_ms = 0;
+		else release_cids(a, e);
 	}
 	make_dummy(a, reg);
 }
@@ -426,26 +416,18 @@ static bool is_idle(const struct entry *e, int64_t now_ms, int64_t now_us, int64
 static void prune(struct akz_auth *a, int64_t now_ms)
 {
 	int64_t now_us = akz_mono_us();
-	for(size_t i = 0; i < NBUCKETS; i++){
-		for(struct entry **pp = &a->buckets[i]; *pp;){
-			struct entry *e = *pp;
-			if(is_idle(e, now_ms, now_us, burst_us(a))){
-				*pp = e->next;
-				free_entry(e);
-				a->nentries--;
-			}else{
-				pp = &e->next;
-			}
+	for(enum kind k = K_USER; k <= K_CID; k++){
+		for(struct entry *e = next_entry(a, k, NULL), *next; e; e = next){
+			next = next_entry(a, k, e);
+			if(is_idle(e, now_ms, now_us, burst_us(a))) remove_entry(a, e);
 		}
 	}
 }
 
 static struct entry *find_entry(const struct akz_auth *a, enum kind kind, const char *name)
 {
-	for(struct entry *e = a->buckets[bucket_of(kind, name)]; e; e = e->next){
-		if(e->kind == kind && strcmp(e->name, name) == 0) return e;
-	}
-	return NULL;
+	struct akz_htab_node *n = akz_htab_find(&a->tab[kind], name, strlen(name));
+	return n ? akz_container_of(n, struct entry, node) : NULL;
 }
 
 /* The entry of (kind, name), created if missing. NULL when out of memory or the table is full. */
@@ -455,15 +437,20 @@ static struct entry *entry_of(struct akz_auth *a, enum kind kind, const char *na
 	if(e) return e;
 	if(a->nentries >= MAX_ENTRIES) prune(a, now_ms);
 	if(a->nentries >= MAX_ENTRIES) return NULL;
-	size_t len = strlen(name);
-	e = calloc(1, sizeof(*e) + len + 1);
+	e = calloc(1, sizeof(*e));
 	if(e == NULL) return NULL;
+	size_t len = strlen(name);
 	e->kind = kind;
-	memcpy(e->name, name, len + 1);
+	e->name = strdup(name);
+	if(e->name == NULL){
+		free_entry(e);
+		return NULL;
+	}
 	if(kind == K_ADDR) e->a.budget = (struct bucket){.balance_us = burst_us(a), .at_us = akz_mono_us()};
-	size_t b = bucket_of(kind, name);
-	e->next = a->buckets[b];
-	a->buckets[b] = e;
+	if(akz_htab_insert(&a->tab[kind], &e->node, e->name, len)){
+		free_entry(e);
+		return NULL;
+	}
 	a->nentries++;
 	return e;
 }
@@ -513,9 +500,7 @@ static void report_if_due(struct akz_auth *a, int64_t now_ms)
 	}
 	memset(r, 0, sizeof(*r));
 	r->since_ms = now_ms;
-	for(size_t i = 0; i < NBUCKETS; i++){
-		for(struct entry *e = a->buckets[i]; e; e = e->next) if(e->kind == K_ADDR) e->a.refused = 0;
-	}
+	for(struct entry *e = next_entry(a, K_ADDR, NULL); e; e = next_entry(a, K_ADDR, e)) e->a.refused = 0;
 }
 
 /* Counts a failure; starts a lockout at the limit, each one twice as long as the last. */

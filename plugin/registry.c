@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <cJSON.h>
+#include "akz_htab.h"
 #include "akz_passwd.h"
 #include "akz_registry.h"
 #include "akz_util.h"
@@ -17,10 +18,10 @@
 #define ID_MAX 128
 #define USERNAME_MAX 256
 
-/* An open-addressing index from a name to a position in an array. */
+/* An index from a name to a position in an array: one hash table node per position. */
 struct index {
-	uint32_t *slots;   /* position + 1; 0 = empty */
-	size_t mask;
+	struct akz_htab tab;
+	struct akz_htab_node *nodes;   /* nodes[i] is position i's */
 };
 
 /* What a key file looked like when it was loaded: if nothing of it changed, a reload may take
@@ -73,16 +74,6 @@ static void problem(struct loader *ld, const char *fmt, ...)
 
 /* ---- index ---------------------------------------------------------------------------- */
 
-static size_t hash_str(const char *s)
-{
-	size_t h = 1469598103934665603ULL;
-	while(*s){
-		h ^= (unsigned char)*s++;
-		h *= 1099511628211ULL;
-	}
-	return h;
-}
-
 typedef const char *(*key_fn)(const struct akz_registry *reg, size_t i);
 
 static const char *device_id_at(const struct akz_registry *reg, size_t i) { return reg->devices[i].id; }
@@ -90,32 +81,31 @@ static const char *device_user_at(const struct akz_registry *reg, size_t i) { re
 static const char *gateway_user_at(const struct akz_registry *reg, size_t i) { return reg->gateways[i].username; }
 
 /* Finds name in idx. Returns the position, or SIZE_MAX. */
-static size_t index_find(const struct akz_registry *reg, const struct index *idx, key_fn key, const char *name)
+static size_t index_find(const struct index *idx, const char *name)
 {
-	if(idx->slots == NULL || name == NULL) return SIZE_MAX;
-	for(size_t h = hash_str(name) & idx->mask;; h = (h + 1) & idx->mask){
-		uint32_t s = idx->slots[h];
-		if(s == 0) return SIZE_MAX;
-		if(strcmp(key(reg, s - 1), name) == 0) return s - 1;
-	}
+	if(name == NULL) return SIZE_MAX;
+	const struct akz_htab_node *n = akz_htab_find(&idx->tab, name, strlen(name));
+	return n ? (size_t)(n - idx->nodes) : SIZE_MAX;
 }
 
 /* Builds idx over n entries (names already checked for duplicates; a duplicate would keep its
- * first position). Returns 0, or -1 when out of memory. */
+ * first position). Returns 0, or -1 when out of memory (index_free cleans up either way). */
 static int index_build(const struct akz_registry *reg, struct index *idx, key_fn key, size_t n)
 {
-	size_t size = 16;
-	while(size < n * 2) size *= 2;
-	idx->slots = calloc(size, sizeof(*idx->slots));
-	if(idx->slots == NULL) return -1;
-	idx->mask = size - 1;
+	idx->nodes = calloc(n ? n : 1, sizeof(*idx->nodes));
+	if(idx->nodes == NULL || akz_htab_reserve(&idx->tab, n)) return -1;
 	for(size_t i = 0; i < n; i++){
 		const char *name = key(reg, i);
-		size_t h = hash_str(name) & idx->mask;
-		while(idx->slots[h] != 0 && strcmp(key(reg, idx->slots[h] - 1), name) != 0) h = (h + 1) & idx->mask;
-		if(idx->slots[h] == 0) idx->slots[h] = (uint32_t)(i + 1);
+		/* Cannot fail: the table has room for n. */
+		if(index_find(idx, name) == SIZE_MAX) (void)akz_htab_insert(&idx->tab, &idx->nodes[i], name, strlen(name));
 	}
 	return 0;
+}
+
+static void index_free(struct index *idx)
+{
+	akz_htab_free(&idx->tab);
+	free(idx->nodes);
 }
 
 /* ---- field checks ---------------------------------------------------------------------- */
@@ -273,9 +263,9 @@ void akz_registry_free(struct akz_registry *reg)
 	free(reg->devices);
 	free(reg->stamps);
 	free(reg->gateways);
-	free(reg->by_id.slots);
-	free(reg->by_username.slots);
-	free(reg->gw_by_username.slots);
+	index_free(&reg->by_id);
+	index_free(&reg->by_username);
+	index_free(&reg->gw_by_username);
 	free(reg);
 }
 
@@ -294,7 +284,7 @@ static bool same_stamp(const struct stamp *a, const struct stamp *b)
 static struct akz_key *reusable_key(const struct akz_registry *prev, const char *id, const char *uri,
 		const struct stamp *st)
 {
-	size_t i = prev ? index_find(prev, &prev->by_id, device_id_at, id) : SIZE_MAX;
+	size_t i = prev ? index_find(&prev->by_id, id) : SIZE_MAX;
 	if(i == SIZE_MAX || prev->stamps == NULL) return NULL;
 	const struct akz_device *d = &prev->devices[i];
 	if(d->key && d->key_uri && strcmp(d->key_uri, uri) == 0 && same_stamp(&prev->stamps[2*i], st)) return d->key;
@@ -621,20 +611,20 @@ const struct akz_gateway *akz_registry_gateway_at(const struct akz_registry *reg
 
 const struct akz_device *akz_registry_find_device(const struct akz_registry *reg, const char *id)
 {
-	size_t i = reg ? index_find(reg, &reg->by_id, device_id_at, id) : SIZE_MAX;
+	size_t i = reg ? index_find(&reg->by_id, id) : SIZE_MAX;
 	return i == SIZE_MAX ? NULL : &reg->devices[i];
 }
 
 const struct akz_device *akz_registry_find_device_by_username(const struct akz_registry *reg,
 		const char *username)
 {
-	size_t i = reg ? index_find(reg, &reg->by_username, device_user_at, username) : SIZE_MAX;
+	size_t i = reg ? index_find(&reg->by_username, username) : SIZE_MAX;
 	return i == SIZE_MAX ? NULL : &reg->devices[i];
 }
 
 const struct akz_gateway *akz_registry_find_gateway(const struct akz_registry *reg, const char *username)
 {
-	size_t i = reg ? index_find(reg, &reg->gw_by_username, gateway_user_at, username) : SIZE_MAX;
+	size_t i = reg ? index_find(&reg->gw_by_username, username) : SIZE_MAX;
 	return i == SIZE_MAX ? NULL : &reg->gateways[i];
 }
 
