@@ -96,4 +96,10 @@ void akz_keythread_failed(void);
  * Forgets the settings. Never fails. */
 void akz_keythread_cleanup(void);
 
+/* OpenSSL's oldest (oldest: the cause, such as a provider's "cannot connect" before OpenSSL's
+ * "init fail") or newest (the tpm2 provider puts the TPM's answer in the detail of the last one)
+ * error of this thread's queue as "reason: detail" into buf, which it returns; "unknown error"
+ * when the queue is empty. Leaves the queue as it is. Never fails. */
+const char *akz_openssl_error(char *buf, size_t len, bool oldest);
+
 #endif

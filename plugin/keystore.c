@@ -369,12 +369,10 @@ void akz_keystore_cleanup(void)
 	pthread_mutex_unlock(&fast_lock);
 }
 
-static const char *openssl_reason(char *buf, size_t len);
-
 /* Keeps the reason of a failed OSSL_STORE_load: for a device URI it is what the device said. */
 static void store_error_text(char *buf, size_t len)
 {
-	if(ERR_peek_last_error()) openssl_reason(buf, len);
+	if(ERR_peek_last_error()) akz_openssl_error(buf, len, false);
 }
 
 /* Takes the private key out of a store in libctx (NULL: the default one): the file contents in
@@ -543,19 +541,6 @@ static bool held_in_device(EVP_PKEY *pkey, const char **name)
 	return true;
 }
 
-/* OpenSSL's newest error as "reason: detail" (the tpm2 provider puts the TPM's answer in the
- * detail), into buf; "unknown error" when there is none. Returns buf. */
-static const char *openssl_reason(char *buf, size_t len)
-{
-	const char *data = NULL;
-	int flags = 0;
-	unsigned long e = ERR_peek_last_error_data(&data, &flags);
-	const char *reason = e ? ERR_reason_error_string(e) : NULL;
-	bool detail = data && (flags & ERR_TXT_STRING) && data[0];
-	snprintf(buf, len, "%s%s%s", reason ? reason : "unknown error", detail ? ": " : "", detail ? data : "");
-	return buf;
-}
-
 /* Makes a held key from its public half (taken, also on failure), keeping a copy of blob (the
  * provider's PEM of the private half, or NULL) and of the passphrase file. Returns 0 with *out,
  * or -1 with a reason. */
@@ -620,7 +605,7 @@ static EVP_PKEY *load_held_private(const struct akz_key *k, OSSL_LIB_CTX *libctx
 	if(dctx == NULL || OSSL_DECODER_CTX_set_pem_password_cb(dctx, passphrase_cb, &ps) != 1
 			|| OSSL_DECODER_from_data(dctx, &data, &left) != 1 || pkey == NULL){
 		akz_set_err(err, errlen, "%s: the TPM cannot load the key: %s", k->uri,
-				ps.why[0] ? ps.why : openssl_reason(why, sizeof(why)));
+				ps.why[0] ? ps.why : akz_openssl_error(why, sizeof(why), false));
 		EVP_PKEY_free(pkey);
 		pkey = NULL;
 	}
@@ -772,7 +757,7 @@ static void run_sign(void *arg)
 		}
 		if(j->rc){
 			akz_set_err(j->err, sizeof(j->err), "%s: the TPM did not sign: %s", k->uri,
-					openssl_reason(why, sizeof(why)));
+					akz_openssl_error(why, sizeof(why), false));
 		}
 	}
 	EVP_PKEY_free(pub);
@@ -883,7 +868,7 @@ static void run_generate(void *arg)
 			|| EVP_PKEY_generate(gctx, &pkey) != 1){
 		akz_set_err(j->err, sizeof(j->err), "%s cannot generate the key: %s%s", j->store,
 				gctx ? "" : "no such provider loaded, or it makes no such keys: ",
-				openssl_reason(why, sizeof(why)));
+				akz_openssl_error(why, sizeof(why), false));
 		goto out;
 	}
 	char *data = NULL;
@@ -894,7 +879,7 @@ static void run_generate(void *arg)
 			|| (n = BIO_get_mem_data(bio, &data)) <= 0){
 		EVP_PKEY_free(pub);
 		akz_set_err(j->err, sizeof(j->err), "%s made the key but cannot export its blob: %s", j->store,
-				openssl_reason(why, sizeof(why)));
+				akz_openssl_error(why, sizeof(why), false));
 		goto out;
 	}
 	make_held(pub, "(generated)", j->store, data, (size_t)n, NULL, &j->key, j->err, sizeof(j->err));

@@ -292,18 +292,23 @@ static void free_libctx(void)
 	libctx = NULL;
 }
 
-/* The oldest OpenSSL error in the queue as "reason: detail", the cause (a provider's "cannot
- * connect" comes before OpenSSL's "init fail"); "" when there is none. */
-static const char *last_error_text(char *buf, size_t len)
+const char *akz_openssl_error(char *buf, size_t len, bool oldest)
 {
 	const char *data = NULL;
 	int flags = 0;
-	unsigned long e = ERR_peek_error_data(&data, &flags);
-	const char *reason = e ? ERR_reason_error_string(e) : NULL;
+	unsigned long e = oldest ? ERR_peek_error_data(&data, &flags) : ERR_peek_last_error_data(&data, &flags);
+	if(e == 0){
+		snprintf(buf, len, "unknown error");
+		return buf;
+	}
+	char code[128];
+	const char *reason = ERR_reason_error_string(e);
+	if(reason == NULL){
+		ERR_error_string_n(e, code, sizeof(code));
+		reason = code;
+	}
 	bool detail = data && (flags & ERR_TXT_STRING) && data[0];
-	buf[0] = '\0';
-	if(e && reason) snprintf(buf, len, "%s%s%s", reason, detail ? ": " : "", detail ? data : "");
-	else if(e) ERR_error_string_n(e, buf, len);
+	snprintf(buf, len, "%s%s%s", reason, detail ? ": " : "", detail ? data : "");
 	return buf;
 }
 
@@ -318,7 +323,7 @@ static int load_libctx(const char *providers, const char *conf, char *err, size_
 	}
 	ERR_clear_error();
 	if(conf && OSSL_LIB_CTX_load_config(libctx, conf) != 1){
-		akz_set_err(err, errlen, "OpenSSL configuration %s: %s", conf, last_error_text(why, sizeof(why)));
+		akz_set_err(err, errlen, "OpenSSL configuration %s: %s", conf, akz_openssl_error(why, sizeof(why), true));
 		free_libctx();
 		return -1;
 	}
@@ -330,7 +335,7 @@ static int load_libctx(const char *providers, const char *conf, char *err, size_
 		if(prov == NULL){
 			akz_set_err(err, errlen, "cannot load OpenSSL provider %s (a device's provider starts only "
 					"with its device reachable and open to this user): %s", name,
-					nprovs < PROVIDERS_MAX ? last_error_text(why, sizeof(why)) : "too many providers");
+					nprovs < PROVIDERS_MAX ? akz_openssl_error(why, sizeof(why), true) : "too many providers");
 			free_libctx();
 			return -1;
 		}
@@ -345,9 +350,9 @@ static int check_available(const char *need, char *err, size_t errlen)
 {
 	if(need == NULL || OSSL_PROVIDER_available(libctx, need)) return 0;
 	char why[256];
+	bool known = ERR_peek_error() != 0;
 	akz_set_err(err, errlen, "the OpenSSL provider %s is not loaded (plugin_opt_providers, akenzactl "
-			"--providers)%s%s", need,
-			ERR_peek_error() ? ": " : "", last_error_text(why, sizeof(why)));
+			"--providers)%s%s", need, known ? ": " : "", known ? akz_openssl_error(why, sizeof(why), true) : "");
 	return -1;
 }
 

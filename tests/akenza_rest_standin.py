@@ -410,13 +410,8 @@ class RestStandin:
                 for l in self.log_file.read_text().splitlines()]
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        from conftest import stop_process   # the suite's helper; the stand-in itself runs without it
+        stop_process(self.proc)
         self.out.close()
 
 

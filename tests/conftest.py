@@ -100,6 +100,19 @@ def rss_kb(pid):
     return 0
 
 
+def stop_process(proc, timeout=10.0):
+    """Ends proc, a process the suite started: SIGTERM, then SIGKILL if it is still there after
+    timeout seconds. Does nothing to one that has exited."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
     """Polls pred() until it returns a true value (returned) or the timeout passes (AssertionError)."""
     deadline = time.monotonic() + timeout
@@ -233,13 +246,7 @@ class Broker:
             self.proc.wait(10)
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, self.stop_timeout)
         if getattr(self, "stdout", None):
             self.stdout.close()
             self.stdout = None

@@ -7,7 +7,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from conftest import AKENZACTL, free_port, run, wait_for
+from conftest import AKENZACTL, free_port, run, stop_process, wait_for
 
 
 def free_port_pair():
@@ -72,13 +72,8 @@ class Swtpm:
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            self.proc.send_signal(signal.SIGCONT)   # a paused TPM would not hear SIGTERM
+            stop_process(self.proc)
         if self.log:
             self.log.close()
             self.log = None

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: EPL-2.0 OR BSD-3-Clause */
 /* akenzactl.c - command-line tool for mosquitto-akenza: keys, tokens, passwords, registry checks,
  * the control API of a running broker, and akenza's REST API. */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +34,19 @@ void ctl_error(const char *fmt, ...)
 	vfprintf(stderr, fmt, ap);
 	va_end(ap);
 	fputc('\n', stderr);
+}
+
+int ctl_parse_long(const char *what, const char *s, long lo, long hi, long *out)
+{
+	char *end;
+	errno = 0;
+	long v = strtol(s, &end, 10);
+	if(errno || end == s || *end || v < lo || v > hi){
+		ctl_error("%s: '%s' is not a whole number from %ld to %ld", what, s, lo, hi);
+		return -1;
+	}
+	*out = v;
+	return 0;
 }
 
 bool ctl_wants_help(int argc, char **argv)

@@ -116,6 +116,10 @@ int ctl_read_secret(const char *prompt, char *buf, size_t size);
 /* Prints "akenzactl: <message>" on stderr. */
 void ctl_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* Parses s as a whole number in [lo, hi] into *out. Returns 0, or -1 after printing why, naming
+ * the option what. */
+int ctl_parse_long(const char *what, const char *s, long lo, long hi, long *out);
+
 /* True if argv holds -h or --help (before any "--"). */
 bool ctl_wants_help(int argc, char **argv);
 

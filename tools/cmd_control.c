@@ -164,19 +164,6 @@ static void print_group_help(FILE *out, const char *group, const struct sub *sub
 	fputs(conn_help, out);
 }
 
-static int parse_int(const char *what, const char *s, long lo, long hi, long *out)
-{
-	char *end;
-	errno = 0;
-	long v = strtol(s, &end, 10);
-	if(errno || end == s || *end || v < lo || v > hi){
-		ctl_error("%s: '%s' is not a number from %ld to %ld", what, s, lo, hi);
-		return -1;
-	}
-	*out = v;
-	return 0;
-}
-
 /* Parses options (argv[0] is the subcommand) and the positional argument. Returns 0, 1 for
  * --help (printed), or 2 after a usage error (printed). */
 static int parse_args(int argc, char **argv, const char *group, const struct sub *s, struct args *a,
@@ -192,13 +179,13 @@ static int parse_args(int argc, char **argv, const char *group, const struct sub
 		switch(c){
 		case 'h': a->conn.host = optarg; break;
 		case 'p':
-			if(parse_int("-p", optarg, 1, 65535, &v)) return 2;
+			if(ctl_parse_long("-p", optarg, 1, 65535, &v)) return 2;
 			a->conn.port = (int)v;
 			break;
 		case 'u': a->conn.user = optarg; break;
 		case 'P': a->conn.password = optarg; break;
 		case 'W':
-			if(parse_int("-W", optarg, 1, 3600, &v)) return 2;
+			if(ctl_parse_long("-W", optarg, 1, 3600, &v)) return 2;
 			a->conn.timeout_s = (int)v;
 			break;
 		case L_ADMIN_PW_FILE: a->admin_pw_file = optarg; break;
@@ -210,7 +197,7 @@ static int parse_args(int argc, char **argv, const char *group, const struct sub
 		case L_PASSWORD: a->password = optarg; flag = O_PASSWORD; break;
 		case L_TYPE: a->type = optarg; flag = O_TYPE; break;
 		case L_BITS:
-			if(parse_int("--bits", optarg, 2048, 4096, &a->bits)) return 2;
+			if(ctl_parse_long("--bits", optarg, 2048, 4096, &a->bits)) return 2;
 			flag = O_BITS;
 			break;
 		case L_KEYURI: a->keyuri = optarg; flag = O_KEYURI; break;

@@ -587,20 +587,6 @@ static const char import_help[] =
 	"nothing imported. --register then registers the new devices with akenza (akenza register).\n"
 	"The file holds passwords: keep it as private as the registry.\n";
 
-/* Parses a whole number in [lo, hi]. Returns 0, or -1 after printing why. */
-static int parse_num(const char *what, const char *s, long lo, long hi, long *out)
-{
-	char *end;
-	errno = 0;
-	long v = strtol(s, &end, 10);
-	if(errno || end == s || *end || v < lo || v > hi){
-		ctl_error("%s: '%s' is not a number from %ld to %ld", what, s, lo, hi);
-		return -1;
-	}
-	*out = v;
-	return 0;
-}
-
 int cmd_import(int argc, char **argv)
 {
 	static const struct option lo[] = {
@@ -633,19 +619,19 @@ int cmd_import(int argc, char **argv)
 		case I_KEYSTORE: keystore = optarg; break;
 		case I_BROKER: broker = true; break;
 		case I_ITERATIONS:
-			if(parse_num("--iterations", optarg, 1000, AKZ_PW_ITERATIONS_MAX, &iterations)) return 2;
+			if(ctl_parse_long("--iterations", optarg, 1000, AKZ_PW_ITERATIONS_MAX, &iterations)) return 2;
 			break;
 		case I_DAYS:
-			if(parse_num("--days", optarg, 1, AKZ_X509_DAYS_MAX, &v)) return 2;
+			if(ctl_parse_long("--days", optarg, 1, AKZ_X509_DAYS_MAX, &v)) return 2;
 			o.days = (int)v;
 			break;
 		case 'p':
-			if(parse_num("-p", optarg, 1, 65535, &v)) return 2;
+			if(ctl_parse_long("-p", optarg, 1, 65535, &v)) return 2;
 			conn.port = (int)v;
 			conn_given = true;
 			break;
 		case 'W':
-			if(parse_num("-W", optarg, 1, 3600, &v)) return 2;
+			if(ctl_parse_long("-W", optarg, 1, 3600, &v)) return 2;
 			conn.timeout_s = (int)v;
 			conn_given = true;
 			break;

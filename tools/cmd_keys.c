@@ -17,20 +17,6 @@
 
 enum { OPT_LIFETIME = CTL_OPT_FIRST_FREE, OPT_AUDIENCE, OPT_CERT, OPT_DAYS };
 
-/* Parses a whole number in [lo, hi]. Returns 0, or -1 after printing why. */
-static int parse_long(const char *what, const char *s, long lo, long hi, long *out)
-{
-	char *end;
-	errno = 0;
-	long v = strtol(s, &end, 10);
-	if(errno || end == s || *end || v < lo || v > hi){
-		ctl_error("%s: '%s' is not a whole number from %ld to %ld", what, s, lo, hi);
-		return -1;
-	}
-	*out = v;
-	return 0;
-}
-
 /* Refuses device ids that would escape DIR when used as a file name. */
 static int check_id_as_filename(const char *id)
 {
@@ -91,12 +77,12 @@ int cmd_keygen(int argc, char **argv)
 		switch(c){
 		case 'd': id = optarg; break;
 		case 't': type = optarg; break;
-		case 'b': if(parse_long("--bits", optarg, 2048, 4096, &bits)) return 2; break;
+		case 'b': if(ctl_parse_long("--bits", optarg, 2048, 4096, &bits)) return 2; break;
 		case 'o': dir = optarg; break;
 		case 's': store = optarg; break;
 		case OPT_CERT: cert = true; break;
 		case OPT_DAYS:
-			if(parse_long("--days", optarg, 1, AKZ_X509_DAYS_MAX, &days)) return 2;
+			if(ctl_parse_long("--days", optarg, 1, AKZ_X509_DAYS_MAX, &days)) return 2;
 			days_given = true;
 			break;
 		case 'h': fputs(help, stdout); return 0;
@@ -233,7 +219,7 @@ int cmd_token(int argc, char **argv)
 		case 'd': id = optarg; break;
 		case 'k': keyfile = optarg; break;
 		case OPT_LIFETIME:
-			if(parse_long("--lifetime", optarg, AKZ_JWT_LIFETIME_MIN, AKZ_JWT_LIFETIME_MAX, &lifetime)) return 2;
+			if(ctl_parse_long("--lifetime", optarg, AKZ_JWT_LIFETIME_MIN, AKZ_JWT_LIFETIME_MAX, &lifetime)) return 2;
 			break;
 		case OPT_AUDIENCE: {
 			const char *why = akz_jwt_bad_audience(optarg);
