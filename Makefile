@@ -191,7 +191,7 @@ run: deps all $(BUILD)/standin_auth.so
 	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) tools/demo.py
 
 bench: deps all $(BENCH_BIN) $(BENCH_SHIM_SO)
-	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) bench/run.py
+	AKZ_BUILD=$(abspath $(BUILD)) $(PYTHON) bench/run.py $(BENCH_SECTIONS)
 
 lint:
 	clang-tidy --quiet $(PLUGIN_SRC) $(TOOL_SRC) $(STANDIN_SRC) $(SHIM_SRC) $(FUZZ_SRC) $(BENCH_SRC) $(BENCH_SHIM_SRC) -- -std=c11 -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS)
