@@ -500,6 +500,21 @@ def cpu_ns(pid):
     return total
 
 
+def sched_counts(pid):
+    """(user s, system s, voluntary context switches) of a process summed over its threads: the
+    switches count how often a thread went to sleep waiting for something, i.e. its wake-ups."""
+    st = (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]).split()
+    tick = os.sysconf("SC_CLK_TCK")
+    switches = 0
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            m = re.search(r"^voluntary_ctxt_switches:\s+(\d+)", (t / "status").read_text(), re.M)
+            switches += int(m.group(1))
+        except (OSError, AttributeError):
+            pass   # a thread that ended meanwhile
+    return int(st[11]) / tick, int(st[12]) / tick, switches
+
+
 def bench_light():
     """CPU at the load a gateway mostly sees: a steady trickle of uplinks, and no uplinks at all."""
     global RIG
@@ -515,18 +530,28 @@ def bench_light():
     builtin = RIG.builtin()
     time.sleep(1)
     per = {"builtin": [], "ours": []}
+    split = {"builtin": [0.0, 0.0, 0, 0], "ours": [0.0, 0.0, 0, 0]}   # user s, system s, wake-ups, uplinks
     lost = 0
     for _ in range(rounds):
         for name, tgt, user in (("builtin", builtin, False), ("ours", ours, True)):
-            c0 = cpu_ns(tgt.proc.pid)
+            c0, s0 = cpu_ns(tgt.proc.pid), sched_counts(tgt.proc.pid)
             r = relay(None, tgt.port, 1, n, msgs, rate=rate, user=user)
-            per[name].append((cpu_ns(tgt.proc.pid) - c0) / 1000 / max(r["received"], 1))
+            c1, s1 = cpu_ns(tgt.proc.pid), sched_counts(tgt.proc.pid)
+            per[name].append((c1 - c0) / 1000 / max(r["received"], 1))
+            for i in range(3):
+                split[name][i] += s1[i] - s0[i]
+            split[name][3] += r["received"]
             lost += r["lost"]
     med = {k: sorted(v)[len(v) // 2] for k, v in per.items()}
     for name, label in (("builtin", "Mosquitto built-in bridge"), ("ours", "mosquitto_akenza")):
         v = sorted(per[name])
         row(f"edge CPU per uplink: {label}", med[name], f"us [{v[0]:.1f}-{v[-1]:.1f}]",
             "built-in" if name == "ours" else None, med["builtin"] if name == "ours" else None)
+    for name, label in (("builtin", "built-in"), ("ours", "ours")):
+        u, k, w, count = split[name]
+        count = max(count, 1)
+        row(f"  {label}: user / system CPU per uplink (us)", u * 1e6 / count, f"/ {k * 1e6 / count:.1f} us")
+        row(f"  {label}: thread wake-ups per uplink", w / count, "")
     row("lost, both bridges, all rounds", lost, "msgs")
     stop_all()
     idle_n, idle_s = 1000, int(os.environ.get("BENCH_IDLE_SECONDS", "20"))
