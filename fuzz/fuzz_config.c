@@ -19,6 +19,13 @@ static void count_report(void *ctx, const char *msg)
 	(*n)++;
 }
 
+/* Notices (options that no longer do anything) are not problems: checked for a text only. */
+static void count_notice(void *ctx, const char *msg)
+{
+	(void)ctx;
+	if(msg == NULL || strstr(msg, "no longer used") == NULL) abort();
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	char *buf = malloc(size + 1);
@@ -38,7 +45,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	struct akz_config cfg;
 	int reports = 0;
-	int rc = akz_config_parse(&cfg, opts, count, count_report, &reports);
+	int rc = akz_config_parse(&cfg, opts, count, count_report, count_notice, &reports);
 	if(rc == 0){
 		/* Success: the required option is there, reported nothing, and the defaults are filled. */
 		if(reports != 0 || cfg.devices_path == NULL || cfg.upstream_host == NULL) abort();

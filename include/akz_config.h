@@ -52,9 +52,10 @@ struct mosquitto_opt;
 
 /* Fills cfg from the broker's option list, applying defaults. Unknown options and malformed
  * values are errors. Returns 0, or -1 after calling report(ctx, msg) once for every problem
- * (msg names the option and the reason). cfg is freed on failure. */
+ * (msg names the option and the reason). cfg is freed on failure. Options of earlier versions
+ * that no longer do anything are not errors: notice(ctx, msg) names each (notice may be NULL). */
 int akz_config_parse(struct akz_config *cfg, const struct mosquitto_opt *opts, int count,
-		void (*report)(void *ctx, const char *msg), void *ctx);
+		void (*report)(void *ctx, const char *msg), void (*notice)(void *ctx, const char *msg), void *ctx);
 
 /* Frees what cfg owns and zeroes it. */
 void akz_config_free(struct akz_config *cfg);

@@ -165,7 +165,7 @@ void akz_config_free(struct akz_config *cfg)
 }
 
 int akz_config_parse(struct akz_config *cfg, const struct mosquitto_opt *opts, int count,
-		report_fn report, void *ctx)
+		report_fn report, report_fn notice, void *ctx)
 {
 	int bad = 0;
 
@@ -176,7 +176,7 @@ int akz_config_parse(struct akz_config *cfg, const struct mosquitto_opt *opts, i
 	for(int i = 0; i < count; i++){
 		const struct opt_spec *spec = find_spec(opts[i].key);
 		if(spec == NULL && is_retired(opts[i].key)){
-			reportf(report, ctx, "plugin_opt_%s: no longer used, ignored: remove the line", opts[i].key);
+			reportf(notice, ctx, "plugin_opt_%s: no longer used, ignored: remove the line", opts[i].key);
 			continue;
 		}
 		if(spec == NULL){

@@ -276,7 +276,7 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 	mosquitto_log_printf(MOSQ_LOG_INFO, "akenza: mosquitto_akenza %s (broker API %s, libmosquitto %d, %s)",
 			AKZ_VERSION, akz_broker_is_21() ? "2.1" : "2.0", mosquitto_lib_version(NULL, NULL, NULL),
 			OpenSSL_version(OPENSSL_VERSION));
-	if(akz_config_parse(&p->cfg, options, option_count, log_problem, NULL)){
+	if(akz_config_parse(&p->cfg, options, option_count, log_problem, log_warning, NULL)){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "akenza: refusing to start: fix the plugin_opt_ lines above");
 		free(p);
 		return MOSQ_ERR_INVAL;

@@ -192,7 +192,7 @@ def uplink_flows(edge, obs, dev, payload):
 def test_tpm_faults(brokers, tmp_path, standin, pki, tpm):
     """Absent at start, killed and restarted, hanging, a key it no longer has: each fault names the
     device and the key, leaves the other devices alone, and the device is retried and recovers."""
-    edge = tpm_edge(brokers, tmp_path, standin, pki, tpm, {"key_timeout": "4", "uplink_direct": "false"})
+    edge = tpm_edge(brokers, tmp_path, standin, pki, tpm, {"key_timeout": "4"})
     add_tpm_device(edge, standin, tpm, "tpm-a")
     uri = tpm.persistent_key("0x81000002")
     edge.devices.append({"id": "tpm-h", "password": password_hash("pw-x"), "enabled": True, "key": uri})
@@ -240,9 +240,9 @@ def test_tpm_faults(brokers, tmp_path, standin, pki, tpm):
             t0 = time.monotonic()
             assert c.ok("getStatus") is not None
             assert time.monotonic() - t0 < 1.5, "the broker thread waited on the TPM"
-            # The bridge thread relays for the other devices (uplink_direct off: every uplink goes
-            # through it) while the key thread waits (up to key_timeout, 4 s): the uplink is
-            # through before the TPM device gives up.
+            # The bridge thread, which sends every uplink, relays for the other devices while the
+            # key thread waits (up to key_timeout, 4 s): the uplink is through before the TPM
+            # device gives up.
             uplink_flows(edge, obs, "file-a", b"while the TPM hangs")
             assert edge.status(admin, "tpm-a")["state"] == "connecting"
             device_error(edge, admin, "tpm-a", "no answer from the key's device")
