@@ -803,7 +803,8 @@ def bench_auth():
     acl.write_text("user admin\ntopic readwrite bench/#\n")
     conf = (f"listener PORT 127.0.0.1\nallow_anonymous false\npassword_file {pwfile}\nacl_file {acl}\n"
             f"plugin {BUILD / 'mosquitto_akenza.so'}\nplugin_opt_devices {reg}\nplugin_opt_keystore {keys}\n"
-            "plugin_opt_bridge false\n")
+            "plugin_opt_bridge false\n"
+            + ("plugin_opt_auth_thread true\n" if os.environ.get("BENCH_AUTH_THREAD") else ""))
     seconds = float(os.environ.get("BENCH_FLOOD_SECONDS", "10"))
     users = [f"u{i:02d}" for i in range(n_users)]
     b = broker(conf, "auth-idle")

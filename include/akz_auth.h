@@ -16,8 +16,9 @@ struct mosquitto_evt_acl_check;
  * address), and which registry identity each client id is bound to. Broker thread only. */
 struct akz_auth;
 
-/* Returns a new state, or NULL when out of memory. */
-struct akz_auth *akz_auth_new(void);
+/* Returns a new state, or NULL when out of memory. With off_thread, and where the broker can
+ * answer a login later (Mosquitto 2.1), registry users' checks run on a thread of their own. */
+struct akz_auth *akz_auth_new(bool off_thread);
 void akz_auth_free(struct akz_auth *auth);
 
 /* Puts reg in force for authentication (at start, and after every reload or control API change):

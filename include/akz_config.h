@@ -13,6 +13,7 @@ struct akz_config {
 	char *key_passphrase_file;   /* plugin_opt_key_passphrase_file */
 	bool allow_readable_keys;    /* plugin_opt_allow_readable_keys */
 	int auth_cache_seconds;      /* plugin_opt_auth_cache_seconds (default 300, 0 = off) */
+	bool auth_thread;            /* plugin_opt_auth_thread: 2.1's delayed logins for registry users (default false) */
 	char *providers;             /* plugin_opt_providers: OpenSSL providers for keys in a device ("default,tpm2") */
 	char *openssl_conf;          /* plugin_opt_openssl_conf: OpenSSL configuration file for them */
 	int key_timeout;             /* plugin_opt_key_timeout: seconds to wait for a key's device (default 30) */

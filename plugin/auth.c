@@ -307,7 +307,7 @@ static void offload_stop(struct offload *off)
 	free(off);
 }
 
-struct akz_auth *akz_auth_new(void)
+struct akz_auth *akz_auth_new(bool off_thread)
 {
 	struct akz_auth *a = calloc(1, sizeof(*a));
 	if(a && RAND_bytes(a->key, sizeof(a->key)) != 1){
@@ -318,7 +318,7 @@ struct akz_auth *akz_auth_new(void)
 		a->budget = (struct bucket){.balance_us = BURST_MIN_US, .at_us = akz_mono_us()};
 		a->rep.since_ms = akz_mono_ms();
 		make_dummy(a, NULL);
-		a->off = offload_start();
+		a->off = off_thread ? offload_start() : NULL;
 	}
 	return a;
 }

@@ -32,6 +32,7 @@ static const struct opt_spec specs[] = {
 	{"key_passphrase_file", OPT_STRING, OFF(key_passphrase_file), NULL, 0, 0},
 	{"allow_readable_keys", OPT_BOOL, OFF(allow_readable_keys), "false", 0, 0},
 	{"auth_cache_seconds", OPT_INT, OFF(auth_cache_seconds), "300", 0, 86400},
+	{"auth_thread", OPT_BOOL, OFF(auth_thread), "false", 0, 0},
 	{"providers", OPT_STRING, OFF(providers), NULL, 0, 0},
 	{"openssl_conf", OPT_STRING, OFF(openssl_conf), NULL, 0, 0},
 	{"key_timeout", OPT_INT, OFF(key_timeout), "30", 1, 600},

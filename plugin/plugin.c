@@ -281,7 +281,7 @@ AKZ_EXPORT int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **u
 		free(p);
 		return MOSQ_ERR_INVAL;
 	}
-	p->auth = akz_auth_new();
+	p->auth = akz_auth_new(p->cfg.auth_thread);
 	if(p->auth == NULL) goto nomem;
 	if(configure_key_providers(&p->cfg)){
 		destroy(p);
