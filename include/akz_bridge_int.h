@@ -75,11 +75,10 @@ struct dev {
 	int zombie_fd;               /* a socket given up on that libmosquitto has yet to close */
 	bool disconnect_seen;        /* on_disconnect ran during the last libmosquitto call */
 	bool out_blocked;            /* the socket did not take all of the write buffer */
-	bool in_flush, in_reread, in_slot_queue, in_deferred;
+	bool in_flush, in_reread, in_slot_queue;
 	struct dev *flush_next;      /* on b->flush: wrote this turn, the buffer goes out at its end */
 	struct dev *reread_next;     /* on b->reread: OpenSSL holds input epoll cannot see */
 	struct dev *slot_next;       /* on b->slot_queue: waits for a connect slot */
-	struct dev *deferred_next;   /* on b->deferred: input not watched until the next loop turn */
 	int acked;                   /* PUBACKs taken by the last read, not yet counted */
 	int64_t out_ms;              /* when the connection last wrote (libmosquitto's keepalive) */
 	int64_t acked_ms;            /* the last PUBACK, or when the window last went from empty to not */
@@ -107,6 +106,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	bool receipts;
 	char *receipts_prefix;
 	int status_interval_ms;
+	int light_pause_ms;          /* plugin_opt_light_pause_ms (0: never pause) */
 	SSL_CTX *ssl_ctx;
 	bool tlsio_ready;            /* akz_tlsio_init succeeded: cleanup is due */
 	struct akz_resolver *resolver;      /* thread-safe */
@@ -136,8 +136,7 @@ struct akz_bridge { /* NOLINT(clang-analyzer-optin.performance.Padding) */
 	size_t nstate[AKZ_CONN_NSTATES];   /* devices in each state */
 	struct dev *flush;           /* devices that wrote this loop turn */
 	struct dev *reread;          /* devices with input left in OpenSSL */
-	struct dev *deferred;        /* devices whose input waits for the next loop turn */
-	struct akz_ev_timer ack_timer;      /* ends the wait for that turn */
+	size_t turn_sent;            /* uplinks handed to libmosquitto this loop turn */
 	struct dev *slot_queue, **slot_tail;   /* devices waiting for a connect slot, first come first */
 	bool slots_changed;          /* a slot may be free: look at slot_queue before sleeping */
 	struct akz_ev_timer slot_timer;     /* when the rate or the name lookup may let one through */

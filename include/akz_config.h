@@ -47,6 +47,7 @@ struct akz_config {
 	char *receipts_prefix;       /* plugin_opt_receipts_topic: prefix, the device id follows (default akenza/receipts/) */
 	char *downlink_wakeup;       /* plugin_opt_downlink_wakeup: signal (default) or tick */
 	int status_interval_ms;      /* plugin_opt_status_interval: min ms between status publishes (default 1000) */
+	int light_pause_ms;          /* plugin_opt_light_pause_ms: the bridge thread's pause after a light turn (default 5) */
 };
 
 struct mosquitto_opt;

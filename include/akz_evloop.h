@@ -29,17 +29,25 @@ struct akz_ev_timer {
 	bool armed;
 };
 
+/* How the loop waits at the end of a turn: before_sleep's answer. */
+enum akz_ev_wait {
+	AKZ_EV_WATCH,                /* until a socket event, the first timer or a wake-up */
+	AKZ_EV_POLL,                 /* not at all: work is left that must not wait for an event */
+	AKZ_EV_PAUSE,                /* pause_ms (less if a timer is due sooner) without looking:
+	                              * what came in meanwhile is then taken in one turn, and wakers
+	                              * write nothing (the pause's end takes what they hand over) */
+};
+
 /* What the loop calls besides sockets and timers; ctx is passed to each. */
 struct akz_ev_hooks {
 	/* Takes what other threads handed over (they call akz_evloop_wake after handing over).
 	 * Called after each turn's events and once more before the loop sleeps; returns true when
 	 * it found something (the loop then ends the turn again instead of sleeping). */
 	bool (*on_wake)(void *ctx);
-	/* Before every wait: the work a loop turn leaves for its end (writes). Returns true when
-	 * work is left that must not wait for an event (the loop then polls without sleeping). */
-	bool (*before_sleep)(void *ctx);
-	/* After every wait, before the events are handled: work left for the next turn. */
-	void (*after_sleep)(void *ctx);
+	/* Before every wait: the work a loop turn leaves for its end (writes). Returns how to wait;
+	 * NULL: always AKZ_EV_WATCH. */
+	enum akz_ev_wait (*before_sleep)(void *ctx);
+	int pause_ms;                /* how long AKZ_EV_PAUSE waits */
 	void *ctx;
 };
 
@@ -49,18 +57,20 @@ int akz_evloop_new(struct akz_evloop **out, char *err, size_t errlen);
 /* Frees the loop. Sockets still registered are not closed. NULL is ignored. */
 void akz_evloop_free(struct akz_evloop *l);
 
-/* Runs the loop on the calling thread until akz_evloop_stop: each turn waits for sockets, the
- * first timer or a wake-up, then runs after_sleep, the socket callbacks, the due timers, on_wake,
- * before_sleep, and on_wake again before it sleeps. Returns once stopped. An epoll failure other than EINTR is passed to
- * report (may be NULL) and the loop goes on after a pause. */
+/* Runs the loop on the calling thread until akz_evloop_stop: each turn waits as before_sleep
+ * said (for sockets, the first timer or a wake-up; or a pause), then runs the socket callbacks,
+ * the due timers, on_wake, before_sleep, and on_wake again before it watches. Returns once
+ * stopped, at most a pause later. An epoll failure other than EINTR is passed to report (may be
+ * NULL) and the loop goes on after 100 ms. */
 void akz_evloop_run(struct akz_evloop *l, const struct akz_ev_hooks *hooks,
 		void (*report)(void *ctx, const char *what, int errnum));
 
 /* Ends akz_evloop_run at its next turn. Any thread; never fails. */
 void akz_evloop_stop(struct akz_evloop *l);
 
-/* Makes the running loop call on_wake soon. Any thread; never blocks, never fails; costs a
- * write(2) only when the loop sleeps or is about to (a running loop looks before it sleeps). */
+/* Makes the running loop call on_wake soon: at once, or at the end of a pause. Any thread;
+ * never blocks, never fails; costs a write(2) only when the loop watches or is about to (a
+ * running loop looks before it watches). */
 void akz_evloop_wake(struct akz_evloop *l);
 
 /* Watches fd for events (EPOLLIN, EPOLLOUT ...; level-triggered) with io, replacing what io

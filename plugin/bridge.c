@@ -538,6 +538,7 @@ static int copy_config(struct akz_bridge *b, const struct akz_config *cfg)
 	b->spool_qos0 = cfg->spool_qos0;
 	b->receipts = cfg->receipts;
 	b->status_interval_ms = cfg->status_interval_ms;
+	b->light_pause_ms = cfg->light_pause_ms;
 	return b->host && b->username && b->audience && b->receipts_prefix ? 0 : -1;
 }
 

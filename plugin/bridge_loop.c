@@ -33,7 +33,6 @@
 #define READ_ROUNDS 64            /* loop_read calls per device and turn while OpenSSL holds input */
 #define SLOT_RECHECK_MS 10        /* connects waiting for the first name lookup or the pilot */
 #define PILOT_MS 2000             /* longest wait for the first TLS session before the others */
-#define ACK_WAIT_MS 5             /* longest a device's input waits for the next loop turn */
 #define TOKEN_POLL_MS 100         /* how often a token signed on the key thread is looked for */
 #define REFILL_MIN (AKZ_WINDOW / 4)   /* a full window is refilled this many slots at a time */
 
@@ -273,7 +272,7 @@ static void update_interest(struct dev *d)
 	struct akz_bridge *b = d->b;
 	bool wants = d->conn.state == AKZ_CONN_CONNECTED || handshaking(&d->conn);
 	int fd = d->mosq && wants ? mosquitto_socket(d->mosq) : -1;
-	uint32_t ev = (d->in_deferred ? 0 : EPOLLIN) | EPOLLRDHUP;
+	uint32_t ev = EPOLLIN | EPOLLRDHUP;
 
 	if(fd == d->zombie_fd) fd = -1;
 	if(fd >= 0 && (mosquitto_want_write(d->mosq) || d->out_blocked)) ev |= EPOLLOUT;
@@ -349,9 +348,8 @@ static void note_output(struct dev *d)
 }
 
 /* Writes out the device's write buffer. Returns false if the connection failed and was
- * dropped. When the socket takes only part, EPOLLOUT is watched until it has taken all.
- * alone: no other device wrote in this loop turn (a light load, see below). */
-static bool flush_output(struct dev *d, bool alone)
+ * dropped. When the socket takes only part, EPOLLOUT is watched until it has taken all. */
+static bool flush_output(struct dev *d)
 {
 	if(d->mosq == NULL || d->io.fd < 0) return true;
 	SSL *ssl = mosquitto_ssl_get(d->mosq);
@@ -364,19 +362,6 @@ static bool flush_output(struct dev *d, bool alone)
 		return false;
 	}
 	bool blocked = rc == 0;
-	bool light = alone && d->win.count > 0 && d->win.count < REFILL_MIN;
-	if(light && !blocked && d->conn.state == AKZ_CONN_CONNECTED && !d->in_deferred){
-		/* At a light load (one device wrote in this turn, with a few uplinks in flight),
-		 * akenza's PUBACKs for what just went out are read at the start of the next loop turn,
-		 * at most ACK_WAIT_MS away, not by a wake-up of their own: the next uplink's wake-up
-		 * reads them. Under load the turns come anyway, watching and unwatching sockets would
-		 * only cost syscalls, and a busy device's window must reopen as its PUBACKs come. */
-		d->in_deferred = true;
-		d->deferred_next = d->b->deferred;
-		d->b->deferred = d;
-		akz_ev_timer_arm_by(d->b->loop, &d->b->ack_timer, akz_mono_ms() + ACK_WAIT_MS);
-		update_interest(d);
-	}
 	if(blocked != d->out_blocked){
 		d->out_blocked = blocked;
 		update_interest(d);
@@ -384,16 +369,23 @@ static bool flush_output(struct dev *d, bool alone)
 	return true;
 }
 
-/* Writes out every device that wrote this loop turn. */
-static void flush_outputs(struct akz_bridge *b)
+/* Writes out every device that wrote this loop turn. Returns whether the turn was light (docs/
+ * DESIGN.md, "The light-load pause"): it sent uplinks, at most a window's worth, and every device
+ * that wrote is connected, took all it was given and has less than a quarter of its window in
+ * flight. */
+static bool flush_outputs(struct akz_bridge *b)
 {
-	bool alone = b->flush && b->flush->flush_next == NULL;
+	bool light = b->turn_sent > 0 && b->turn_sent <= AKZ_WINDOW;
+	b->turn_sent = 0;
 	while(b->flush){
 		struct dev *d = b->flush;
 		b->flush = d->flush_next;
 		d->in_flush = false;
-		flush_output(d, alone);
+		bool ok = flush_output(d);
+		light = light && ok && !d->out_blocked && d->conn.state == AKZ_CONN_CONNECTED &&
+				d->win.count < REFILL_MIN;
 	}
+	return light;
 }
 
 /* ---- uplinks ----------------------------------------------------------------------------------- */
@@ -456,6 +448,7 @@ static bool hand_over(struct dev *d, struct akz_msg *m, size_t *written)
 		return false;
 	}
 	akz_window_taken(&d->win, m);
+	d->b->turn_sent++;
 	if(qos == 1){
 		if(d->win.count == 0) d->acked_ms = akz_mono_ms();   /* the PUBACK wait starts */
 		akz_window_put(&d->win, mid, m);
@@ -840,7 +833,7 @@ static void handle_io(struct dev *d, uint32_t events)
 			fail_connection(d, "connection closed during the handshake", MOSQ_ERR_CONN_LOST);
 		}
 	}
-	if((events & EPOLLOUT) && d->io.fd >= 0 && (!d->out_blocked || flush_output(d, false))){
+	if((events & EPOLLOUT) && d->io.fd >= 0 && (!d->out_blocked || flush_output(d))){
 		check_socket(d, mosquitto_loop_write(d->mosq, AKZ_WINDOW));
 	}
 	after_io(d);
@@ -1101,39 +1094,16 @@ static void repoke_timer(struct akz_ev_timer *t, int64_t now)
 
 /* ---- the loop ---------------------------------------------------------------------------------- */
 
-/* The start of a loop turn: the devices whose input waited since their last write are read,
- * and watched again. */
-static void after_sleep(void *ctx)
-{
-	struct akz_bridge *b = ctx;
-	struct dev *d = b->deferred;
-	b->deferred = NULL;
-	while(d){
-		struct dev *next = d->deferred_next;
-		d->in_deferred = false;
-		if(d->mosq) akz_tlsio_readable(mosquitto_ssl_get(d->mosq));
-		handle_io(d, EPOLLIN);
-		update_interest(d);
-		d = next;
-	}
-}
-
-/* Ends the sleep of a loop whose devices' input waits (after_sleep reads it). */
-static void ack_timer(struct akz_ev_timer *t, int64_t now)
-{
-	(void)t;
-	(void)now;
-}
-
 /* The end of a loop turn: input OpenSSL still holds is read, devices get connect slots, and
- * every write buffer filled this turn goes out. */
-static bool before_sleep(void *ctx)
+ * every write buffer filled this turn goes out. After a light turn the loop pauses. */
+static enum akz_ev_wait before_sleep(void *ctx)
 {
 	struct akz_bridge *b = ctx;
 	reread_devices(b);
 	if(b->slots_changed) grant_slots(b);
-	flush_outputs(b);
-	return b->reread != NULL;
+	bool light = flush_outputs(b);
+	if(b->reread != NULL) return AKZ_EV_POLL;
+	return light && b->light_pause_ms > 0 ? AKZ_EV_PAUSE : AKZ_EV_WATCH;
 }
 
 static void report_loop_error(void *ctx, const char *what, int errnum)
@@ -1156,11 +1126,10 @@ void *bridge_main(void *arg)
 	b->outage_timer.fn = outage_timer;
 	b->trim_timer.fn = trim_timer;
 	b->repoke_timer.fn = repoke_timer;
-	b->ack_timer.fn = ack_timer;
 	akz_ev_timer_arm(b->loop, &b->clock_timer, now + CLOCK_CHECK_MS);
 	akz_ev_timer_arm(b->loop, &b->outage_timer, now + OUTAGE_REPORT_MS);
 	struct akz_ev_hooks hooks = {.on_wake = take_inbox, .before_sleep = before_sleep,
-			.after_sleep = after_sleep, .ctx = b};
+			.pause_ms = b->light_pause_ms, .ctx = b};
 	akz_evloop_run(b->loop, &hooks, report_loop_error);
 	return NULL;
 }
@@ -1180,12 +1149,6 @@ void bridge_destroy_dev(struct dev *d)
 	for(struct dev **pp = &b->flush; d->in_flush && *pp; pp = &(*pp)->flush_next){
 		if(*pp == d){
 			*pp = d->flush_next;
-			break;
-		}
-	}
-	for(struct dev **pp = &b->deferred; d->in_deferred && *pp; pp = &(*pp)->deferred_next){
-		if(*pp == d){
-			*pp = d->deferred_next;
 			break;
 		}
 	}

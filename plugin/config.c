@@ -62,6 +62,7 @@ static const struct opt_spec specs[] = {
 	{"receipts_topic", OPT_STRING, OFF(receipts_prefix), "akenza/receipts/", 0, 0},
 	{"downlink_wakeup", OPT_STRING, OFF(downlink_wakeup), "signal", 0, 0},
 	{"status_interval", OPT_INT, OFF(status_interval_ms), "1000", 0, 3600000},
+	{"light_pause_ms", OPT_INT, OFF(light_pause_ms), "5", 0, 100},
 };
 #undef OFF
 

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 #include "akz_evloop.h"
 #include "akz_util.h"
@@ -215,6 +216,37 @@ static int wait_ms(const struct akz_evloop *l, bool busy)
 	return ms > INT_MAX ? INT_MAX : (int)ms;
 }
 
+/* Sleeps ms milliseconds, whatever signals come. */
+static void pause_for(int ms)
+{
+	struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
+	while(clock_nanosleep(CLOCK_MONOTONIC, 0, &ts, &ts) == EINTR){}
+}
+
+/* Waits as asked; returns epoll_wait's answer (-1 with errno, or the events in evs). Leaves
+ * the loop awake. */
+static int wait_for_events(struct akz_evloop *l, const struct akz_ev_hooks *hooks,
+		enum akz_ev_wait how, struct epoll_event *evs)
+{
+	int ms = wait_ms(l, how == AKZ_EV_POLL);
+	if(how == AKZ_EV_PAUSE){
+		/* awake stays set: wakers hand over without a write(2), and this turn takes it. */
+		if(ms < 0 || ms > hooks->pause_ms) ms = hooks->pause_ms;
+		if(ms > 0) pause_for(ms);
+		return epoll_wait(l->epfd, evs, MAX_EVENTS, 0);
+	}
+	/* From here a wake-up writes the eventfd. What was handed over before is taken now, and
+	 * then the turn's end runs again: awake, the loop costs its wakers no write(2). */
+	atomic_store(&l->awake, false);
+	if(hooks->on_wake && hooks->on_wake(hooks->ctx)){
+		atomic_store(&l->awake, true);
+		return 0;                /* a turn without events, for what on_wake took */
+	}
+	int n = epoll_wait(l->epfd, evs, MAX_EVENTS, ms);
+	atomic_store(&l->awake, true);
+	return n;
+}
+
 void akz_evloop_run(struct akz_evloop *l, const struct akz_ev_hooks *hooks,
 		void (*report)(void *ctx, const char *what, int errnum))
 {
@@ -222,23 +254,14 @@ void akz_evloop_run(struct akz_evloop *l, const struct akz_ev_hooks *hooks,
 
 	atomic_store(&l->awake, true);
 	while(!atomic_load(&l->stop)){
-		bool busy = hooks->before_sleep && hooks->before_sleep(hooks->ctx);
-		/* From here a wake-up writes the eventfd. What was handed over before is taken now, and
-		 * then the turn's end runs again: awake, the loop costs its wakers no write(2). */
-		atomic_store(&l->awake, false);
-		if(hooks->on_wake && hooks->on_wake(hooks->ctx)){
-			atomic_store(&l->awake, true);
-			continue;
-		}
-		int n = epoll_wait(l->epfd, evs, MAX_EVENTS, wait_ms(l, busy));
-		atomic_store(&l->awake, true);
+		enum akz_ev_wait how = hooks->before_sleep ? hooks->before_sleep(hooks->ctx) : AKZ_EV_WATCH;
+		int n = wait_for_events(l, hooks, how, evs);
 		if(n < 0){
 			if(errno == EINTR) continue;
 			if(report) report(hooks->ctx, "epoll_wait", errno);
 			usleep(100000);
 			continue;
 		}
-		if(hooks->after_sleep) hooks->after_sleep(hooks->ctx);
 		for(int i = 0; i < n; i++){
 			struct akz_ev_io *io = evs[i].data.ptr;
 			if(io) io->fn(io, evs[i].events);

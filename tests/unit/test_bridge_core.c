@@ -293,11 +293,11 @@ static void on_fire(struct akz_ev_timer *t, int64_t now)
 static struct akz_evloop *stop_after_loop;
 static int turns_left;
 
-static bool stop_after_turns(void *ctx)
+static enum akz_ev_wait stop_after_turns(void *ctx)
 {
 	(void)ctx;
 	if(--turns_left <= 0) akz_evloop_stop(stop_after_loop);
-	return true;   /* poll: the test's timers are all due */
+	return AKZ_EV_POLL;   /* the test's timers are all due */
 }
 
 static void test_evloop_timers(void **state)
@@ -378,19 +378,106 @@ static void *waker(void *arg)
 	return NULL;
 }
 
-static void test_evloop_wake_from_another_thread(void **state)
+/* Every other turn ends in a 1 ms pause. */
+static enum akz_ev_wait pause_every_other(void *ctx)
 {
-	(void)state;
+	static unsigned turn;
+	(void)ctx;
+	return ++turn % 2 ? AKZ_EV_PAUSE : AKZ_EV_WATCH;
+}
+
+/* 10,000 hand-overs from another thread, each followed by a wake-up; with pauses, the loop
+ * goes from pausing to watching and back while they come. */
+static void run_wakes(enum akz_ev_wait (*before_sleep)(void *ctx))
+{
 	char err[128];
+	atomic_store(&posted, 0);
+	seen = 0;
 	assert_int_equal(akz_evloop_new(&wake_loop, err, sizeof(err)), 0);
 	/* the loop must also end without a timer: the last wake is never lost */
 	pthread_t t;
 	assert_int_equal(pthread_create(&t, NULL, waker, wake_loop), 0);
-	struct akz_ev_hooks hooks = {.on_wake = on_wake};
+	struct akz_ev_hooks hooks = {.on_wake = on_wake, .before_sleep = before_sleep, .pause_ms = 1};
 	akz_evloop_run(wake_loop, &hooks, NULL);
 	pthread_join(t, NULL);
 	assert_int_equal(seen, 10000);
 	akz_evloop_free(wake_loop);
+}
+
+static void test_evloop_wake_from_another_thread(void **state)
+{
+	(void)state;
+	run_wakes(NULL);
+	run_wakes(pause_every_other);
+}
+
+static struct akz_evloop *pause_loop;
+static atomic_llong pause_began;    /* when the loop's first pause began (ms); 0 before */
+static atomic_int pause_posted;
+static int64_t pause_taken;         /* when on_wake first saw the hand-over (ms); 0 before */
+static int pause_turns;
+
+static enum akz_ev_wait pause_first_turn(void *ctx)
+{
+	(void)ctx;
+	if(pause_turns++ > 0) return AKZ_EV_WATCH;
+	atomic_store(&pause_began, akz_mono_ms());
+	return AKZ_EV_PAUSE;
+}
+
+static bool take_after_pause(void *ctx)
+{
+	(void)ctx;
+	if(atomic_load(&pause_posted) && pause_taken == 0){
+		pause_taken = akz_mono_ms();
+		akz_evloop_stop(pause_loop);
+	}
+	return false;
+}
+
+static void *hand_over_in_pause(void *arg)
+{
+	for(int i = 0; i < 10000 && atomic_load(&pause_began) == 0; i++) usleep(1000);
+	atomic_store(&pause_posted, 1);
+	akz_evloop_wake(arg);
+	return NULL;
+}
+
+static void stop_pause_loop(struct akz_ev_timer *t, int64_t now)
+{
+	(void)t;
+	(void)now;
+	akz_evloop_stop(pause_loop);
+}
+
+/* A wake-up does not end a pause: what is handed over during it is taken at its end. A timer
+ * due sooner does end it. */
+static void test_evloop_pause(void **state)
+{
+	(void)state;
+	char err[128];
+	assert_int_equal(akz_evloop_new(&pause_loop, err, sizeof(err)), 0);
+	pthread_t t;
+	assert_int_equal(pthread_create(&t, NULL, hand_over_in_pause, pause_loop), 0);
+	struct akz_ev_hooks hooks = {.on_wake = take_after_pause, .before_sleep = pause_first_turn,
+			.pause_ms = 300};
+	akz_evloop_run(pause_loop, &hooks, NULL);
+	pthread_join(t, NULL);
+	int64_t began = atomic_load(&pause_began);
+	assert_true(began > 0 && pause_taken > 0);
+	assert_true(pause_taken - began >= 299);   /* akz_mono_ms truncates to whole ms */
+
+	akz_evloop_free(pause_loop);
+	assert_int_equal(akz_evloop_new(&pause_loop, err, sizeof(err)), 0);
+	struct akz_ev_timer timer = {.fn = stop_pause_loop};
+	pause_turns = 0;
+	hooks = (struct akz_ev_hooks){.before_sleep = pause_first_turn, .pause_ms = 60000};
+	akz_ev_timer_arm(pause_loop, &timer, akz_mono_ms() + 20);
+	int64_t t0 = akz_mono_ms();
+	akz_evloop_run(pause_loop, &hooks, NULL);
+	assert_false(timer.armed);
+	assert_true(akz_mono_ms() - t0 < 30000);   /* the timer, not the minute's pause, ended it */
+	akz_evloop_free(pause_loop);
 }
 
 struct piped {
@@ -596,6 +683,7 @@ int main(void)
 		cmocka_unit_test(test_conn_every_transition_is_sane),
 		cmocka_unit_test(test_evloop_timers),
 		cmocka_unit_test(test_evloop_wake_from_another_thread),
+		cmocka_unit_test(test_evloop_pause),
 		cmocka_unit_test(test_evloop_sockets),
 		cmocka_unit_test(test_window),
 		cmocka_unit_test(test_handoff),

@@ -76,6 +76,7 @@ static void test_config_defaults(void **state)
 	assert_string_equal(cfg.upstream_username, "unused");
 	assert_int_equal(cfg.token_lifetime, 1200);
 	assert_int_equal(cfg.upstream_dns_refresh, 60);
+	assert_int_equal(cfg.light_pause_ms, 5);
 	assert_true(cfg.bridge_enabled);
 	assert_false(cfg.allow_readable_keys);
 	assert_null(cfg.upstream_cafile);
@@ -110,6 +111,10 @@ static void test_config_refusals(void **state)
 	const char *range[] = {"devices", "d.json", "token_lifetime", "59"};
 	assert_int_equal(parse(&cfg, &p, range, 2), -1);
 	assert_non_null(strstr(p.last, "plugin_opt_token_lifetime: 59 is outside 60..86400"));
+
+	const char *pause[] = {"devices", "d.json", "light_pause_ms", "101"};
+	assert_int_equal(parse(&cfg, &p, pause, 2), -1);
+	assert_non_null(strstr(p.last, "plugin_opt_light_pause_ms: 101 is outside 0..100"));
 
 	/* An option of an earlier version is ignored with a notice, not refused. */
 	const char *retired[] = {"devices", "d.json", "uplink_direct", "true"};
