@@ -47,7 +47,7 @@ struct akz_ev_hooks {
 	/* Before every wait: the work a loop turn leaves for its end (writes). Returns how to wait;
 	 * NULL: always AKZ_EV_WATCH. */
 	enum akz_ev_wait (*before_sleep)(void *ctx);
-	int pause_ms;                /* how long AKZ_EV_PAUSE waits */
+	int pause_ms;                /* how long AKZ_EV_PAUSE waits; more than 0 if it is ever asked for */
 	void *ctx;
 };
 
