@@ -35,6 +35,10 @@ void akz_thread_stop(struct akz_thread *t, void (*tell)(void *ctx), void *ctx);
  * the lock, signals cond, and waits for the thread to end. Never fails. */
 void akz_thread_stop_sleeper(struct akz_thread *t, pthread_mutex_t *lock, pthread_cond_t *cond, bool *stop);
 
+/* Wipes the NUL-terminated secret s (a password, a token) and frees it, so that freed memory
+ * keeps no copy. NULL is allowed. Never fails. */
+void akz_free_secret(char *s);
+
 /* Initialises a condition variable whose timed waits run on the monotonic clock, which a
  * wall-clock step does not move. Returns 0 or pthread's error number. */
 int akz_cond_init_monotonic(pthread_cond_t *cond);

@@ -203,10 +203,7 @@ struct offload {
 static void free_job(struct job *j)
 {
 	if(j == NULL) return;
-	if(j->password){
-		OPENSSL_cleanse(j->password, strlen(j->password));
-		free(j->password);
-	}
+	akz_free_secret(j->password);
 	free(j->username);
 	free(j->clientid);
 	free(j->addr);
@@ -325,8 +322,7 @@ struct akz_auth *akz_auth_new(bool off_thread)
 
 static void free_entry(struct entry *e)
 {
-	if(e->name) OPENSSL_cleanse(e->name, strlen(e->name));
-	free(e->name);
+	akz_free_secret(e->name);
 	OPENSSL_cleanse(e, sizeof(*e));
 	free(e);
 }

@@ -13,7 +13,6 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
-#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
@@ -659,8 +658,7 @@ static void start_connect(struct dev *d)
 		return;
 	}
 	int rc = mosquitto_username_pw_set(d->mosq, b->username, token);
-	OPENSSL_cleanse(token, strlen(token));
-	free(token);
+	akz_free_secret(token);
 	if(rc != MOSQ_ERR_SUCCESS){
 		conn_event(d, AKZ_CONN_START_FAILED, 0, mosquitto_strerror(rc));
 		return;

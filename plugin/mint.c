@@ -3,7 +3,6 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
-#include <openssl/crypto.h>
 #include "akz_jwt.h"
 #include "akz_keythread.h"
 #include "akz_mint.h"
@@ -28,10 +27,7 @@ struct akz_mint {
 static void free_work(void *arg)
 {
 	struct work *w = arg;
-	if(w->token){
-		OPENSSL_cleanse(w->token, strlen(w->token));
-		free(w->token);
-	}
+	akz_free_secret(w->token);
 	akz_key_unref(w->key);
 	free(w->audience);
 	free(w->id);

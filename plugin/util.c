@@ -4,8 +4,10 @@
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <openssl/crypto.h>
 #include "akz_util.h"
 
 void akz_set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -15,6 +17,13 @@ void akz_set_err(char *err, size_t errlen, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(err, errlen, fmt, ap);
 	va_end(ap);
+}
+
+void akz_free_secret(char *s)
+{
+	if(s == NULL) return;
+	OPENSSL_cleanse(s, strlen(s));
+	free(s);
 }
 
 int akz_thread_start(struct akz_thread *t, const char *what, void *(*fn)(void *), void *arg,
