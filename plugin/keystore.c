@@ -613,18 +613,48 @@ static EVP_PKEY *load_held_private(const struct akz_key *k, OSSL_LIB_CTX *libctx
 	return pkey;
 }
 
+/* Runs run(job) on the key thread, waiting at most its timeout. Returns true when it ran (the
+ * caller frees job with free_job); false with "<name>: no answer ..." in err when it did not
+ * answer in time (the key thread frees job when it is done: do not touch it). */
+static bool call_on_key_thread(void (*run)(void *), void *job, void (*free_job)(void *), const char *name,
+		char *err, size_t errlen)
+{
+	int timeout = akz_keythread_timeout_ms();
+	if(akz_kjob_call(run, job, free_job, timeout)) return true;
+	akz_set_err(err, errlen, "%s: no answer from the key's device within %d ms", name, timeout);
+	return false;
+}
+
+/* What a job that makes a key (a load, a generation) leaves for its caller. */
+struct key_result {
+	struct akz_key *key;         /* the key, or NULL ... */
+	char err[512];               /* ... and why */
+};
+
+/* call_on_key_thread for a job that makes a key into *res (a member of job). Returns 0 with
+ * *out (the caller's reference), or -1 with a reason; frees job either way. */
+static int make_key_on_key_thread(void (*run)(void *), void *job, void (*free_job)(void *),
+		struct key_result *res, const char *name, struct akz_key **out, char *err, size_t errlen)
+{
+	if(!call_on_key_thread(run, job, free_job, name, err, errlen)) return -1;
+	*out = res->key;
+	res->key = NULL;
+	if(*out == NULL) akz_set_err(err, errlen, "%s", res->err);
+	free_job(job);
+	return *out ? 0 : -1;
+}
+
 struct load_job {
 	char *uri;
 	char *passphrase_file;
 	bool allow_group_readable;
-	struct akz_key *key;         /* the result */
-	char err[512];
+	struct key_result res;
 };
 
 static void free_load_job(void *arg)
 {
 	struct load_job *j = arg;
-	akz_key_unref(j->key);
+	akz_key_unref(j->res.key);
 	free(j->uri);
 	free(j->passphrase_file);
 	free(j);
@@ -638,10 +668,10 @@ static void run_load(void *arg)
 	OSSL_LIB_CTX *libctx;
 	char why[400];
 	if(akz_keythread_libctx(NULL, &libctx, why, sizeof(why))){
-		akz_set_err(j->err, sizeof(j->err), "%s: %s", j->uri, why);
+		akz_set_err(j->res.err, sizeof(j->res.err), "%s: %s", j->uri, why);
 		return;
 	}
-	EVP_PKEY *pkey = load_pkey(j->uri, NULL, 0, &o, libctx, j->err, sizeof(j->err));
+	EVP_PKEY *pkey = load_pkey(j->uri, NULL, 0, &o, libctx, j->res.err, sizeof(j->res.err));
 	if(pkey == NULL){
 		akz_keythread_failed();
 		return;
@@ -650,7 +680,7 @@ static void run_load(void *arg)
 	if(!held_in_device(pkey, &store)){
 		/* It would live in the key thread's library context, which is made again after a
 		 * provider failure: keys in memory come from files. */
-		akz_set_err(j->err, sizeof(j->err), "%s: the %s provider holds this key in memory: name a "
+		akz_set_err(j->res.err, sizeof(j->res.err), "%s: the %s provider holds this key in memory: name a "
 				"key file by its path, and URIs for keys in a device", j->uri, store);
 		EVP_PKEY_free(pkey);
 		return;
@@ -658,10 +688,10 @@ static void run_load(void *arg)
 	EVP_PKEY *pub = public_copy(pkey);
 	EVP_PKEY_free(pkey);          /* out of the device again */
 	if(pub == NULL){
-		akz_set_err(j->err, sizeof(j->err), "%s: cannot read the public key", j->uri);
+		akz_set_err(j->res.err, sizeof(j->res.err), "%s: cannot read the public key", j->uri);
 		return;
 	}
-	make_held(pub, j->uri, store, NULL, 0, &o, &j->key, j->err, sizeof(j->err));
+	make_held(pub, j->uri, store, NULL, 0, &o, &j->res.key, j->res.err, sizeof(j->res.err));
 }
 
 /* A key named by a provider URI (handle:0x81000001, ...): loaded on the key thread, which may
@@ -677,16 +707,7 @@ static int load_held_uri(const char *uri, const struct akz_key_opts *opts, struc
 		return -1;
 	}
 	j->allow_group_readable = opts && opts->allow_group_readable;
-	int timeout = akz_keythread_timeout_ms();
-	if(!akz_kjob_call(run_load, j, free_load_job, timeout)){
-		akz_set_err(err, errlen, "%s: no answer from the key's device within %d ms", uri, timeout);
-		return -1;
-	}
-	*out = j->key;
-	j->key = NULL;
-	if(*out == NULL) akz_set_err(err, errlen, "%s", j->err);
-	free_load_job(j);
-	return *out ? 0 : -1;
+	return make_key_on_key_thread(run_load, j, free_load_job, &j->res, uri, out, err, errlen);
 }
 
 struct sign_job {
@@ -771,11 +792,7 @@ static void run_sign(void *arg)
 static struct sign_job *call_sign(const struct akz_key *key, struct sign_job *j, char *err, size_t errlen)
 {
 	j->key = akz_key_ref((struct akz_key *)key);
-	int timeout = akz_keythread_timeout_ms();
-	if(!akz_kjob_call(run_sign, j, free_sign_job, timeout)){
-		akz_set_err(err, errlen, "%s: no answer from the key's device within %d ms", key->uri, timeout);
-		return NULL;
-	}
+	if(!call_on_key_thread(run_sign, j, free_sign_job, key->uri, err, errlen)) return NULL;
 	if(j->rc){
 		akz_set_err(err, errlen, "%s", j->err);
 		free_sign_job(j);
@@ -834,14 +851,13 @@ struct gen_job {
 	char store[32];
 	enum akz_alg alg;
 	int bits;
-	struct akz_key *key;
-	char err[512];
+	struct key_result res;
 };
 
 static void free_gen_job(void *arg)
 {
 	struct gen_job *j = arg;
-	akz_key_unref(j->key);
+	akz_key_unref(j->res.key);
 	free(j);
 }
 
@@ -856,7 +872,7 @@ static void run_generate(void *arg)
 	BIO *bio = NULL;
 
 	if(akz_keythread_libctx(j->store, &libctx, why, sizeof(why))){
-		akz_set_err(j->err, sizeof(j->err), "%s", why);
+		akz_set_err(j->res.err, sizeof(j->res.err), "%s", why);
 		return;
 	}
 	snprintf(propq, sizeof(propq), "provider=%s", j->store);
@@ -866,7 +882,7 @@ static void run_generate(void *arg)
 			|| (j->alg == AKZ_ALG_ES256 ? EVP_PKEY_CTX_set_group_name(gctx, "P-256")
 				: EVP_PKEY_CTX_set_rsa_keygen_bits(gctx, j->bits)) != 1
 			|| EVP_PKEY_generate(gctx, &pkey) != 1){
-		akz_set_err(j->err, sizeof(j->err), "%s cannot generate the key: %s%s", j->store,
+		akz_set_err(j->res.err, sizeof(j->res.err), "%s cannot generate the key: %s%s", j->store,
 				gctx ? "" : "no such provider loaded, or it makes no such keys: ",
 				akz_openssl_error(why, sizeof(why), false));
 		goto out;
@@ -878,13 +894,13 @@ static void run_generate(void *arg)
 	if(pub == NULL || bio == NULL || PEM_write_bio_PrivateKey(bio, pkey, NULL, NULL, 0, NULL, NULL) != 1
 			|| (n = BIO_get_mem_data(bio, &data)) <= 0){
 		EVP_PKEY_free(pub);
-		akz_set_err(j->err, sizeof(j->err), "%s made the key but cannot export its blob: %s", j->store,
+		akz_set_err(j->res.err, sizeof(j->res.err), "%s made the key but cannot export its blob: %s", j->store,
 				akz_openssl_error(why, sizeof(why), false));
 		goto out;
 	}
-	make_held(pub, "(generated)", j->store, data, (size_t)n, NULL, &j->key, j->err, sizeof(j->err));
+	make_held(pub, "(generated)", j->store, data, (size_t)n, NULL, &j->res.key, j->res.err, sizeof(j->res.err));
 out:
-	if(j->key == NULL) akz_keythread_failed();
+	if(j->res.key == NULL) akz_keythread_failed();
 	BIO_free(bio);
 	EVP_PKEY_free(pkey);
 	EVP_PKEY_CTX_free(gctx);
@@ -911,16 +927,7 @@ int akz_key_generate_in(const char *store, enum akz_alg alg, int bits, struct ak
 	snprintf(j->store, sizeof(j->store), "%s", store);
 	j->alg = alg;
 	j->bits = bits;
-	int timeout = akz_keythread_timeout_ms();
-	if(!akz_kjob_call(run_generate, j, free_gen_job, timeout)){
-		akz_set_err(err, errlen, "%s: no answer from the key's device within %d ms", store, timeout);
-		return -1;
-	}
-	*out = j->key;
-	j->key = NULL;
-	if(*out == NULL) akz_set_err(err, errlen, "%s", j->err);
-	free_gen_job(j);
-	return *out ? 0 : -1;
+	return make_key_on_key_thread(run_generate, j, free_gen_job, &j->res, store, out, err, errlen);
 }
 
 int akz_key_load(const char *uri, const struct akz_key_opts *opts, struct akz_key **out,
