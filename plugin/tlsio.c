@@ -25,7 +25,9 @@
 /* Past this a record waits for the socket instead of the buffer growing: it bounds the memory
  * a device with a stalled connection holds, as the socket's own send buffer would. */
 #define TLSIO_MAX ((size_t)64 * 1024)
-#define TLSIO_FIRST ((size_t)4096)
+/* At a light load a turn holds one record of a device, a few hundred bytes: a first buffer this
+ * small comes from glibc's per-thread cache, a larger one from the arena. */
+#define TLSIO_FIRST ((size_t)1024)
 
 struct tlsio {
 	unsigned char *data;
