@@ -632,7 +632,8 @@ struct key_result {
 };
 
 /* call_on_key_thread for a job that makes a key into *res (a member of job). Returns 0 with
- * *out (the caller's reference), or -1 with a reason; frees job either way. */
+ * *out (the caller's reference), or -1 with a reason. Takes job: frees it, or after a timeout
+ * leaves it to the key thread, which frees it when the job is done. */
 static int make_key_on_key_thread(void (*run)(void *), void *job, void (*free_job)(void *),
 		struct key_result *res, const char *name, struct akz_key **out, char *err, size_t errlen)
 {
